@@ -1,0 +1,1 @@
+"""hdccf-triton: the HDCCF debiased contrastive loss for collaborative filtering."""
