@@ -1,0 +1,156 @@
+"""The public loss: the functional form, the nn.Module, and the choice of backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import reference, triton_backend
+from .interactions import InteractionIndex
+from .options import LossOptions
+from .validation import LossInputs, validate_inputs
+
+__all__ = ["debiased_contrastive_loss", "DebiasedContrastiveLoss", "BackendUnavailableError"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+def debiased_contrastive_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    pool_item_emb: torch.Tensor,
+    pool_user_emb: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    pool_items: torch.Tensor,
+    pool_users: torch.Tensor,
+    *,
+    interactions: InteractionIndex | None = None,
+    temperature: float = 0.1,
+    omega_user: float = 0.0,
+    omega_item: float = 0.0,
+    lambda_user: float = 1.0,
+    lambda_item: float = 1.0,
+    similarity: str = "dot",
+    debias: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The HDCCF loss (SPEC.md) of a batch of M observed pairs with in-batch negatives.
+
+    Row k is the observed pair (users[k], items[k]); ``pool_items[k]`` are P items sampled from
+    the other training items of users[k], ``pool_users[k]`` P users sampled from the other
+    training users of items[k]. Every pool entry of the other rows is a negative of row k:
+    Q = P·(M−1) negative items and users per row.
+
+    Args:
+        user_emb: ``[M, d]`` embeddings of ``users``.
+        item_emb: ``[M, d]`` embeddings of ``items``.
+        pool_item_emb: ``[M, P, d]`` embeddings of ``pool_items``.
+        pool_user_emb: ``[M, P, d]`` embeddings of ``pool_users``.
+        users, items: ``[M]`` integer ids (int64).
+        pool_items, pool_users: ``[M, P]`` integer ids (int64).
+        interactions: the training pairs D (an :class:`InteractionIndex` on the embeddings'
+            device): negatives observed with the anchor are removed as false negatives. With
+            None only identity false negatives (the anchor's own item or user) are removed.
+        temperature: τ > 0.
+        omega_user, omega_item: ω_u, ω_i in [0, 1), the bias-correction probabilities.
+        lambda_user, lambda_item: weights of the user–user and item–item terms.
+        similarity: ``"dot"`` or ``"cosine"``.
+        debias: False gives the biased in-batch loss (eqs. 1 and 5).
+        reduction: ``"mean"`` (scalar), ``"sum"`` (scalar) or ``"none"`` (``[M]``).
+        backend: ``"auto"`` (Triton on CUDA tensors, the PyTorch reference elsewhere),
+            ``"torch"`` or ``"triton"``.
+
+    Returns:
+        The loss: a scalar, or ``[M]`` with ``reduction="none"``; float32 for half-precision
+        inputs, else the embeddings' dtype.
+    """
+    options = LossOptions(
+        temperature=temperature,
+        omega_user=omega_user,
+        omega_item=omega_item,
+        lambda_user=lambda_user,
+        lambda_item=lambda_item,
+        similarity=similarity,
+        debias=debias,
+        reduction=reduction,
+        backend=backend,
+    )
+    tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users)
+    return compute_loss(tensors, interactions, options)
+
+
+def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options: LossOptions) -> torch.Tensor:
+    """Validate, dispatch to a backend, reduce."""
+    inputs = validate_inputs(tensors, interactions)
+    backend = select_backend(options.backend, inputs.user_emb.device)
+    losses = backend.per_row_loss(*inputs, interactions, options)
+    return reduce(losses, options.reduction)
+
+
+def select_backend(name: str, device: torch.device):
+    """The backend module for ``name`` on ``device``; raises when "triton" cannot run there."""
+    if name == "torch":
+        return reference
+    reason = triton_backend.unavailable_reason(device)
+    if name == "triton":
+        if reason is not None:
+            raise BackendUnavailableError(f'backend="triton" cannot run: {reason}')
+        return triton_backend
+    return triton_backend if reason is None and device.type == "cuda" else reference
+
+
+def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+class DebiasedContrastiveLoss(nn.Module):
+    """The HDCCF loss as a module; see :func:`debiased_contrastive_loss` for the arguments.
+
+    Options are validated once here. ``interactions`` follows the embeddings: the module moves
+    it to their device on first use (and keeps that copy).
+
+    Example::
+
+        loss_fn = DebiasedContrastiveLoss(index, temperature=0.1, omega_user=0.1)
+        loss = loss_fn(user_emb, item_emb, pool_item_emb, pool_user_emb,
+                       users, items, pool_items, pool_users)
+    """
+
+    def __init__(self, interactions: InteractionIndex | None = None, **options):
+        super().__init__()
+        if interactions is not None and not isinstance(interactions, InteractionIndex):
+            raise TypeError(
+                f"interactions must be an InteractionIndex or None, got {type(interactions).__name__}"
+            )
+        self.interactions = interactions
+        self.options = LossOptions(**options)
+
+    def forward(
+        self,
+        user_emb: torch.Tensor,
+        item_emb: torch.Tensor,
+        pool_item_emb: torch.Tensor,
+        pool_user_emb: torch.Tensor,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        pool_items: torch.Tensor,
+        pool_users: torch.Tensor,
+    ) -> torch.Tensor:
+        """Shapes as in :func:`debiased_contrastive_loss`."""
+        if self.interactions is not None and isinstance(user_emb, torch.Tensor):
+            self.interactions = self.interactions.to(user_emb.device)
+        tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users)
+        return compute_loss(tensors, self.interactions, self.options)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        fields = ", ".join(f"{k}={getattr(o, k)!r}" for k in o.__dataclass_fields__)
+        return f"interactions={self.interactions!r}, {fields}"

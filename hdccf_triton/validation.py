@@ -1,0 +1,120 @@
+"""Argument checks of the loss: every bad input becomes a ValueError or TypeError naming it.
+
+Value checks (ids in range, finite embeddings) need the data, so they are gathered into one
+small tensor and read back with a single device synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .interactions import InteractionIndex
+
+__all__ = ["LossInputs", "validate_inputs"]
+
+_EMBEDDINGS = ("user_emb", "item_emb", "pool_item_emb", "pool_user_emb")
+_IDS = ("users", "items", "pool_items", "pool_users")
+
+
+class LossInputs(NamedTuple):
+    """The eight tensors of the loss, validated; ids converted to int64.
+
+    Shapes: user_emb, item_emb ``[M, d]``; pool_item_emb, pool_user_emb ``[M, P, d]``;
+    users, items ``[M]``; pool_items, pool_users ``[M, P]``.
+    """
+
+    user_emb: torch.Tensor
+    item_emb: torch.Tensor
+    pool_item_emb: torch.Tensor
+    pool_user_emb: torch.Tensor
+    users: torch.Tensor
+    items: torch.Tensor
+    pool_items: torch.Tensor
+    pool_users: torch.Tensor
+
+
+def validate_inputs(tensors: tuple, interactions: InteractionIndex | None) -> LossInputs:
+    """Check shapes, dtypes, devices and values; return the inputs with int64 ids."""
+    names = _EMBEDDINGS + _IDS
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users = tensors
+
+    for name, t in zip(_EMBEDDINGS, tensors[:4]):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if len({t.dtype for t in tensors[:4]}) != 1:
+        got = ", ".join(f"{n}={t.dtype}" for n, t in zip(_EMBEDDINGS, tensors[:4]))
+        raise TypeError(f"the four embedding tensors must share one dtype, got {got}")
+
+    if user_emb.dim() != 2:
+        raise ValueError(f"user_emb must have shape [M, d], got {tuple(user_emb.shape)}")
+    M, d = user_emb.shape
+    if M == 0:
+        raise ValueError("the batch is empty: user_emb has M = 0 rows")
+    if d == 0:
+        raise ValueError("user_emb has d = 0: embeddings need at least one dimension")
+    if item_emb.shape != (M, d):
+        raise ValueError(f"item_emb must have shape [M, d] = {[M, d]}, got {list(item_emb.shape)}")
+    if pool_item_emb.dim() != 3 or pool_item_emb.shape[0] != M or pool_item_emb.shape[2] != d:
+        raise ValueError(
+            f"pool_item_emb must have shape [M, P, d] = [{M}, P, {d}], got {list(pool_item_emb.shape)}"
+        )
+    P = pool_item_emb.shape[1]
+    if P == 0:
+        raise ValueError("pool_item_emb has P = 0: each row needs at least one pool entry")
+    if pool_user_emb.shape != pool_item_emb.shape:
+        raise ValueError(
+            f"pool_user_emb must have the shape of pool_item_emb {list(pool_item_emb.shape)}, "
+            f"got {list(pool_user_emb.shape)}"
+        )
+
+    expected = {"users": (M,), "items": (M,), "pool_items": (M, P), "pool_users": (M, P)}
+    for name, t in zip(_IDS, tensors[4:]):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer ids (int64), got dtype {t.dtype}")
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {list(expected[name])}, got {list(t.shape)}")
+
+    device = user_emb.device
+    for name, t in zip(names, tensors):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but user_emb is on {device}: move all inputs to one device")
+    if interactions is not None:
+        if not isinstance(interactions, InteractionIndex):
+            raise TypeError(
+                f"interactions must be an InteractionIndex or None, got {type(interactions).__name__}"
+            )
+        if interactions.device != device:
+            raise ValueError(
+                f"interactions is on {interactions.device} but the embeddings are on {device}: "
+                f"use interactions.to({str(device)!r})"
+            )
+
+    ids = [t.to(torch.int64) for t in tensors[4:]]
+    _check_values(tensors[:4], ids, interactions)
+    return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids)
+
+
+def _check_values(embeddings, ids, interactions) -> None:
+    """Ids non-negative and in the index's range; embeddings finite: one synchronisation."""
+    probes = [torch.stack([t.min(), t.max()]) for t in ids]
+    probes.append(torch.stack([torch.isfinite(t).all() for t in embeddings]).to(torch.int64))
+    values = torch.cat(probes).tolist()
+    for n, name in enumerate(_IDS):
+        lo, hi = values[2 * n], values[2 * n + 1]
+        if lo < 0:
+            raise ValueError(f"{name} must be non-negative ids, got a minimum of {lo}")
+        if interactions is not None:
+            upper = interactions.num_users if name in ("users", "pool_users") else interactions.num_items
+            kind = "num_users" if name in ("users", "pool_users") else "num_items"
+            if hi >= upper:
+                raise ValueError(
+                    f"{name} holds id {hi}, outside the interaction index's range [0, {upper}) ({kind}={upper})"
+                )
+    for name, finite in zip(_EMBEDDINGS, values[2 * len(_IDS):]):
+        if not finite:
+            raise ValueError(f"{name} holds non-finite values (NaN or inf)")
