@@ -1,0 +1,155 @@
+"""The backend-independent parts of the loss: scores that need no M × M·P matrix, and the
+per-row combination of SPEC.md's terms from the log-sums over the negatives.
+
+Every backend computes the same :class:`NegativeStats` (the reference with masked
+``logsumexp``, the Triton backend in fused kernels) and hands them to :func:`combine_terms`,
+so the floor, the ω correction and the M = 1 case are written once.
+
+How it stays exact and finite: every sum of exponentials arrives as its logarithm (−inf when
+empty) and the terms are combined in log space, so scores of ±500 neither overflow nor vanish.
+The debiased negative score F = max(a − b, floor) is ``log(a − b) = log a + log(1 − b/a)``
+where it does not bind and the constant ``log floor`` where it does (zero gradient), chosen by
+a mask computed first, and each branch of a ``where`` is fed inputs that are finite in it, so
+no NaN can reach a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .options import LossOptions
+
+__all__ = ["Scores", "NegativeStats", "prepare_scores", "combine_terms"]
+
+_LN2 = math.log(2.0)
+
+
+class Scores(NamedTuple):
+    """Embeddings as the similarity sees them, and the scores of each row's own block.
+
+    U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools of N ≥ M blocks (N = M in one process; the
+    pools of all ranks under ``torch.distributed``), normalised for cosine, at least float32;
+    s: ``[M]`` positive scores s_k; own_A, own_B, own_C, own_E: ``[M, P]`` the own-block
+    columns of A, B, C, E (already divided by τ).
+    """
+
+    U: torch.Tensor
+    I: torch.Tensor
+    X: torch.Tensor
+    Y: torch.Tensor
+    s: torch.Tensor
+    own_A: torch.Tensor
+    own_B: torch.Tensor
+    own_C: torch.Tensor
+    own_E: torch.Tensor
+
+
+class NegativeStats(NamedTuple):
+    """Per-row statistics over the negative columns, each ``[M]``.
+
+    lse_A, lse_E: log Σ e^score over the true negative items Tᴵ_k (all negatives when
+    ``debias`` is False); lse_B, lse_C: the same over Tᵁ_k; −inf where the set is empty.
+    n_item, n_user: int64 |Tᴵ_k| and |Tᵁ_k|.
+    """
+
+    lse_A: torch.Tensor
+    lse_B: torch.Tensor
+    lse_C: torch.Tensor
+    lse_E: torch.Tensor
+    n_item: torch.Tensor
+    n_user: torch.Tensor
+
+
+def prepare_scores(
+    user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions, row_offset: int = 0
+) -> Scores:
+    """Cast to at least float32, normalise for cosine, and score the diagonal and own blocks.
+
+    Args:
+        user_emb, item_emb: ``[M, d]``; pool_item_emb, pool_user_emb: ``[N, P, d]``.
+        row_offset: row k's own block is pool block ``row_offset + k``.
+    """
+    dtype = torch.promote_types(user_emb.dtype, torch.float32)
+    U, I, X, Y = (t.to(dtype) for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
+    if options.cosine:
+        U, I, X, Y = (F.normalize(t, dim=-1, eps=1e-12) for t in (U, I, X, Y))
+    inv_tau = 1.0 / options.temperature
+    own_X = X[row_offset : row_offset + U.shape[0]]  # [M, P, d]
+    own_Y = Y[row_offset : row_offset + U.shape[0]]  # [M, P, d]
+    return Scores(
+        U, I, X, Y,
+        s=(U * I).sum(-1) * inv_tau,
+        own_A=torch.einsum("kpd,kd->kp", own_X, U) * inv_tau,  # f(u_k, X_own)
+        own_B=torch.einsum("kpd,kd->kp", own_Y, I) * inv_tau,  # f(Y_own, i_k)
+        own_C=torch.einsum("kpd,kd->kp", own_Y, U) * inv_tau,  # f(u_k, Y_own)
+        own_E=torch.einsum("kpd,kd->kp", own_X, I) * inv_tau,  # f(i_k, X_own)
+    )
+
+
+def combine_terms(scores: Scores, stats: NegativeStats, options: LossOptions) -> torch.Tensor:
+    """loss[k] = L_ui[k] + λ_u·L_uu[k] + λ_i·L_ii[k] (SPEC.md), ``[M]``."""
+    s = scores.s
+    N, P = scores.X.shape[:2]
+    Q = P * (N - 1)  # negatives per row: every pool column outside the row's own block
+    log_Q = math.log(Q) if Q > 0 else -math.inf
+    if options.debias:
+        log_floor = log_Q - 1.0 / options.temperature
+        log_FU = _debiased_log_negative_score(
+            s, stats.lse_B, stats.n_user, scores.own_B, options.omega_user, Q, log_floor
+        )
+        log_FI = _debiased_log_negative_score(
+            s, stats.lse_A, stats.n_item, scores.own_A, options.omega_item, Q, log_floor
+        )
+        log_GU = log_Q - torch.log(stats.n_user.clamp(min=1).to(s.dtype)) + stats.lse_C
+        log_GI = log_Q - torch.log(stats.n_item.clamp(min=1).to(s.dtype)) + stats.lse_E
+    else:
+        log_FU, log_FI, log_GU, log_GI = stats.lse_B, stats.lse_A, stats.lse_C, stats.lse_E
+
+    # L_ui = −s + log(e^s + Fᵁ + Fᴵ)
+    loss_ui = torch.logsumexp(torch.stack([s, log_FU, log_FI]), dim=0) - s
+    # L_uu = Σ_own −C + log(e^C + Gᵁ) = Σ_own log(1 + Gᵁ·e^{−C}); L_ii likewise
+    zeros = torch.zeros_like(scores.own_C)
+    loss_uu = torch.logaddexp(zeros, log_GU[:, None] - scores.own_C).sum(-1)
+    loss_ii = torch.logaddexp(zeros, log_GI[:, None] - scores.own_E).sum(-1)
+    return loss_ui + options.lambda_user * loss_uu + options.lambda_item * loss_ii
+
+
+def _debiased_log_negative_score(s, lse_true, n_true, own, omega, Q, log_floor):
+    """log Fᵁ (or log Fᴵ) of SPEC.md, eqs. 14-16, for every row.
+
+        a = Q / ((1−ω)·n) · Σ_{true negatives} e^score            (0 when n = 0)
+        b = Q·ω / ((1−ω)·(P+1)) · (e^s + Σ_{own block} e^score)
+        F = max(a − b, Q·e^{−1/τ})
+
+    Args:
+        s: ``[M]`` positive scores; lse_true: ``[M]`` log Σ over true negatives (−inf if none);
+        n_true: ``[M]`` number of true negatives; own: ``[M, P]`` own-block scores.
+    """
+    if Q == 0:  # N = 1: no negatives, F = 0 (the floor Q·e^{−1/τ} is 0 too)
+        return torch.full_like(s, -math.inf)
+    P = own.shape[1]
+    log_coef_a = math.log(Q) - math.log1p(-omega) - torch.log(n_true.clamp(min=1).to(s.dtype))
+    log_a = log_coef_a + lse_true  # −inf when n = 0
+    if omega > 0:
+        log_coef_b = math.log(Q * omega) - math.log1p(-omega) - math.log(P + 1)
+        log_b = log_coef_b + torch.logaddexp(s, torch.logsumexp(own, dim=-1))
+    else:
+        log_b = torch.full_like(s, -math.inf)
+    floor = torch.full_like(s, log_floor)
+    with torch.no_grad():
+        binds = log_a <= torch.logaddexp(log_b, floor)
+    safe_a = torch.where(binds, torch.zeros_like(log_a), log_a)
+    safe_b = torch.where(binds, torch.full_like(log_b, -math.inf), log_b)
+    return torch.where(binds, floor, safe_a + _log1mexp(safe_b - safe_a))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x < 0 (and x = −inf), accurately on both sides of −ln 2."""
+    near_zero = x > -_LN2
+    x_near = torch.where(near_zero, x, torch.full_like(x, -_LN2))
+    x_far = torch.where(near_zero, torch.full_like(x, -_LN2), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
