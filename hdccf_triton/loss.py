@@ -37,6 +37,7 @@ def debiased_contrastive_loss(
     debias: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    gather_across_ranks: bool = False,
 ) -> torch.Tensor:
     """The HDCCF loss (SPEC.md) of a batch of M observed pairs with in-batch negatives.
 
@@ -63,6 +64,9 @@ def debiased_contrastive_loss(
         reduction: ``"mean"`` (scalar), ``"sum"`` (scalar) or ``"none"`` (``[M]``).
         backend: ``"auto"`` (Triton on CUDA tensors, the PyTorch reference elsewhere),
             ``"torch"`` or ``"triton"``.
+        gather_across_ranks: under an initialised ``torch.distributed`` process group, each
+            rank scores its M rows against the pools of all W ranks (Q = P·(M·W − 1)
+            negatives per row; see :mod:`hdccf_triton.distributed`).
 
     Returns:
         The loss: a scalar, or ``[M]`` with ``reduction="none"``; float32 for half-precision
@@ -78,6 +82,7 @@ def debiased_contrastive_loss(
         debias=debias,
         reduction=reduction,
         backend=backend,
+        gather_across_ranks=gather_across_ranks,
     )
     tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users)
     return compute_loss(tensors, interactions, options)
@@ -87,7 +92,12 @@ def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options:
     """Validate, dispatch to a backend, reduce."""
     inputs = validate_inputs(tensors, interactions)
     backend = select_backend(options.backend, inputs.user_emb.device)
-    losses = backend.per_row_loss(*inputs, interactions, options)
+    row_offset = 0
+    if options.gather_across_ranks:
+        from .distributed import gather_pools  # torch.distributed only when asked for
+
+        inputs, row_offset = gather_pools(inputs)
+    losses = backend.per_row_loss(*inputs, interactions, options, row_offset)
     return reduce(losses, options.reduction)
 
 

@@ -36,6 +36,8 @@ class LossOptions:
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the per-row vector ``[M]``).
         backend: ``"auto"`` (Triton on CUDA tensors, else the reference), ``"torch"`` or
             ``"triton"``.
+        gather_across_ranks: under an initialised ``torch.distributed`` process group, score
+            the local rows against the pools of every rank (see :mod:`hdccf_triton.distributed`).
     """
 
     temperature: float = 0.1
@@ -47,6 +49,7 @@ class LossOptions:
     debias: bool = True
     reduction: str = "mean"
     backend: str = "auto"
+    gather_across_ranks: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -64,8 +67,9 @@ class LossOptions:
             if lam < 0:
                 raise ValueError(f"{name} must be >= 0, got {lam}")
             set_(name, lam)
-        if not isinstance(self.debias, bool):
-            raise TypeError(f"debias must be a bool, got {type(self.debias).__name__}")
+        for name in ("debias", "gather_across_ranks"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         for name, allowed in (
             ("similarity", SIMILARITIES),
             ("reduction", REDUCTIONS),
