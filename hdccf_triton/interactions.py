@@ -16,6 +16,8 @@ __all__ = ["InteractionIndex"]
 
 def _as_id_tensor(name: str, ids) -> torch.Tensor:
     ids = torch.as_tensor(ids)
+    if ids.numel() == 0:  # an empty list arrives as float32
+        ids = ids.to(torch.int64)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
     if ids.dim() != 1:

@@ -1,0 +1,242 @@
+"""The in-batch sampler of SPEC.md, section "Batch" (eq. 9 of the paper).
+
+A batch has M rows. Row k holds a training pair (u_k, i_k) and two pools:
+
+* ``pool_items[k, :]``: P items drawn uniformly with replacement from the training items
+  of u_k other than i_k; i_k itself when u_k has no other item;
+* ``pool_users[k, :]``: P users drawn likewise from the training users of i_k other
+  than u_k; u_k itself when i_k has no other user.
+
+An epoch is one pass over a seeded permutation of the training pairs, M at a time (the
+last, partial batch is kept unless ``drop_last``). Everything is vectorised in torch on
+the sampler's device; there is no Python loop over rows.
+
+Why the pools give popularity-weighted negatives (Proposition 1): a pool item of a row is
+item j with probability sum over the pairs (u, i), j in N_u, j != i, of
+(1/N)·1/(deg_u - 1) = deg_j / N, i.e. exactly proportional to the popularity of j.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["Batch", "CSR", "InBatchSampler", "build_csr", "check_pairs"]
+
+
+class Batch(NamedTuple):
+    """One batch of ids, all int64 on the sampler's device.
+
+    Attributes:
+        users: ``[M]`` u_k.
+        items: ``[M]`` i_k.
+        pool_items: ``[M, P]`` items of u_k other than i_k (i_k if none).
+        pool_users: ``[M, P]`` users of i_k other than u_k (u_k if none).
+    """
+
+    users: torch.Tensor
+    items: torch.Tensor
+    pool_items: torch.Tensor
+    pool_users: torch.Tensor
+
+
+class CSR(NamedTuple):
+    """Compressed rows of a set of (row, col) pairs, columns sorted within each row.
+
+    Attributes:
+        indptr: int64 ``[num_rows + 1]``; row r holds ``indices[indptr[r]:indptr[r+1]]``.
+        indices: int64 ``[N]`` column ids, ascending within each row.
+        position: int64 ``[N]``; ``position[n]`` is where input pair n sits inside its row
+            (``indices[indptr[rows[n]] + position[n]] == cols[n]``).
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def degree(self) -> torch.Tensor:
+        """int64 ``[num_rows]``: number of entries of each row."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+
+def check_pairs(users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int,
+                *, name: str = "users/items") -> None:
+    """Raise TypeError/ValueError unless (users, items) are valid int64 id pairs.
+
+    Args:
+        users, items: int64 ``[N]``, N >= 1, ids in ``[0, num_users)`` / ``[0, num_items)``.
+    """
+    for arg, t in (("users", users), ("items", items)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int64:
+            raise TypeError(f"{arg}: expected dtype int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{arg}: expected shape [N], got {tuple(t.shape)}")
+    if users.shape != items.shape:
+        raise ValueError(f"{name}: shapes {tuple(users.shape)} and {tuple(items.shape)} differ")
+    if users.numel() == 0:
+        raise ValueError(f"{name}: no training pairs")
+    for arg, t, n in (("users", users, num_users), ("items", items, num_items)):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{arg}: ids must lie in [0, {n}), found range [{lo}, {hi}]")
+
+
+def build_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int) -> CSR:
+    """CSR of pairs ``(rows[n], cols[n])``, with each pair's position inside its row.
+
+    Args:
+        rows, cols: int64 ``[N]`` with rows in ``[0, num_rows)``, cols in ``[0, num_cols)``.
+        num_rows, num_cols: id ranges.
+
+    Returns:
+        A :class:`CSR` on the device of ``rows``. Repeated pairs stay repeated.
+    """
+    # One sort of the combined key gives rows ascending and columns ascending within a row.
+    key = rows * num_cols + cols
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(rows, minlength=num_rows)
+    indptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    sorted_rows = rows[order]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=rows.device) - indptr[sorted_rows]
+    return CSR(indptr, cols[order].contiguous(), position)
+
+
+def _mix_seed(seed: int, epoch: int) -> int:
+    # Independent, reproducible streams per (seed, epoch); SeedSequence decorrelates them.
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(epoch)])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class InBatchSampler:
+    """Batches of training pairs with per-row item and user pools (SPEC.md "Batch").
+
+    Args:
+        users, items: int64 ``[N]`` training pairs (unique).
+        num_users, num_items: id ranges.
+        batch_size: M, rows per batch.
+        num_pool: P, pool size per row.
+        seed: seed of the permutations and the pools; the batches of epoch e depend only
+            on (data, seed, e).
+        device: where the index lives and the batches are built (default: that of ``users``).
+        drop_last: drop the last, partial batch of each epoch.
+
+    Iterating yields the batches of the current epoch (``set_epoch``); ``epoch_batches(e)``
+    yields those of epoch e directly. ``len(sampler)`` is the number of batches per epoch.
+
+    Example::
+
+        sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
+                                 batch_size=1024, num_pool=4, seed=0)
+        for epoch in range(epochs):
+            for users, items, pool_items, pool_users in sampler.epoch_batches(epoch):
+                ...
+    """
+
+    def __init__(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        num_users: int,
+        num_items: int,
+        batch_size: int,
+        num_pool: int,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        for arg, v in (("num_users", num_users), ("num_items", num_items),
+                       ("batch_size", batch_size), ("num_pool", num_pool)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise TypeError(f"{arg}: expected a positive int, got {v!r}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise TypeError(f"seed: expected an int, got {seed!r}")
+        check_pairs(users, items, num_users, num_items)
+        self.device = torch.device(device) if device is not None else users.device
+        self.users = users.to(self.device)
+        self.items = items.to(self.device)
+        self.num_users, self.num_items = int(num_users), int(num_items)
+        self.batch_size, self.num_pool = int(batch_size), int(num_pool)
+        self.seed, self.drop_last, self.epoch = int(seed), bool(drop_last), 0
+        self.by_user = build_csr(self.users, self.items, self.num_users, self.num_items)
+        self.by_item = build_csr(self.items, self.users, self.num_items, self.num_users)
+        self._check_unique()
+        # Per-pair gather tables, precomputed once: row start, degree and own position.
+        self._user_start = self.by_user.indptr[self.users]
+        self._user_deg = self.by_user.degree[self.users]
+        self._item_start = self.by_item.indptr[self.items]
+        self._item_deg = self.by_item.degree[self.items]
+
+    def _check_unique(self) -> None:
+        # A repeated pair would let "other than i_k" draw i_k again through its twin.
+        key = self.users * self.num_items + self.items
+        if torch.unique(key).numel() != key.numel():
+            raise ValueError("users/items: training pairs must be unique (drop repeated pairs first)")
+
+    @property
+    def num_train(self) -> int:
+        """Number of training pairs N."""
+        return int(self.users.numel())
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_train, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch that ``iter(sampler)`` produces."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch_batches(self.epoch)
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The seeded generator of ``epoch`` (on the sampler's device)."""
+        return torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, epoch))
+
+    def permutation(self, epoch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """int64 ``[N]``: the order in which epoch ``epoch`` visits the training pairs."""
+        gen = generator if generator is not None else self.generator(epoch)
+        return torch.randperm(self.num_train, generator=gen, device=self.device)
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        """Yield the batches of ``epoch``: M pairs each of one seeded permutation."""
+        gen = self.generator(epoch)
+        perm = self.permutation(epoch, gen)
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, self.num_train), self.batch_size):
+            yield self.batch(perm[start:start + self.batch_size], gen)
+
+    def batch(self, rows: torch.Tensor, generator: torch.Generator) -> Batch:
+        """The batch of training pairs ``rows`` (int64 ``[M]`` indices into the pairs).
+
+        Pools are drawn with ``generator``; no Python loop over the rows.
+        """
+        users, items = self.users[rows], self.items[rows]
+        pool_items = self._draw(self.by_user.indices, self._user_start[rows], self._user_deg[rows],
+                                self.by_user.position[rows], generator)
+        pool_users = self._draw(self.by_item.indices, self._item_start[rows], self._item_deg[rows],
+                                self.by_item.position[rows], generator)
+        return Batch(users, items, pool_items, pool_users)
+
+    def _draw(self, indices: torch.Tensor, start: torch.Tensor, deg: torch.Tensor,
+              own: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``[M, P]`` entries of each row's CSR segment, uniform over all but its own.
+
+        Draw r uniform in [0, deg-1) among the deg-1 other entries, then step over the own
+        position (r >= own -> r + 1). A row whose segment holds only itself gets itself.
+        """
+        m = start.numel()
+        others = (deg - 1).clamp_min(1).unsqueeze(1)  # [M, 1]; clamp avoids % 0
+        # 62 random bits modulo the count: bias below 2^-40 for any realistic degree.
+        r = torch.randint(0, 1 << 62, (m, self.num_pool), generator=generator,
+                          device=self.device) % others
+        own = own.unsqueeze(1)
+        r = r + (r >= own).long()
+        r = torch.where(deg.unsqueeze(1) > 1, r, own)
+        return indices[start.unsqueeze(1) + r]
