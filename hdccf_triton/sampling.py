@@ -175,9 +175,16 @@ class InBatchSampler:
 
     def _check_unique(self) -> None:
         # A repeated pair would let "other than i_k" draw i_k again through its twin.
-        key = self.users * self.num_items + self.items
-        if torch.unique(key).numel() != key.numel():
+        self._keys = torch.unique(self.users * self.num_items + self.items)  # sorted
+        if self._keys.numel() != self.users.numel():
             raise ValueError("users/items: training pairs must be unique (drop repeated pairs first)")
+
+    def interaction_index(self):
+        """The :class:`~hdccf_triton.interactions.InteractionIndex` of the training pairs
+        (the loss's false-negative test), on the sampler's device."""
+        from .interactions import InteractionIndex  # sibling module, torch only
+
+        return InteractionIndex(self._keys, self.num_users, self.num_items)
 
     @property
     def num_train(self) -> int:
