@@ -386,7 +386,7 @@ def _read_table(raw: bytes, label: str, sep: str) -> Any:
         raw, sep = raw.replace(sep.encode(), b"\x1f"), "\x1f"
     try:
         frame = pl.read_csv(io.BytesIO(raw), separator=sep, has_header=False, infer_schema=False,
-                            quote_char=None, truncate_ragged_lines=False)
+                            quote_char=None, truncate_ragged_lines=False, encoding="utf8-lossy")
     except Exception as exc:  # polars raises ComputeError/NoDataError etc.; find the line
         first = raw.split(b"\n", 1)[0].decode("utf-8", "replace")
         lineno, line = _first_bad_line(raw, sep, len(first.split(sep)))
@@ -500,7 +500,7 @@ def _parse_lightgcn_file(path: Path) -> Any:
         raise ValueError(f"{label}: contains byte 0x1f")
     try:  # one field per line: 0x1f never occurs
         lines = pl.read_csv(io.BytesIO(raw), separator="\x1f", has_header=False, infer_schema=False,
-                            quote_char=None, new_columns=["text"])
+                            quote_char=None, new_columns=["text"], encoding="utf8-lossy")
     except Exception as exc:
         raise ValueError(f"{label}: cannot parse ({exc})") from exc
     lines = lines.with_row_index("line", offset=1).filter(pl.col("text").str.strip_chars() != "")
@@ -723,6 +723,9 @@ def _build(raw: _Raw, name: str, *, seed: int, split: str, min_item: int, min_us
     test = np.full(num_users, -1, dtype=np.int64)
     test_pairs = None
     if raw.test is not None:
+        if split == "chronological":
+            raise ValueError(f"split='chronological': {raw.label} has no time information; its test "
+                             "set is given and the validation items are drawn at random")
         from_train = frame["train"].to_numpy()
         test_pairs = (torch.from_numpy(users[~from_train]), torch.from_numpy(items[~from_train]))
         tu, ti = users[from_train], items[from_train]

@@ -277,7 +277,9 @@ class Evaluator:
         Args:
             model: an object with ``score(users [B], items [B, C]) -> [B, C]`` and/or
                 ``score_all(users [B]) -> [B, num_items]`` (one is derived from the other
-                when missing); an ``nn.Module`` also fixes the device.
+                when missing). The callbacks get int64 ids on the evaluator's device and
+                return scores there; an ``nn.Module`` model moves the evaluator to the
+                device of its parameters first.
             split: ``"valid"`` or ``"test"``.
             ks: cut-offs K.
             score, score_all: callbacks overriding the model's.

@@ -110,7 +110,8 @@ def build_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: i
 
 def _mix_seed(seed: int, epoch: int) -> int:
     # Independent, reproducible streams per (seed, epoch); SeedSequence decorrelates them.
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(epoch)])
+    seed, epoch = int(seed), int(epoch)
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch & 0xFFFFFFFF])
     return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
@@ -123,7 +124,7 @@ class InBatchSampler:
         batch_size: M, rows per batch.
         num_pool: P, pool size per row.
         seed: seed of the permutations and the pools; the batches of epoch e depend only
-            on (data, seed, e).
+            on (data, seed, e) and the device type (CPU and CUDA generators differ).
         device: where the index lives and the batches are built (default: that of ``users``).
         drop_last: drop the last, partial batch of each epoch.
 
@@ -167,11 +168,18 @@ class InBatchSampler:
         self.by_user = build_csr(self.users, self.items, self.num_users, self.num_items)
         self.by_item = build_csr(self.items, self.users, self.num_items, self.num_users)
         self._check_unique()
-        # Per-pair gather tables, precomputed once: row start, degree and own position.
-        self._user_start = self.by_user.indptr[self.users]
-        self._user_deg = self.by_user.degree[self.users]
-        self._item_start = self.by_item.indptr[self.items]
-        self._item_deg = self.by_item.degree[self.items]
+        # Both CSR index arrays end to end, so one gather serves the item and the user pools.
+        self._indices = torch.cat([self.by_user.indices, self.by_item.indices])
+        # Everything a row needs, one 64-byte row per training pair ([N, 8]: one cache
+        # line), so that a batch costs one index_select: user, item, segment starts (user
+        # row, item row), degrees and the pair's own position in each segment.
+        n = self.num_train
+        self._table = torch.stack([
+            self.users, self.items,
+            self.by_user.indptr[self.users], self.by_item.indptr[self.items] + n,
+            self.by_user.degree[self.users], self.by_item.degree[self.items],
+            self.by_user.position, self.by_item.position,
+        ], dim=1).contiguous()
 
     def _check_unique(self) -> None:
         # A repeated pair would let "other than i_k" draw i_k again through its twin.
@@ -222,28 +230,22 @@ class InBatchSampler:
     def batch(self, rows: torch.Tensor, generator: torch.Generator) -> Batch:
         """The batch of training pairs ``rows`` (int64 ``[M]`` indices into the pairs).
 
-        Pools are drawn with ``generator``; no Python loop over the rows.
+        Pools are drawn with ``generator``; no Python loop over the rows. For each of the
+        two pools (item side, user side) and each row: draw r uniform in [0, deg-1) among
+        the deg-1 other entries of the row's CSR segment, then step over the pair's own
+        position (r >= own -> r + 1); a segment that holds only the pair gives the pair's
+        own entry (i_k resp. u_k).
         """
-        users, items = self.users[rows], self.items[rows]
-        pool_items = self._draw(self.by_user.indices, self._user_start[rows], self._user_deg[rows],
-                                self.by_user.position[rows], generator)
-        pool_users = self._draw(self.by_item.indices, self._item_start[rows], self._item_deg[rows],
-                                self.by_item.position[rows], generator)
-        return Batch(users, items, pool_items, pool_users)
-
-    def _draw(self, indices: torch.Tensor, start: torch.Tensor, deg: torch.Tensor,
-              own: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``[M, P]`` entries of each row's CSR segment, uniform over all but its own.
-
-        Draw r uniform in [0, deg-1) among the deg-1 other entries, then step over the own
-        position (r >= own -> r + 1). A row whose segment holds only itself gets itself.
-        """
-        m = start.numel()
-        others = (deg - 1).clamp_min(1).unsqueeze(1)  # [M, 1]; clamp avoids % 0
+        # index_select rather than advanced indexing: on small tensors the latter
+        # dispatches to the thread pool, which costs milliseconds on a busy CPU.
+        info = torch.index_select(self._table, 0, rows).T.contiguous()  # [8, M]
+        start, deg, own = info[2:4].unsqueeze(2), info[4:6].unsqueeze(2), info[6:8].unsqueeze(2)
+        m = rows.numel()
+        others = (deg - 1).clamp_min(1)  # [2, M, 1]; the clamp avoids % 0
         # 62 random bits modulo the count: bias below 2^-40 for any realistic degree.
-        r = torch.randint(0, 1 << 62, (m, self.num_pool), generator=generator,
+        r = torch.randint(0, 1 << 62, (2, m, self.num_pool), generator=generator,
                           device=self.device) % others
-        own = own.unsqueeze(1)
         r = r + (r >= own).long()
-        r = torch.where(deg.unsqueeze(1) > 1, r, own)
-        return indices[start.unsqueeze(1) + r]
+        r = torch.where(deg > 1, r, own)
+        pools = torch.index_select(self._indices, 0, (start + r).flatten()).view(2, m, self.num_pool)
+        return Batch(info[0], info[1], pools[0], pools[1])
