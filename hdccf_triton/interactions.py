@@ -13,6 +13,10 @@ import torch
 
 __all__ = ["InteractionIndex"]
 
+#: Largest num_users·num_items for which membership is answered from a dense boolean table
+#: (one byte a pair, built on first use) instead of a binary search: 256 MiB.
+DENSE_TABLE_LIMIT = 1 << 28
+
 
 def _as_id_tensor(name: str, ids) -> torch.Tensor:
     ids = torch.as_tensor(ids)
@@ -43,6 +47,7 @@ class InteractionIndex:
         self.keys = keys
         self.num_users = int(num_users)
         self.num_items = int(num_items)
+        self._dense: torch.Tensor | None = None
 
     @classmethod
     def from_pairs(cls, users, items, num_users: int, num_items: int) -> "InteractionIndex":
@@ -96,6 +101,12 @@ class InteractionIndex:
         query = users * self.num_items + items
         if self.keys.numel() == 0:
             return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+        if self.num_users * self.num_items <= DENSE_TABLE_LIMIT:
+            # one gather instead of ~log2|D| dependent ones: the reference's hot spot
+            if self._dense is None:
+                dense = torch.zeros(self.num_users * self.num_items, dtype=torch.bool, device=self.device)
+                self._dense = dense.index_fill_(0, self.keys, True)
+            return self._dense[query]
         pos = torch.searchsorted(self.keys, query.reshape(-1)).clamp_(max=self.keys.numel() - 1)
         return (self.keys[pos] == query.reshape(-1)).reshape(query.shape)
 

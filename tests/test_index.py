@@ -28,3 +28,16 @@ def test_broadcasting_and_edges():
     assert not empty.contains(torch.tensor([0]), torch.tensor([1])).any()
     assert empty.to("cpu") is empty
     assert "3 pairs" in repr(index)
+
+
+def test_binary_search_path_matches_dense_table(monkeypatch):
+    import hdccf_triton.interactions as interactions
+
+    g = torch.Generator().manual_seed(1)
+    users, items = torch.randint(0, 30, (200,), generator=g), torch.randint(0, 40, (200,), generator=g)
+    qu, qi = torch.randint(0, 30, (50, 1), generator=g), torch.randint(0, 40, (1, 60), generator=g)
+    dense = InteractionIndex.from_pairs(users, items, 30, 40).contains(qu, qi)
+    monkeypatch.setattr(interactions, "DENSE_TABLE_LIMIT", 0)
+    searched = InteractionIndex.from_pairs(users, items, 30, 40)
+    assert torch.equal(searched.contains(qu, qi), dense)
+    assert searched._dense is None
