@@ -1,15 +1,54 @@
 """The Triton backend: the fused kernels of ``hdccf_triton.kernels`` behind an autograd.Function.
 
-Triton is imported lazily, so ``import hdccf_triton`` works where it is absent.
+Only :func:`negative_statistics` (the per-row log-sum-exps over the true negatives, the one
+part of the loss that touches the M × N·P score matrices) runs in Triton; the scores of the
+diagonal and the own blocks (:func:`~hdccf_triton.terms.prepare_scores`) and the per-row
+combination (:func:`~hdccf_triton.terms.combine_terms`) are the reference's, so the two
+backends differ only in how the log-sums are computed. Nothing of shape [M, N·P] is ever
+allocated: the forward keeps online max-shifted sums per row, the backward recomputes the
+score tiles (flash-attention style) in a row-parallel pass (dU, dI) and a column-parallel pass
+(dX, dY), without atomics, so gradients are bit-identical run to run.
+
+Precision: the kernels read the embeddings in their own dtype (bf16/fp16 go to the tensor
+cores as they are; fp32 uses IEEE fp32 products, never TF32; fp64 runs in fp64) and
+accumulate in fp32 (fp64 for fp64). For cosine similarity the embeddings are normalised in
+fp32 by ``prepare_scores`` and cast back to the input dtype for the kernels. Under
+``torch.autocast`` fp32 embeddings are fed to the kernels in the autocast dtype (the loss is a
+matmul-like op); the own-block scores and the combination stay in fp32 either way.
+
+Triton is imported lazily, so ``import hdccf_triton`` works where it is absent. The kernels
+are (re)loaded for the current ``TRITON_INTERPRET`` setting, so interpreter tests on CPU
+tensors and GPU tests can run in one process.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import math
 import os
+import sys
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-__all__ = ["unavailable_reason", "per_row_loss"]
+from .interactions import InteractionIndex
+from .options import LossOptions
+from .terms import NegativeStats, combine_terms, prepare_scores
+
+__all__ = ["unavailable_reason", "per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
+
+#: Largest dense bitmap of D, in bits (256 MiB); larger id spaces use the sorted-keys search.
+BITMAP_MAX_BITS = 1 << 31
+
+#: Test hooks (never set in production): overrides of :class:`LaunchConfig` fields
+#: (e.g. ``{"block_m": 16, "col_splits": 3}``) and of the index layout (``"index_mode"``).
+_OVERRIDES: dict = {}
+#: Test hook: fill every output buffer with NaN (floats) or -2**31 (ints) before the kernels
+#: run, so that an element a kernel forgets to write cannot pass unnoticed.
+_POISON_OUTPUTS = False
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -18,7 +57,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the machine
         return f"Triton is not installed ({err}); install it with `pip install triton` (Linux only)"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = _interpreting()
     if device.type != "cuda" and not interpreted:
         return (
             f"the tensors are on {device}, and the Triton kernels need CUDA tensors "
@@ -26,8 +65,383 @@ def unavailable_reason(device: torch.device) -> str | None:
         )
     if device.type == "cuda" and interpreted:
         return "TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only"
-    return "the fused Triton kernels are not implemented yet"
+    if device.type not in ("cuda", "cpu"):
+        return f"the Triton interpreter runs on CPU tensors, got tensors on {device}"
+    return None
 
 
-def per_row_loss(inputs, interactions, options) -> torch.Tensor:
-    raise NotImplementedError("the fused Triton kernels are not implemented yet")
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss with the fused statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def per_row_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    pool_item_emb: torch.Tensor,
+    pool_user_emb: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    pool_items: torch.Tensor,
+    pool_users: torch.Tensor,
+    interactions: InteractionIndex | None,
+    options: LossOptions,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """loss[k] of SPEC.md for every row; the arguments of :func:`hdccf_triton.reference.per_row_loss`.
+
+    Returns:
+        ``[M]`` per-row loss, float32 for half-precision inputs, else the input dtype.
+    """
+    scores = prepare_scores(user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset)
+    kernel_dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
+    if kernel_dtype == user_emb.dtype and not options.cosine:
+        # the embeddings as given (for bf16/fp16 no fp32 copy; for fp32 the same tensors)
+        U, I, X, Y = user_emb, item_emb, pool_item_emb, pool_user_emb
+    else:  # normalised in fp32 by prepare_scores, or the autocast dtype: cast for the kernels
+        U, I, X, Y = (t.to(kernel_dtype) for t in (scores.U, scores.I, scores.X, scores.Y))
+    stats = negative_statistics(
+        U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset
+    )
+    return combine_terms(scores, stats, options)
+
+
+def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the kernels read: the input's, or the autocast dtype for fp32 under autocast."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def negative_statistics(
+    U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
+) -> NegativeStats:
+    """:func:`hdccf_triton.reference.negative_statistics` in fused Triton kernels.
+
+    Args:
+        U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools (N ≥ M blocks), all of one dtype among
+            fp64, fp32, bf16, fp16 (normalised already for cosine); users, items: ``[M]``;
+            pool_items, pool_users: ``[N, P]`` int64; row k's own block is ``row_offset + k``.
+
+    Returns:
+        :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64 inputs),
+        differentiable with respect to U, I, X, Y; counts int64.
+    """
+    M, d = U.shape
+    N, P, _ = X.shape
+    if not 0 <= row_offset <= N - M:
+        raise ValueError(f"row_offset={row_offset} puts the rows' own blocks outside the {N} pool blocks")
+    setup = _Setup(
+        ids=tuple(t.reshape(-1).to(torch.int64).contiguous() for t in (users, items, pool_items, pool_users)),
+        index=_index_layout(interactions, options, U.device),
+        options=options,
+        row_offset=int(row_offset),
+        P=P,
+        config=launch_config(M, N * P, d, U.device),
+    )
+    X2 = X.reshape(N * P, d)
+    Y2 = Y.reshape(N * P, d)
+    outs = _NegativeStatistics.apply(U.contiguous(), I.contiguous(), X2.contiguous(), Y2.contiguous(), setup)
+    return NegativeStats(*outs)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything about one call that is not a differentiable tensor."""
+
+    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int64, contiguous
+    index: "_IndexLayout"
+    options: LossOptions
+    row_offset: int
+    P: int
+    config: "LaunchConfig"
+
+
+class _NegativeStatistics(torch.autograd.Function):
+    """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E, n_item, n_user); counts not differentiable."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, U, I, X, Y, setup: _Setup):
+        with torch.autocast(U.device.type, enabled=False):
+            lse, counts = _forward(U, I, X, Y, setup)
+        ctx.setup = setup
+        ctx.save_for_backward(U, I, X, Y, lse)
+        # independent [M] outputs (O(M) copies), so that no output is a view of another
+        lse_a, lse_b, lse_c, lse_e = (t.clone() for t in lse)
+        n_item, n_user = (t.clone() for t in counts)
+        ctx.mark_non_differentiable(n_item, n_user)
+        return lse_a, lse_b, lse_c, lse_e, n_item, n_user
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user):
+        U, I, X, Y, lse = ctx.saved_tensors
+        need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_cols = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        grads = [g if g is not None else torch.zeros_like(lse[0]) for g in (g_a, g_b, g_c, g_e)]
+        with torch.autocast(U.device.type, enabled=False):
+            G = torch.stack(grads).to(lse.dtype).contiguous()  # [4, M]
+            dU, dI, dX, dY = _backward(U, I, X, Y, lse, G, ctx.setup, need_rows, need_cols)
+        return dU, dI, dX, dY, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and work splits of the three kernels (a fixed heuristic, never autotuned:
+    autotuning picks configurations by timing, which would break run-to-run determinism).
+
+    Attributes:
+        block_m, block_n: rows and pool columns per tile (≥ 16: ``tl.dot`` needs it on GPU).
+        block_d: the next power of two ≥ max(d, 16); the embedding dim is masked up to it.
+        num_warps, num_stages: as passed to the launches.
+        col_splits: the forward and row-parallel backward cut the N·P columns into this many
+            contiguous ranges (more programs when M is small), merged on the host.
+        row_splits: the column-parallel backward cuts the M rows likewise.
+    """
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    col_splits: int
+    row_splits: int
+
+
+def launch_config(M: int, NP: int, d: int, device: torch.device) -> LaunchConfig:
+    """The documented heuristic (tune on the GPU with ``bench/kernels.py``).
+
+    * ``block_d = max(16, next_pow2(d))``.
+    * GPU: 64×64 tiles for ``block_d <= 128``, 32×32 above (four fp32 score tiles plus the
+      row embeddings live in registers); 4 warps (8 for ``block_d >= 128``), 2 stages.
+    * Splits: enough programs for about two waves over the SMs: the forward and row pass get
+      ``col_splits = ceil(2·SMs / row_blocks)`` (at most the number of column blocks), the
+      column pass ``row_splits = ceil(2·SMs / column_blocks)``. The split count only depends
+      on the shape and the GPU model, so results stay bit-identical run to run.
+    * Interpreter: 16×16 tiles, one split (the programs run one after another anyway).
+    """
+    block_d = max(16, 1 << max(0, d - 1).bit_length())
+    if device.type == "cuda":
+        block = 64 if block_d <= 128 else (32 if block_d <= 256 else 16)
+        num_warps = 8 if block_d >= 128 else 4
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        row_blocks, col_blocks = -(-M // block), -(-NP // block)
+        col_splits = max(1, min(col_blocks, -(-2 * n_sm // row_blocks)))
+        row_splits = max(1, min(row_blocks, -(-2 * n_sm // col_blocks)))
+        config = LaunchConfig(block, block, block_d, num_warps, 2, col_splits, row_splits)
+    else:
+        config = LaunchConfig(16, 16, block_d, 1, 1, 1, 1)
+    fields = {k: v for k, v in _OVERRIDES.items() if k in LaunchConfig.__dataclass_fields__}
+    return replace(config, **fields) if fields else config
+
+
+def _split_size(total: int, splits: int, block: int) -> tuple[int, int]:
+    """(items per split, a multiple of ``block``; number of non-empty splits)."""
+    blocks = -(-total // block)
+    per = -(-blocks // max(1, min(splits, blocks))) * block
+    return per, -(-total // per)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if not _POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = math.nan if dtype.is_floating_point else -(2**31)
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
+    layout = setup.index
+    scale = torch.full((1,), 1.0 / setup.options.temperature, dtype=acc_dtype, device=U.device)
+    return (U, I, X, Y, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
+
+
+def _constexprs(U, setup: _Setup) -> dict:
+    c = setup.config
+    return dict(
+        DEBIAS=setup.options.debias,
+        INDEX_MODE=setup.index.mode,
+        SEARCH_STEPS=setup.index.search_steps,
+        # the interpreter cannot multiply bf16 tiles (triton-lang/triton#11584)
+        UPCAST=_interpreting() and U.dtype == torch.bfloat16,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+def _forward(U, I, X, Y, setup: _Setup):
+    """lse ``[4, M]`` (A, B, C, E) in the accumulation dtype and counts ``[2, M]`` int64."""
+    kernels = _kernels()
+    M, d = U.shape
+    NP = X.shape[0]
+    acc = _accumulation_dtype(U.dtype)
+    c = setup.config
+    cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
+    lse_parts = _empty((splits, 4, M), acc, U.device)
+    cnt_parts = _empty((splits, 2, M), torch.int32, U.device)
+    grid = (triton_cdiv(M, c.block_m), splits)
+    kernels.fwd.negative_stats_fwd_kernel[grid](
+        *_common_args(U, I, X, Y, setup, acc), lse_parts, cnt_parts,
+        M, NP, d, setup.P, setup.row_offset, cols_per_split,
+        **_constexprs(U, setup),
+    )
+    if splits == 1:
+        return lse_parts[0], cnt_parts[0].to(torch.int64)
+    # merge the splits in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf)
+    return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0)
+
+
+def _backward(U, I, X, Y, lse, G, setup: _Setup, need_rows: bool, need_cols: bool):
+    kernels = _kernels()
+    M, d = U.shape
+    NP = X.shape[0]
+    acc = _accumulation_dtype(U.dtype)
+    c = setup.config
+    args = _common_args(U, I, X, Y, setup, acc)
+    meta = _constexprs(U, setup)
+    dU = dI = dX = dY = None
+    if need_rows:
+        cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
+        dU_parts = _empty((splits, M, d), acc, U.device)
+        dI_parts = _empty((splits, M, d), acc, U.device)
+        kernels.bwd.negative_stats_bwd_rows_kernel[(triton_cdiv(M, c.block_m), splits)](
+            *args, lse, G, dU_parts, dI_parts,
+            M, NP, d, setup.P, setup.row_offset, cols_per_split, **meta,
+        )
+        dU = dU_parts.sum(0).to(U.dtype) if splits > 1 else dU_parts[0].to(U.dtype)
+        dI = dI_parts.sum(0).to(I.dtype) if splits > 1 else dI_parts[0].to(I.dtype)
+    if need_cols:
+        rows_per_split, splits = _split_size(M, c.row_splits, c.block_m)
+        dX_parts = _empty((splits, NP, d), acc, U.device)
+        dY_parts = _empty((splits, NP, d), acc, U.device)
+        kernels.bwd.negative_stats_bwd_cols_kernel[(triton_cdiv(NP, c.block_n), splits)](
+            *args, lse, G, dX_parts, dY_parts,
+            M, NP, d, setup.P, setup.row_offset, rows_per_split, **meta,
+        )
+        dX = dX_parts.sum(0).to(X.dtype) if splits > 1 else dX_parts[0].to(X.dtype)
+        dY = dY_parts.sum(0).to(Y.dtype) if splits > 1 else dY_parts[0].to(Y.dtype)
+    return dU, dI, dX, dY
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interaction index as the kernels read it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _IndexLayout:
+    mode: int  # 0 none, 1 dense bitmap, 2 sorted keys (membership.py)
+    tensor: torch.Tensor  # the bitmap words, the keys, or a placeholder never read
+    n_keys: int
+    num_items: int
+    search_steps: int  # ceil(log2(n_keys + 1)) for the sorted search
+
+
+#: bitmaps of D built so far, one per InteractionIndex object (dropped with it)
+_BITMAPS: "weakref.WeakKeyDictionary[InteractionIndex, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _index_layout(interactions: InteractionIndex | None, options: LossOptions, device) -> _IndexLayout:
+    if interactions is None or not options.debias or len(interactions) == 0:
+        placeholder = torch.zeros(1, dtype=torch.int64, device=device)
+        return _IndexLayout(0, placeholder, 0, 1, 1)
+    n = len(interactions)
+    steps = max(1, n.bit_length())  # = ceil(log2(n + 1))
+    mode = _OVERRIDES.get("index_mode")
+    if mode is None:
+        mode = 1 if interactions.num_users * interactions.num_items <= BITMAP_MAX_BITS else 2
+    if mode == 1:
+        return _IndexLayout(1, interaction_bitmap(interactions), n, interactions.num_items, steps)
+    return _IndexLayout(2, interactions.keys.contiguous(), n, interactions.num_items, steps)
+
+
+def interaction_bitmap(interactions: InteractionIndex) -> torch.Tensor:
+    """D as a dense bitmap: int32 words, bit ``key & 31`` of word ``key >> 5`` set for each key.
+
+    Built once per index object (on its device) and cached until the index is dropped.
+    """
+    cached = _BITMAPS.get(interactions)
+    if cached is not None and cached[0] is interactions.keys:
+        return cached[1]
+    keys = interactions.keys
+    n_words = (interactions.num_users * interactions.num_items + 31) // 32
+    # the keys are unique, so the bits of one word are distinct and their sum is their OR;
+    # bit 31 is −2**31 in int32 and the sum of the others stays below 2**31: no overflow
+    bits = torch.ones_like(keys) << (keys & 31)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    words = torch.zeros(n_words, dtype=torch.int32, device=keys.device)
+    words.index_add_(0, keys >> 5, bits)
+    _BITMAPS[interactions] = (keys, words)
+    return words
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the kernels for the current TRITON_INTERPRET
+# ---------------------------------------------------------------------------------------------
+
+
+class _Kernels:
+    def __init__(self, membership, fwd, bwd):
+        self.membership, self.fwd, self.bwd = membership, fwd, bwd
+
+
+_KERNEL_MODULES = ("membership", "negative_stats_fwd", "negative_stats_bwd")
+
+
+def _kernels() -> _Kernels:
+    """The kernel modules, decorated for the current ``TRITON_INTERPRET`` setting.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when the module is executed; if the modules
+    were loaded under the other setting (a GPU test, then an interpreter test in one pytest
+    process), they are reloaded, helpers first.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    package = _kernel_package()
+    interpret = _interpreting()
+    modules = [importlib.import_module(f"{package}.{name}") for name in _KERNEL_MODULES]
+    stale = any(
+        isinstance(getattr(m, fn), InterpretedFunction) != interpret
+        for m, fn in zip(modules, ("membership_probe_kernel", "negative_stats_fwd_kernel",
+                                   "negative_stats_bwd_rows_kernel"))
+    )
+    if stale:
+        modules = [importlib.reload(m) for m in modules]  # dependency order
+    return _Kernels(*modules)
+
+
+def _kernel_package() -> str:
+    """``hdccf_triton.kernels``: installed, or from ``kernels/`` beside the package in a checkout."""
+    name = "hdccf_triton.kernels"
+    if name in sys.modules:
+        return name
+    try:
+        importlib.import_module(name)
+        return name
+    except ModuleNotFoundError:
+        pass
+    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    if spec is None or spec.loader is None:  # pragma: no cover
+        raise ModuleNotFoundError(f"cannot find the kernels package ({init})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return name

@@ -55,7 +55,7 @@ def sorted_contains(keys, n_keys, b_key, m_q, SEARCH_STEPS: tl.constexpr):
         b_key: int64 tile of queries (any shape); m_q: bool tile, the queries to answer.
     """
     # invariant: keys[0 .. pos-1] < q.  step 2^s: if keys[pos + 2^s − 1] < q then pos += 2^s
-    b_pos = tl.zeros_like(b_key)  # int64, shape of b_key
+    b_pos = tl.full(b_key.shape, 0, dtype=tl.int64)  # shape of b_key
     for s in tl.static_range(SEARCH_STEPS):
         b_cand = b_pos + (1 << (SEARCH_STEPS - 1 - s))
         m_c = m_q & (b_cand <= n_keys)

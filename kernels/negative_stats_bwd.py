@@ -1,0 +1,218 @@
+"""Backward of the fused negative statistics: gradients of the four log-sum-exps.
+
+With upstream gradients g_A, g_B, g_C, g_E ``[M]`` of lse_A .. lse_E and the softmax weights
+on the true negatives (0 off the mask, and 0 on a row whose lse is −inf: its mask is empty)
+
+    p_A[k, j] = exp(A[k, j] − lse_A[k])   for j ∈ Tᴵ_k      (p_E likewise, p_B and p_C on Tᵁ_k)
+
+the gradients of lse = log Σ exp(score) are
+
+    dU[k] = (1/τ) Σ_j ( g_A[k] p_A[k, j] X_j + g_C[k] p_C[k, j] Y_j )
+    dI[k] = (1/τ) Σ_j ( g_B[k] p_B[k, j] Y_j + g_E[k] p_E[k, j] X_j )
+    dX[j] = (1/τ) Σ_k ( g_A[k] p_A[k, j] U_k + g_E[k] p_E[k, j] I_k )
+    dY[j] = (1/τ) Σ_k ( g_B[k] p_B[k, j] I_k + g_C[k] p_C[k, j] U_k )
+
+Two kernels, no atomics (bit-identical results run to run): a row-parallel one for dU, dI
+(each program owns BLOCK_M rows and sweeps the columns) and a column-parallel one for dX, dY
+(each program owns BLOCK_N columns and sweeps the rows). Both recompute the score tiles and
+the true-negative masks in the forward's orientation [rows, columns] and operand order, so the
+recomputed scores match the forward's and the weights p are consistent with its lse (a
+transposed product X·Uᵀ would round differently: in fp32 with scores of a few hundred that
+alone makes the pool gradients several times less accurate). Either sweep
+may be cut into splits (``grid[1]``) that write partial sums, added by the host in a fixed
+order. The weights p are cast to the embeddings' dtype before the second product (as flash
+attention does with P·V), so bf16/fp16 inputs run on bf16/fp16 tensor cores.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .membership import true_negative_masks
+from .negative_stats_fwd import score_dot
+
+__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights"]
+
+
+@triton.jit
+def grad_weights(b_s, b_lse, b_g, m_s):
+    """g · exp(s − lse) on the mask, 0 off it (lse, g broadcast along the tile's other axis)."""
+    # the where comes first: off the mask s − lse may be +inf (lse = −inf on an empty row)
+    return tl.exp(tl.where(m_s, b_s - b_lse, float("-inf"))) * b_g
+
+
+@triton.jit
+def negative_stats_bwd_rows_kernel(
+    U, I,  # [M, D] user and item embeddings of the rows
+    X, Y,  # [NP, D] flattened pool items and pool users
+    users, items,  # [M] int64 anchor ids
+    x_ids, y_ids,  # [NP] int64 pool ids
+    index, n_keys, num_items,  # D (see membership.py)
+    scale,  # [1] 1/τ in the accumulation dtype
+    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
+    G,  # [4, M] their upstream gradients (accumulation dtype)
+    DU, DI,  # [S, M, D] out: partial dU, dI per column split (accumulation dtype)
+    M, NP, D, P, row_offset, cols_per_split,
+    DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_m = o_m < M
+    m_d = o_d < D
+    inv_tau = tl.load(scale)
+
+    p_row = o_m.to(tl.int64)[:, None] * D + o_d[None, :]
+    m_row = m_m[:, None] & m_d[None, :]
+    b_u = tl.load(U + p_row, mask=m_row, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_i = tl.load(I + p_row, mask=m_row, other=0.0)  # [BLOCK_M, BLOCK_D]
+    b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
+    b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
+    b_block = row_offset + o_m  # [BLOCK_M]
+    # row statistics; rows out of range get lse = −inf and g = 0 (all their weights are 0)
+    b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))  # [BLOCK_M]
+    b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))
+    b_lse_c = tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf"))
+    b_lse_e = tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf"))
+    b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+    b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)
+    b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)
+    b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)
+
+    b_du = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_di = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+
+    col_start = i_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, NP)
+    for j0 in range(col_start, col_end, BLOCK_N):
+        o_n = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        m_n = o_n < col_end
+        p_col = o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+        m_col = m_n[:, None] & m_d[None, :]
+        b_x = tl.load(X + p_col, mask=m_col, other=0.0)  # [BLOCK_N, BLOCK_D]
+        b_y = tl.load(Y + p_col, mask=m_col, other=0.0)  # [BLOCK_N, BLOCK_D]
+        b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+        b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+        m_item, m_user = true_negative_masks(
+            b_user[:, None], b_item[:, None], b_block[:, None],
+            b_xid[None, :], b_yid[None, :], (o_n // P)[None, :],
+            m_m[:, None] & m_n[None, :],
+            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+        )  # [BLOCK_M, BLOCK_N] each
+
+        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
+        b_s = score_dot(b_u, tl.trans(b_x), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_a = grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item)
+        b_s = score_dot(b_u, tl.trans(b_y), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_c = grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user)
+        # dU += w_A X + w_C Y
+        b_du += score_dot(b_w_a.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
+        b_du += score_dot(b_w_c.to(b_y.dtype), b_y, UPCAST)
+
+        # w_B = g_B·p_B with B = I Yᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ
+        b_s = score_dot(b_i, tl.trans(b_y), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_b = grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user)
+        b_s = score_dot(b_i, tl.trans(b_x), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_e = grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item)
+        # dI += w_B Y + w_E X
+        b_di += score_dot(b_w_b.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
+        b_di += score_dot(b_w_e.to(b_x.dtype), b_x, UPCAST)
+
+    # dU, dI = (1/τ)·(accumulated sums), into this split's slice
+    p_out = i_s.to(tl.int64) * M * D + p_row
+    tl.store(DU + p_out, b_du * inv_tau, mask=m_row)
+    tl.store(DI + p_out, b_di * inv_tau, mask=m_row)
+
+
+@triton.jit
+def negative_stats_bwd_cols_kernel(
+    U, I,  # [M, D] user and item embeddings of the rows
+    X, Y,  # [NP, D] flattened pool items and pool users
+    users, items,  # [M] int64 anchor ids
+    x_ids, y_ids,  # [NP] int64 pool ids
+    index, n_keys, num_items,  # D (see membership.py)
+    scale,  # [1] 1/τ in the accumulation dtype
+    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
+    G,  # [4, M] their upstream gradients (accumulation dtype)
+    DX, DY,  # [S, NP, D] out: partial dX, dY per row split (accumulation dtype)
+    M, NP, D, P, row_offset, rows_per_split,
+    DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_n = o_n < NP
+    m_d = o_d < D
+    inv_tau = tl.load(scale)
+
+    # the columns' embeddings stay in registers for the whole sweep
+    p_col = o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+    m_col = m_n[:, None] & m_d[None, :]
+    b_x = tl.load(X + p_col, mask=m_col, other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_y = tl.load(Y + p_col, mask=m_col, other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+    b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+    b_owner = o_n // P  # [BLOCK_N]
+    b_xt = tl.trans(b_x)  # [BLOCK_D, BLOCK_N]
+    b_yt = tl.trans(b_y)  # [BLOCK_D, BLOCK_N]
+
+    b_dx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+
+    row_start = i_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for k0 in range(row_start, row_end, BLOCK_M):
+        o_m = k0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        m_m = o_m < row_end
+        p_row = o_m.to(tl.int64)[:, None] * D + o_d[None, :]
+        m_row = m_m[:, None] & m_d[None, :]
+        b_u = tl.load(U + p_row, mask=m_row, other=0.0)  # [BLOCK_M, BLOCK_D]
+        b_i = tl.load(I + p_row, mask=m_row, other=0.0)  # [BLOCK_M, BLOCK_D]
+        b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
+        b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M]
+        b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))  # [BLOCK_M]
+        b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))
+        b_lse_c = tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf"))
+        b_lse_e = tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf"))
+        b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
+        b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)
+        b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)
+        b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)
+        # the tiles in the forward's orientation [rows, columns], so that the recomputed
+        # scores are the forward's to the bit and p sums to 1 with the forward's lse
+        m_item, m_user = true_negative_masks(
+            b_user[:, None], b_item[:, None], (row_offset + o_m)[:, None],
+            b_xid[None, :], b_yid[None, :], b_owner[None, :],
+            m_m[:, None] & m_n[None, :],
+            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+        )  # [BLOCK_M, BLOCK_N] each
+
+        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ
+        b_s = score_dot(b_u, b_xt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_a = grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item)
+        b_s = score_dot(b_i, b_xt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_e = grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item)
+        # dX += w_Aᵀ U + w_Eᵀ I
+        b_dx += score_dot(tl.trans(b_w_a.to(b_u.dtype)), b_u, UPCAST)  # [BLOCK_N, BLOCK_D]
+        b_dx += score_dot(tl.trans(b_w_e.to(b_i.dtype)), b_i, UPCAST)
+
+        # w_B = g_B·p_B with B = I Yᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
+        b_s = score_dot(b_i, b_yt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_b = grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user)
+        b_s = score_dot(b_u, b_yt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w_c = grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user)
+        # dY += w_Bᵀ I + w_Cᵀ U
+        b_dy += score_dot(tl.trans(b_w_b.to(b_i.dtype)), b_i, UPCAST)  # [BLOCK_N, BLOCK_D]
+        b_dy += score_dot(tl.trans(b_w_c.to(b_u.dtype)), b_u, UPCAST)
+
+    # dX, dY = (1/τ)·(accumulated sums), into this split's slice
+    p_out = i_s.to(tl.int64) * NP * D + p_col
+    tl.store(DX + p_out, b_dx * inv_tau, mask=m_col)
+    tl.store(DY + p_out, b_dy * inv_tau, mask=m_col)

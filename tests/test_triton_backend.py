@@ -1,0 +1,469 @@
+"""The fused Triton kernels against the PyTorch reference.
+
+On a machine without a GPU they run in Triton's CPU interpreter: an autouse fixture sets
+``TRITON_INTERPRET=1`` for each test (not for the whole session), and the backend reloads the
+kernel modules for the current setting, so this module runs in one pytest process with any
+other, in any order. Every output buffer is NaN-filled before the kernels write it
+(``_POISON_OUTPUTS``), so a tile a kernel forgets to write fails the comparison.
+
+Interpreter tests use tiny shapes (16×16 tiles; the interpreter is slow), float64 for tight
+comparisons with the float64 reference, and float32 compared with the float32 reference's own
+error (cut-cross-entropy style). Tests marked ``gpu`` run on CUDA (``bench/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("triton")
+
+import hdccf_triton.reference as reference  # noqa: E402
+import hdccf_triton.triton_backend as tb  # noqa: E402
+from hdccf_triton import InteractionIndex, debiased_contrastive_loss  # noqa: E402
+from hdccf_triton.options import LossOptions  # noqa: E402
+from triton_helpers import (  # noqa: E402
+    Case,
+    all_false_negative_case,
+    assert_error_within_factor,
+    loss_and_grads,
+    make_case,
+    max_abs,
+)
+
+DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3)
+
+
+@pytest.fixture(autouse=True)
+def _triton_mode(request, monkeypatch):
+    """Interpreter on CPU tensors, or the real thing for ``gpu`` tests; poisoned outputs."""
+    if request.node.get_closest_marker("gpu"):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tb, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(tb, "_OVERRIDES", {})
+
+
+def _options(similarity="dot", debias=True, temperature=0.1, **kw):
+    extra = DEBIASED if debias else {}
+    return LossOptions(similarity=similarity, debias=debias, temperature=temperature, **{**extra, **kw})
+
+
+def _index_for(case: Case, index_mode):
+    """None (identity false negatives only), or the case's index read as a bitmap / sorted keys."""
+    if index_mode is None:
+        return None
+    tb._OVERRIDES["index_mode"] = index_mode
+    return case.index
+
+
+def _compare_float64(case: Case, options, index_mode, *, seed=0, rtol=1e-10):
+    """Statistics, per-row loss and the four gradients, kernel vs reference, both in float64."""
+    index = _index_for(case, index_mode)
+    g = torch.Generator().manual_seed(seed)
+    upstream = torch.rand(case.M, generator=g, dtype=torch.float64) * 2 - 0.5
+
+    # the statistics themselves (lse −inf where a row has no true negative; exact counts)
+    args = (*case.embeddings, *case.ids, index, options, case.row_offset)
+    with torch.no_grad():
+        got = tb.negative_statistics(*args)
+        want = reference.negative_statistics(*args)
+    assert torch.equal(got.n_item, want.n_item) and torch.equal(got.n_user, want.n_user)
+    for name in ("lse_A", "lse_B", "lse_C", "lse_E"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == torch.float64
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol, msg=name)
+
+    loss, grads = loss_and_grads(tb, case, options, upstream, index=index)
+    loss_ref, grads_ref = loss_and_grads(reference, case, options, upstream, index=index)
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=rtol)
+    for name, a, b in zip(("user", "item", "pool_item", "pool_user"), grads, grads_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=f"d{name}_emb")
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 against the float64 reference
+# ---------------------------------------------------------------------------------------------
+
+_SMALL = [
+    (M, P, d, sim, debias, mode)
+    for M, P, d, sim, debias, mode in itertools.product(
+        (1, 2), (1, 3), (8, 24), ("dot", "cosine"), (True, False), (None, 1, 2)
+    )
+    if debias or mode == 1  # without debias the index is never read
+]
+
+
+@pytest.mark.parametrize("M,P,d,similarity,debias,index_mode", _SMALL)
+def test_tiny_batches_match_float64_reference(M, P, d, similarity, debias, index_mode):
+    case = make_case(M, P, d, seed=M * 100 + P * 10 + d, scale=0.8)
+    _compare_float64(case, _options(similarity, debias), index_mode)
+
+
+_MEDIUM = {
+    # name: (P, d, similarity, debias, index_mode, extra make_case args, launch overrides)
+    "dot-bitmap": (3, 24, "dot", True, 1, {}, {}),
+    "cosine-sorted": (3, 8, "cosine", True, 2, {}, {}),
+    "cosine-biased": (1, 24, "cosine", False, 1, {}, {}),
+    "dot-sorted-splits": (3, 24, "dot", True, 2, {}, {"col_splits": 3, "row_splits": 2}),
+    "row-offset-N>M": (1, 8, "dot", True, 1, {"N": 45, "row_offset": 5}, {"col_splits": 2}),
+    "cosine-row-offset-32x16-tiles": (3, 8, "cosine", True, 2, {"N": 40, "row_offset": 3},
+                                      {"block_m": 32, "row_splits": 2}),
+    "no-index-splits": (3, 8, "dot", True, None, {}, {"col_splits": 4, "row_splits": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(_MEDIUM))
+def test_batches_of_37_rows_match_float64_reference(name):
+    P, d, similarity, debias, index_mode, shape, overrides = _MEDIUM[name]
+    tb._OVERRIDES.update(overrides)
+    case = make_case(37, P, d, seed=len(name), scale=0.6, num_users=11, num_items=13, **shape)
+    _compare_float64(case, _options(similarity, debias), index_mode, seed=1)
+
+
+def test_huge_scores_need_the_max_shift():
+    # |scores| up to ~1000: exp overflows even float64 without the per-row max shift
+    case = make_case(37, 3, 24, seed=5, scale=2.2, num_users=11, num_items=13)
+    U, _, X, _ = case.embeddings
+    scores = U @ X.reshape(-1, 24).T / 0.05
+    assert scores.abs().max() > 750
+    _compare_float64(case, _options("dot", temperature=0.05), 1, rtol=1e-9)
+
+
+@pytest.mark.parametrize("index_mode", [1, 2])
+def test_rows_without_true_negatives(index_mode):
+    case = all_false_negative_case(P=2, d=8)
+    with torch.no_grad():
+        stats = tb.negative_statistics(*case.embeddings, *case.ids, _index_for(case, index_mode),
+                                       _options(), 0)
+    assert stats.n_item[0] == 0 and stats.n_user[0] == 0 and stats.n_item[1] == 0
+    assert torch.isneginf(stats.lse_A[0]) and torch.isneginf(stats.lse_C[0])
+    assert torch.isneginf(stats.lse_E[1]) and torch.isfinite(stats.lse_B[1])
+    _compare_float64(case, _options(), index_mode)
+    _, grads = loss_and_grads(tb, case, _options(), index=case.index)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_single_row_and_single_block():
+    # M = N = 1: no negatives at all (Q = 0); every lse is −inf, the loss is 0, grads finite
+    case = make_case(1, 2, 8, seed=9)
+    loss, grads = loss_and_grads(tb, case, _options(), index=case.index)
+    assert loss.tolist() == [0.0]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_only_some_inputs_need_gradients():
+    case = make_case(20, 2, 8, seed=4)
+    leaves = [e.detach().clone() for e in case.embeddings]
+    leaves[0].requires_grad_()  # only the user embeddings: the column pass is skipped
+    loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(), 0)
+    (got,) = torch.autograd.grad(loss.sum(), leaves[0])
+    _, want = loss_and_grads(reference, case, _options())
+    torch.testing.assert_close(got, want[0], rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 and half precision
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_float32_error_is_that_of_the_float32_reference(similarity):
+    # scores of a few hundred in fp32 (exp overflows fp32 beyond 88 without the max shift)
+    scale, tau = (1.6, 0.1) if similarity == "dot" else (0.6, 0.01)
+    case = make_case(37, 3, 24, seed=7, scale=scale, num_users=11, num_items=13)
+    options = _options(similarity, temperature=tau)
+    upstream = torch.rand(37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    truth, truth_grads = loss_and_grads(reference, case, options, upstream)
+    low = case.cast(torch.float32)
+    ref32, ref32_grads = loss_and_grads(reference, low, options, upstream)
+    got, got_grads = loss_and_grads(tb, low, options, upstream)
+    assert got.dtype == torch.float32 and all(g.dtype == torch.float32 for g in got_grads)
+    if similarity == "dot":
+        U, _, X, _ = case.embeddings
+        assert (U @ X.reshape(-1, 24).T / tau).abs().max() > 150
+    eps = torch.finfo(torch.float32).eps
+    assert_error_within_factor(got, ref32, truth, atol=4 * eps * float(truth.abs().max()), what="loss")
+    for name, a, r, t in zip(("user", "item", "pool_item", "pool_user"), got_grads, ref32_grads, truth_grads):
+        assert_error_within_factor(a, r, t, atol=4 * eps * float(t.abs().max()), what=f"d{name}_emb")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_half_precision_inputs(dtype, similarity):
+    # fp32 accumulation; the softmax weights are rounded to the input dtype for the gradient
+    # products (as in flash attention), so gradients agree to about the dtype's resolution
+    case = make_case(20, 2, 24, seed=8, scale=0.4).cast(dtype)
+    options = _options(similarity)
+    loss, grads = loss_and_grads(tb, case, options)
+    assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    truth, truth_grads = loss_and_grads(reference, case.cast(torch.float64), options)
+    low, low_grads = loss_and_grads(reference, case, options)  # the reference on the same inputs
+    res = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+    if similarity == "dot":  # same input values, fp32 accumulation both: the fp32 reference's error
+        assert_error_within_factor(loss, low, truth, atol=1e-5 * float(truth.abs().max()), what="loss")
+    else:  # the kernels read the normalised embeddings rounded to the input dtype
+        torch.testing.assert_close(loss.double(), truth, rtol=0, atol=40 * res * float(truth.abs().max()))
+    for a, t in zip(grads, truth_grads):
+        torch.testing.assert_close(a.double(), t, rtol=0, atol=8 * res * float(t.abs().max()))
+
+
+def test_autocast_feeds_the_kernels_in_the_autocast_dtype():
+    case = make_case(20, 2, 16, seed=12, scale=0.4).cast(torch.float32)
+    options = _options()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(tb, case, options)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    want, want_grads = loss_and_grads(reference, case, options)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(loss, want, rtol=0, atol=0.05 * scale)
+    for a, t in zip(grads, want_grads):
+        torch.testing.assert_close(a, t, rtol=0, atol=0.05 * float(t.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory, determinism, plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces: elements, and bytes of uint8 tensors.
+
+    Triton's interpreter copies each kernel argument's storage to the host as a uint8 tensor
+    (``aten.set_`` / ``copy_`` of the storage bytes); those are counted apart, in bytes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                if t.dtype == torch.uint8:
+                    self.largest_bytes = max(self.largest_bytes, t.numel())
+                else:
+                    self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_score_matrix_is_materialised():
+    M, P, d = 48, 2, 8
+    case = make_case(M, P, d, seed=13)
+    options = _options("cosine")
+    with _LargestTensor() as probe:
+        loss_and_grads(tb, case, options)
+    # the inputs have N·P·d = 768 entries; one score matrix M·N·P = 4608 (36864 bytes)
+    assert probe.largest <= 2 * M * P * d, probe.largest
+    assert probe.largest_bytes <= 8 * 2 * M * P * d, probe.largest_bytes
+    with _LargestTensor() as probe_ref:  # the detector sees the reference's [M, N·P] matrices
+        loss_and_grads(reference, case, options)
+    assert probe_ref.largest >= M * M * P
+
+
+def test_same_inputs_same_bits():
+    tb._OVERRIDES.update(col_splits=2, row_splits=2)
+    case = make_case(37, 1, 8, seed=14, scale=0.7).cast(torch.float32)
+    runs = [loss_and_grads(tb, case, _options()) for _ in range(2)]
+    (l1, g1), (l2, g2) = runs
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_public_api_backend_triton_matches_torch():
+    case = make_case(9, 2, 8, seed=15)
+    tensors = (*case.embeddings, *case.ids)
+    kw = dict(interactions=case.index, omega_user=0.1, similarity="cosine")
+    for reduction in ("mean", "sum", "none"):
+        got = debiased_contrastive_loss(*tensors, backend="triton", reduction=reduction, **kw)
+        want = debiased_contrastive_loss(*tensors, backend="torch", reduction=reduction, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_unavailable_reason(monkeypatch):
+    assert tb.unavailable_reason(torch.device("cpu")) is None  # interpreter on CPU tensors
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in tb.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "CPU tensors only" in tb.unavailable_reason(torch.device("cuda"))
+
+
+def test_kernels_follow_the_interpreter_setting(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = tb._kernels()  # decorating needs no GPU
+    assert not isinstance(compiled.fwd.negative_stats_fwd_kernel, InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = tb._kernels()
+    for fn in (interpreted.fwd.negative_stats_fwd_kernel, interpreted.bwd.negative_stats_bwd_rows_kernel,
+               interpreted.bwd.negative_stats_bwd_cols_kernel, interpreted.membership.index_contains):
+        assert isinstance(fn, InterpretedFunction)
+
+
+@pytest.mark.parametrize("index_mode", [1, 2])
+@pytest.mark.parametrize("n_pairs", [1, 2, 3, 4, 7, 8, 9, 40, 64])
+def test_membership_lookup_matches_the_index(index_mode, n_pairs):
+    num_users, num_items = 9, 11
+    g = torch.Generator().manual_seed(n_pairs)
+    keys = torch.randperm(num_users * num_items, generator=g)[:n_pairs]
+    if n_pairs >= 3:  # the first and the last key of the id space
+        keys[0], keys[1] = 0, num_users * num_items - 1
+    index = InteractionIndex.from_pairs(keys // num_items, keys % num_items, num_users, num_items)
+    tb._OVERRIDES["index_mode"] = index_mode
+    layout = tb._index_layout(index, _options(), torch.device("cpu"))
+    assert layout.mode == index_mode
+    qu, qi = torch.meshgrid(torch.arange(num_users), torch.arange(num_items), indexing="ij")
+    qu, qi = qu.reshape(-1).contiguous(), qi.reshape(-1).contiguous()
+    out = torch.full((qu.numel(),), -1, dtype=torch.int8)
+    tb._kernels().membership.membership_probe_kernel[(triton_cdiv(qu.numel(), 32),)](
+        qu, qi, out, layout.tensor, layout.n_keys, layout.num_items, qu.numel(),
+        INDEX_MODE=layout.mode, SEARCH_STEPS=layout.search_steps, BLOCK=32,
+    )
+    assert torch.equal(out.bool(), index.contains(qu, qi))
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_bitmap_is_built_once_and_right():
+    pairs = [(0, 0), (0, 31), (1, 1), (2, 30), (3, 32), (5, 12)]
+    index = InteractionIndex.from_pairs(*zip(*pairs), num_users=6, num_items=33)
+    words = tb.interaction_bitmap(index)
+    assert tb.interaction_bitmap(index) is words
+    assert words.dtype == torch.int32 and words.numel() == (6 * 33 + 31) // 32
+    bits = [(int(words[k // 32]) >> (k % 32)) & 1 for k in range(6 * 33)]
+    assert {k for k, b in enumerate(bits) if b} == set(index.keys.tolist())
+    assert (int(words[0]) >> 31) & 1 == 1  # key 31 = (0, 31): the sign bit of word 0
+
+
+def test_launch_config_on_cpu():
+    for d, block_d in ((1, 16), (8, 16), (24, 32), (64, 64), (200, 256), (256, 256)):
+        assert tb.launch_config(37, 111, d, torch.device("cpu")).block_d == block_d
+    tb._OVERRIDES.update(block_m=32, col_splits=3)
+    c = tb.launch_config(37, 111, 8, torch.device("cpu"))
+    assert (c.block_m, c.block_n, c.col_splits) == (32, 16, 3)
+    assert tb._split_size(111, 3, 16) == (48, 3)
+    assert tb._split_size(111, 100, 16) == (16, 7)
+    assert tb._split_size(5, 4, 16) == (16, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (bench/gpu_check.sh)
+# ---------------------------------------------------------------------------------------------
+
+
+def _gpu_case(M, P, d, dtype, *, seed=0, num_users=6040, num_items=3416, density=0.02):
+    return make_case(M, P, d, seed=seed, scale=0.3, dtype=dtype, num_users=num_users,
+                     num_items=num_items, density=density, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_gpu_matches_reference(dtype, similarity):
+    case = _gpu_case(1024, 4, 64, dtype, seed=1)
+    options = _options(similarity)
+    upstream = torch.rand(1024, device="cuda", dtype=torch.float64)
+    truth, truth_grads = loss_and_grads(reference, case.cast(torch.float64), options, upstream)
+    got, got_grads = loss_and_grads(tb, case, options, upstream)
+    low, low_grads = loss_and_grads(reference, case, options, upstream)
+    eps = torch.finfo(torch.float32).eps
+    if dtype == torch.float32 or similarity == "dot":
+        assert_error_within_factor(got, low, truth, atol=16 * eps * float(truth.abs().max()), what="loss")
+    res = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    for a, r, t in zip(got_grads, low_grads, truth_grads):
+        assert a.dtype == dtype
+        if dtype == torch.float32:
+            assert_error_within_factor(a, r, t, atol=16 * eps * float(t.abs().max()), what="grad")
+        else:
+            torch.testing.assert_close(a.double(), t, rtol=0, atol=8 * res * float(t.abs().max()))
+
+
+@pytest.mark.gpu
+def test_gpu_float64_matches_reference():
+    case = _gpu_case(300, 2, 24, torch.float64, seed=2, num_users=50, num_items=60, density=0.2)
+    opts = _options("dot")
+    got, got_grads = loss_and_grads(tb, case, opts)
+    want, want_grads = loss_and_grads(reference, case, opts)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_bit_identical_runs(dtype):
+    case = _gpu_case(4096, 4, 64, dtype, seed=3)
+    runs = [loss_and_grads(tb, case, _options()) for _ in range(3)]
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, runs[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_linear_in_the_batch():
+    M, P, d = 8192, 4, 64
+    case = _gpu_case(M, P, d, torch.bfloat16, seed=4)
+    tb.interaction_bitmap(case.index)  # built once, outside the measurement
+    leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(), 0)
+    torch.autograd.grad(loss.sum(), leaves)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    score_matrix = M * M * P * 4  # one fp32 [M, N·P] matrix
+    assert extra < score_matrix / 20, (extra, score_matrix)
+    inputs = sum(e.numel() * e.element_size() for e in leaves)
+    assert extra < 64 * inputs, (extra, inputs)
+
+
+@pytest.mark.gpu
+def test_gpu_largest_batch_smoke():
+    # M = 65536 rows, P = 16: 1M pool columns, 6.9e10 (row, column) pairs per score matrix
+    M, P, d = 65536, 16, 64
+    case = _gpu_case(M, P, d, torch.bfloat16, seed=5)
+    loss, grads = loss_and_grads(tb, case, _options())
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    rows = 8  # the first rows against the reference (their own blocks are blocks 0..7)
+    emb = [e.detach() for e in case.embeddings]
+    with torch.no_grad():
+        got = tb.negative_statistics(emb[0][:rows], emb[1][:rows], emb[2], emb[3], case.ids[0][:rows],
+                                     case.ids[1][:rows], case.ids[2], case.ids[3], case.index, _options(), 0)
+        want = reference.negative_statistics(*(e.float() for e in (emb[0][:rows], emb[1][:rows], emb[2], emb[3])),
+                                             case.ids[0][:rows], case.ids[1][:rows], case.ids[2], case.ids[3],
+                                             case.index, _options(), 0)
+    assert torch.equal(got.n_item, want.n_item) and torch.equal(got.n_user, want.n_user)
+    for name in ("lse_A", "lse_B", "lse_C", "lse_E"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast():
+    case = _gpu_case(1024, 4, 64, torch.float32, seed=6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(tb, case, _options())
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    want, _ = loss_and_grads(reference, case, _options())
+    torch.testing.assert_close(loss, want, rtol=0, atol=0.02 * float(want.abs().max()))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_is_triton():
+    from hdccf_triton.loss import select_backend
+
+    assert select_backend("auto", torch.device("cuda")) is tb
