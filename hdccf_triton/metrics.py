@@ -143,9 +143,15 @@ def _segments(indptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, t
     total = int(deg.sum())
     local = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), deg,
                                     output_size=total)
-    first = torch.cumsum(deg, 0) - deg
-    flat = torch.arange(total, device=rows.device) - torch.repeat_interleave(first, deg, output_size=total)
-    return local, flat + torch.repeat_interleave(start, deg, output_size=total)
+    # entry t of the concatenation sits at start[row] + (t - first[row]) in the CSR
+    shift = start - (torch.cumsum(deg, 0) - deg)
+    return local, torch.arange(total, device=rows.device) + shift.index_select(0, local)
+
+
+def _unique_csr(users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int):
+    """CSR of the distinct pairs (a pair listed twice must be masked once)."""
+    keys = torch.unique(users * num_items + items)
+    return build_csr(keys // num_items, keys % num_items, num_users, num_items)
 
 
 class Evaluator:
@@ -191,8 +197,8 @@ class Evaluator:
         su, si = self.heldout["test"]
         # Masks of the full protocol: what is known at that stage and must not compete.
         self.masks = {
-            "valid": build_csr(torch.cat([tu, vu]), torch.cat([ti, vi]), num_users, num_items),
-            "test": build_csr(torch.cat([tu, vu, su]), torch.cat([ti, vi, si]), num_users, num_items),
+            "valid": _unique_csr(torch.cat([tu, vu]), torch.cat([ti, vi]), num_users, num_items),
+            "test": _unique_csr(torch.cat([tu, vu, su]), torch.cat([ti, vi, si]), num_users, num_items),
         }
         self._negatives: torch.Tensor | None = None
         self.to(self.device)
@@ -236,8 +242,8 @@ class Evaluator:
         out = torch.full((self.num_users, n), -1, dtype=torch.int64)
         if users.numel() == 0:
             return out
-        keys = torch.unique(_expand_keys(indptr, indices, num_items))  # sorted interacted keys
-        deg = _distinct_degree(keys, num_items, self.num_users)
+        keys = _expand_keys(indptr, indices, num_items)  # sorted and distinct: a unique CSR
+        deg = indptr[1:] - indptr[:-1]
         short = users[num_items - deg[users] < n]
         if short.numel():
             u = int(short[0])
@@ -345,14 +351,21 @@ class Evaluator:
             s = _as_scores(score(users, cand), (users.numel(), cand.shape[1]), "score")
             return _rank_counts(s[:, 0], s[:, 1:])
         uniq, inv = torch.unique_consecutive(users, return_inverse=True)
-        s = _as_scores(score_all(uniq), (uniq.numel(), self.num_items), "score_all")
-        s = s.clone() if s.dtype.is_floating_point else s.float()  # masked in place below
-        pos = s[inv, items]
-        local, flat = _segments(self.masks[split].indptr, uniq)
-        s[local, self.masks[split].indices[flat]] = float("nan")  # NaN never beats nor ties
-        if uniq.numel() != users.numel():
-            s = s[inv]
-        return _rank_counts(pos, s)
+        s = _as_scores(score_all(uniq), (uniq.numel(), self.num_items), "score_all").contiguous()
+        flat_scores = s.view(-1)
+        pos = flat_scores.index_select(0, inv * self.num_items + items)
+        rows = s if uniq.numel() == users.numel() else s.index_select(0, inv)
+        greater, equal = _rank_counts(pos, rows)
+        # Take the masked items back out (they include the held-out item itself, so its tie
+        # with itself goes too): compare them one by one rather than copy and mask the rows.
+        mask = self.masks[split]
+        local, flat = _segments(mask.indptr, users)
+        masked = flat_scores.index_select(0, inv.index_select(0, local) * self.num_items
+                                          + mask.indices.index_select(0, flat))
+        p = pos.index_select(0, local)
+        greater = greater.index_add(0, local, (masked > p).long(), alpha=-1)
+        equal = equal.index_add(0, local, (masked == p).long(), alpha=-1)
+        return greater, equal
 
 
 def _as_scores(s: Any, shape: tuple[int, int], name: str) -> torch.Tensor:
@@ -361,7 +374,8 @@ def _as_scores(s: Any, shape: tuple[int, int], name: str) -> torch.Tensor:
         raise ValueError(f"{name}: model returned {got}, expected a tensor of shape {shape}")
     if not s.dtype.is_floating_point:
         s = s.float()
-    if torch.isnan(s).any():
+    # A finite sum proves there is no NaN; only otherwise look element by element.
+    if not torch.isfinite(s.sum()) and torch.isnan(s).any():
         raise ValueError(f"{name}: model returned NaN scores")
     return s
 
@@ -370,11 +384,6 @@ def _expand_keys(indptr: torch.Tensor, indices: torch.Tensor, num_items: int) ->
     """user * num_items + item of every CSR entry."""
     rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1), indptr[1:] - indptr[:-1])
     return rows * num_items + indices
-
-
-def _distinct_degree(keys: torch.Tensor, num_items: int, num_users: int) -> torch.Tensor:
-    """Distinct items per user from sorted unique keys."""
-    return torch.bincount(keys // num_items, minlength=num_users)
 
 
 def _member(sorted_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,12 @@ def test_metrics_from_counts_edges():
     assert m["NDCG@10"][1].item() == pytest.approx(1 / math.log2(11))
 
 
-@pytest.mark.parametrize("multi_test", [False, True])
+@pytest.mark.parametrize("multi_test", [False, True, "overlap"])
 @pytest.mark.parametrize("split", ["valid", "test"])
 def test_evaluator_matches_brute_force(split, multi_test):
-    train, valid, test = _tiny(seed=3, multi_test=multi_test)
+    train, valid, test = _tiny(seed=3, multi_test=bool(multi_test))
+    if multi_test == "overlap":  # a test pair that is also a training pair is masked once
+        test = (torch.cat([test[0], train[0][:1]]), torch.cat([test[1], train[1][:1]]))
     num_users, num_items = 9, 30
     table = torch.randint(0, 4, (num_users, num_items), generator=torch.Generator().manual_seed(5)).float()
     ev = Evaluator(num_users, num_items, *train, valid, test, num_negatives=8, seed=2)
