@@ -1,0 +1,50 @@
+"""The package installs as a wheel into a fresh environment and imports from outside the repo."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv(tmp_path):
+    env_dir = tmp_path / "venv"
+    # System site-packages provide torch, numpy and pip (whose setuptools builds the wheel);
+    # the package itself is installed fresh into the venv.
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(REPO)],
+        check=True, cwd=tmp_path, env={**os.environ, "PIP_NO_INPUT": "1"},
+    )
+    probe = (
+        "import importlib.util, json, pathlib, sys\n"
+        "import hdccf_triton, hdccf_triton.kernels\n"
+        "site = [p for p in sys.path if p.endswith('site-packages') and p.startswith(sys.prefix)][0]\n"
+        "print(json.dumps({'pkg': hdccf_triton.__file__, 'kernels': hdccf_triton.kernels.__file__,\n"
+        "  'top_level_kernels': (pathlib.Path(site) / 'kernels').exists(),\n"
+        "  'triton_imported': 'triton' in sys.modules, 'polars_imported': 'polars' in sys.modules}))\n"
+    )
+    out = subprocess.run([python, "-c", probe], check=True, cwd=tmp_path, capture_output=True, text=True)
+    import json
+
+    info = json.loads(out.stdout)
+    assert str(env_dir) in info["pkg"] and str(env_dir) in info["kernels"]
+    assert not info["top_level_kernels"]
+    assert not info["triton_imported"] and not info["polars_imported"]
+
+
+def test_import_needs_only_torch_and_numpy():
+    code = (  # torch itself may import tqdm: count only what hdccf_triton adds
+        "import sys, torch, numpy\n"
+        "before = set(sys.modules)\n"
+        "import hdccf_triton\n"
+        "heavy = [m for m in ('triton', 'polars', 'tqdm', 'matplotlib') if m in set(sys.modules) - before]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
