@@ -1,0 +1,147 @@
+"""The embedding model that the examples train, and the objectives compared in them.
+
+One model (user and item tables, a similarity) serves every objective:
+
+* :class:`HDCCFObjective`: the HDCCF loss over the in-batch pools of a sampler batch; with
+  ``debias=False, lambda_user=lambda_item=0`` it is the plain in-batch softmax baseline;
+* :class:`BPRObjective`: the pairwise BPR loss, −log σ(f(u, i) − f(u, j)), with one negative
+  item per observed pair drawn uniformly among the items the user did not interact with.
+
+The model exposes ``score(users [B], items [B, C])`` and ``score_all(users [B])`` for
+:class:`~hdccf_triton.metrics.Evaluator`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .interactions import InteractionIndex
+from .loss import DebiasedContrastiveLoss
+from .similarity import ModulatedSimilarity
+
+__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective"]
+
+
+class EmbeddingModel(nn.Module):
+    """User and item embedding tables with a similarity f.
+
+    Args:
+        num_users, num_items: table sizes.
+        dim: d. With a :class:`ModulatedSimilarity` each row holds ``2·d`` entries
+            ``[embedding ‖ modulation factor]`` and the similarity's ``dim`` must be d.
+        similarity: ``"dot"``, ``"cosine"`` or a :class:`ModulatedSimilarity` (registered as
+            a submodule, so its parameters train with the tables).
+        init_std: standard deviation of the normal initialisation of the tables.
+    """
+
+    def __init__(self, num_users: int, num_items: int, dim: int, similarity="dot", init_std: float = 0.1):
+        super().__init__()
+        if isinstance(similarity, ModulatedSimilarity):
+            if similarity.dim != dim:
+                raise ValueError(f"similarity.dim = {similarity.dim} must equal dim = {dim}")
+            width = 2 * dim
+        elif similarity in ("dot", "cosine"):
+            width = dim
+        else:
+            raise ValueError(f"similarity must be 'dot', 'cosine' or a ModulatedSimilarity, got {similarity!r}")
+        self.similarity = similarity
+        self.dim = dim
+        self.user_table = nn.Embedding(num_users, width)
+        self.item_table = nn.Embedding(num_items, width)
+        nn.init.normal_(self.user_table.weight, std=init_std)
+        nn.init.normal_(self.item_table.weight, std=init_std)
+
+    @property
+    def num_items(self) -> int:
+        return self.item_table.num_embeddings
+
+    def pair_scores(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+        """f for broadcasting ``[..., width]`` user and item rows → ``[...]``."""
+        if isinstance(self.similarity, ModulatedSimilarity):
+            return self.similarity(user_emb, item_emb)
+        if self.similarity == "cosine":
+            user_emb, item_emb = F.normalize(user_emb, dim=-1), F.normalize(item_emb, dim=-1)
+        return (user_emb * item_emb).sum(-1)
+
+    @torch.no_grad()
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``users [B]``, ``items [B, C]`` → ``[B, C]`` scores f(u, i)."""
+        return self.pair_scores(self.user_table(users)[:, None, :], self.item_table(items))
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """``users [B]`` → ``[B, num_items]`` scores against every item."""
+        U, items = self.user_table(users), self.item_table.weight
+        if not isinstance(self.similarity, ModulatedSimilarity):
+            if self.similarity == "cosine":
+                U, items = F.normalize(U, dim=-1), F.normalize(items, dim=-1)
+            return U @ items.T
+        # pairwise modulation: [chunk, num_items, d] at a time
+        return torch.cat([self.pair_scores(u[:, None, :], items[None]) for u in U.split(chunk)])
+
+
+class HDCCFObjective(nn.Module):
+    """The HDCCF loss of a sampler batch for an :class:`EmbeddingModel`.
+
+    Args:
+        model: the embedding model (its similarity is the loss's).
+        interactions: the training pairs (false negatives), or None.
+        **options: the loss's keyword options (temperature, omega_user, ..., backend).
+    """
+
+    def __init__(self, model: EmbeddingModel, interactions: InteractionIndex | None, **options):
+        super().__init__()
+        self.model = model
+        self.loss_fn = DebiasedContrastiveLoss(interactions, similarity=model.similarity, **options)
+
+    def forward(self, batch) -> torch.Tensor:
+        """``batch``: (users [M], items [M], pool_items [M, P], pool_users [M, P])."""
+        users, items, pool_items, pool_users = batch
+        m = self.model
+        return self.loss_fn(
+            m.user_table(users), m.item_table(items), m.item_table(pool_items), m.user_table(pool_users),
+            users, items, pool_items, pool_users,
+        )
+
+
+class BPRObjective(nn.Module):
+    """BPR: mean of −log σ(f(u, i) − f(u, j)) over the batch's observed pairs (u, i).
+
+    j is drawn uniformly among the items u did not interact with in training (rejection:
+    a redraw for the few draws that hit a training item, a bounded number of times).
+
+    Args:
+        model: the embedding model.
+        interactions: the training pairs, used to reject observed negatives.
+        seed: seed of the negative draws.
+    """
+
+    def __init__(self, model: EmbeddingModel, interactions: InteractionIndex, seed: int = 0, redraws: int = 10):
+        super().__init__()
+        self.model = model
+        self.interactions = interactions
+        self.redraws = redraws
+        self.generator = torch.Generator(device=interactions.device).manual_seed(seed)
+
+    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
+        """``users [M]`` → ``[M]`` items, uniformly among those each user did not interact with."""
+        index = self.interactions
+        draw = lambda n: torch.randint(0, index.num_items, (n,), generator=self.generator, device=index.device)  # noqa: E731
+        negatives = draw(users.numel())
+        for _ in range(self.redraws):
+            hit = index.contains(users, negatives)
+            if not hit.any():
+                break
+            negatives[hit] = draw(int(hit.sum()))
+        return negatives
+
+    def forward(self, batch) -> torch.Tensor:
+        users, items = batch[0], batch[1]
+        negatives = self.sample_negatives(users.to(self.interactions.device)).to(users.device)
+        m = self.model
+        u = m.user_table(users)
+        pos = m.pair_scores(u, m.item_table(items))
+        neg = m.pair_scores(u, m.item_table(negatives))
+        return F.softplus(neg - pos).mean()  # −log σ(pos − neg)
