@@ -7,6 +7,7 @@ imported where they are used.
 from .interactions import InteractionIndex
 from .loss import BackendUnavailableError, DebiasedContrastiveLoss, debiased_contrastive_loss
 from .options import LossOptions
+from .similarity import ModulatedSimilarity
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "DebiasedContrastiveLoss",
     "InteractionIndex",
     "LossOptions",
+    "ModulatedSimilarity",
     "debiased_contrastive_loss",
 ]

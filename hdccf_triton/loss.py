@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference, triton_backend
+from . import reference, triton_backend, triton_modulated
 from .interactions import InteractionIndex
 from .options import LossOptions
+from .similarity import ModulatedSimilarity
 from .validation import LossInputs, validate_inputs
 
 __all__ = ["debiased_contrastive_loss", "DebiasedContrastiveLoss", "BackendUnavailableError"]
@@ -33,7 +34,7 @@ def debiased_contrastive_loss(
     omega_item: float = 0.0,
     lambda_user: float = 1.0,
     lambda_item: float = 1.0,
-    similarity: str = "dot",
+    similarity: "str | ModulatedSimilarity" = "dot",
     debias: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
@@ -51,6 +52,10 @@ def debiased_contrastive_loss(
         item_emb: ``[M, d]`` embeddings of ``items``.
         pool_item_emb: ``[M, P, d]`` embeddings of ``pool_items``.
         pool_user_emb: ``[M, P, d]`` embeddings of ``pool_users``.
+            With a :class:`~hdccf_triton.ModulatedSimilarity` of size ``dim`` every embedding
+            tensor carries the embedding and the modulation factor concatenated, d = 2·dim:
+            ``user_emb [M, 2·dim] = [p_u ‖ e_u]``, ``item_emb [M, 2·dim] = [q_i ‖ e_i]``,
+            ``pool_item_emb [M, P, 2·dim] = [q ‖ e]``, ``pool_user_emb [M, P, 2·dim] = [p ‖ e]``.
         users, items: ``[M]`` integer ids (int64).
         pool_items, pool_users: ``[M, P]`` integer ids (int64).
         interactions: the training pairs D (an :class:`InteractionIndex` on the embeddings'
@@ -59,7 +64,11 @@ def debiased_contrastive_loss(
         temperature: τ > 0.
         omega_user, omega_item: ω_u, ω_i in [0, 1), the bias-correction probabilities.
         lambda_user, lambda_item: weights of the user–user and item–item terms.
-        similarity: ``"dot"`` or ``"cosine"``.
+        similarity: ``"dot"``, ``"cosine"``, or a :class:`~hdccf_triton.ModulatedSimilarity`
+            (the neural modulated similarity of eqs. 7-8 for the user–item scores; the
+            user–user and item–item terms use the dot, or cosine, of the p and q halves).
+            Its parameters are not owned by this function: give ``similarity.parameters()``
+            to the optimizer (:class:`DebiasedContrastiveLoss` registers it as a submodule).
         debias: False gives the biased in-batch loss (eqs. 1 and 5).
         reduction: ``"mean"`` (scalar), ``"sum"`` (scalar) or ``"none"`` (``[M]``).
         backend: ``"auto"`` (Triton on CUDA tensors, the PyTorch reference elsewhere),
@@ -90,8 +99,10 @@ def debiased_contrastive_loss(
 
 def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options: LossOptions) -> torch.Tensor:
     """Validate, dispatch to a backend, reduce."""
-    inputs = validate_inputs(tensors, interactions)
+    inputs = validate_inputs(tensors, interactions, options.similarity)
     backend = select_backend(options.backend, inputs.user_emb.device)
+    if backend is triton_backend and options.modulation is not None:
+        backend = triton_modulated  # the fused kernels of the modulated similarity
     row_offset = 0
     if options.gather_across_ranks:
         from .distributed import gather_pools  # torch.distributed only when asked for
@@ -125,7 +136,10 @@ class DebiasedContrastiveLoss(nn.Module):
     """The HDCCF loss as a module; see :func:`debiased_contrastive_loss` for the arguments.
 
     Options are validated once here. ``interactions`` follows the embeddings: the module moves
-    it to their device on first use (and keeps that copy).
+    it to their device on first use (and keeps that copy). A
+    :class:`~hdccf_triton.ModulatedSimilarity` given as ``similarity=`` becomes the submodule
+    ``similarity``, so ``loss_fn.parameters()`` (and those of a model that holds ``loss_fn``)
+    include g's weight and bias, ``loss_fn.to(device)`` moves them and ``state_dict`` saves them.
 
     Example::
 
@@ -142,6 +156,8 @@ class DebiasedContrastiveLoss(nn.Module):
             )
         self.interactions = interactions
         self.options = LossOptions(**options)
+        if self.options.modulation is not None:
+            self.similarity = self.options.modulation  # registered: its parameters are found
 
     def forward(
         self,
@@ -162,5 +178,6 @@ class DebiasedContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        fields = ", ".join(f"{k}={getattr(o, k)!r}" for k in o.__dataclass_fields__)
+        show = lambda k: "<submodule similarity>" if k == "similarity" and o.modulation is not None else repr(getattr(o, k))  # noqa: E731
+        fields = ", ".join(f"{k}={show(k)}" for k in o.__dataclass_fields__)
         return f"interactions={self.interactions!r}, {fields}"

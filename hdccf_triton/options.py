@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .similarity import ModulatedSimilarity
+
 __all__ = ["LossOptions", "SIMILARITIES", "REDUCTIONS", "BACKENDS"]
 
 SIMILARITIES = ("dot", "cosine")
@@ -30,7 +32,8 @@ class LossOptions:
         omega_user, omega_item: ω_u, ω_i in [0, 1), the false-negative probabilities of the
             bias correction (eq. 25). Ignored when ``debias`` is False.
         lambda_user, lambda_item: λ_u, λ_i ≥ 0, weights of the user–user and item–item terms.
-        similarity: ``"dot"`` or ``"cosine"``.
+        similarity: ``"dot"``, ``"cosine"``, or a :class:`~hdccf_triton.ModulatedSimilarity`
+            (eqs. 7-8; the embeddings then end in ``2·dim`` entries, see its docstring).
         debias: remove false negatives and apply the ω correction and floor (eqs. 14-17);
             False gives the biased loss of eqs. 1 and 5.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the per-row vector ``[M]``).
@@ -45,7 +48,7 @@ class LossOptions:
     omega_item: float = 0.0
     lambda_user: float = 1.0
     lambda_item: float = 1.0
-    similarity: str = "dot"
+    similarity: "str | ModulatedSimilarity" = "dot"
     debias: bool = True
     reduction: str = "mean"
     backend: str = "auto"
@@ -70,15 +73,29 @@ class LossOptions:
         for name in ("debias", "gather_across_ranks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.similarity, (str, ModulatedSimilarity)):
+            raise TypeError(
+                f"similarity must be one of {', '.join(map(repr, SIMILARITIES))} or a "
+                f"ModulatedSimilarity, got {type(self.similarity).__name__}"
+            )
         for name, allowed in (
-            ("similarity", SIMILARITIES),
+            ("similarity", None if isinstance(self.similarity, ModulatedSimilarity) else SIMILARITIES),
             ("reduction", REDUCTIONS),
             ("backend", BACKENDS),
         ):
             value = getattr(self, name)
+            if allowed is None:
+                continue
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
     @property
     def cosine(self) -> bool:
-        return self.similarity == "cosine"
+        """The ``"cosine"`` similarity (False for a ModulatedSimilarity, whatever its
+        ``normalize``: its f is not a function of normalised embeddings)."""
+        return isinstance(self.similarity, str) and self.similarity == "cosine"
+
+    @property
+    def modulation(self) -> ModulatedSimilarity | None:
+        """The :class:`~hdccf_triton.ModulatedSimilarity`, or None for ``"dot"``/``"cosine"``."""
+        return self.similarity if isinstance(self.similarity, ModulatedSimilarity) else None

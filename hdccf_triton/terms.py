@@ -16,14 +16,16 @@ no NaN can reach a gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .options import LossOptions
+from .similarity import modulated_scores
 
-__all__ = ["Scores", "NegativeStats", "prepare_scores", "combine_terms"]
+__all__ = ["Scores", "NegativeStats", "prepare_scores", "combine_terms", "resolve_similarity"]
 
 _LN2 = math.log(2.0)
 
@@ -32,7 +34,8 @@ class Scores(NamedTuple):
     """Embeddings as the similarity sees them, and the scores of each row's own block.
 
     U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools of N ≥ M blocks (N = M in one process; the
-    pools of all ranks under ``torch.distributed``), normalised for cosine, at least float32;
+    pools of all ranks under ``torch.distributed``), normalised for cosine, at least float32
+    (for a ModulatedSimilarity: the ``[.., 2·dim]`` inputs ``[p ‖ e]``, cast, not normalised);
     s: ``[M]`` positive scores s_k; own_A, own_B, own_C, own_E: ``[M, P]`` the own-block
     columns of A, B, C, E (already divided by τ).
     """
@@ -64,17 +67,38 @@ class NegativeStats(NamedTuple):
     n_user: torch.Tensor
 
 
+def resolve_similarity(user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions):
+    """The all-ones modulation as what it is: the p/q halves with ``"dot"`` (``"cosine"``).
+
+    With m ≡ 1, f(u, i) = p_u·q_i, so the loss is the ``"dot"`` loss of the embedding halves,
+    computed by the same code: equal to the bit, and the factor halves get zero gradients.
+    Every backend calls this first; any other options pass through unchanged.
+
+    Returns:
+        ``(user_emb, item_emb, pool_item_emb, pool_user_emb, options)``.
+    """
+    sim = options.modulation
+    if sim is None or sim.modulate:
+        return user_emb, item_emb, pool_item_emb, pool_user_emb, options
+    halves = tuple(sim.split(t)[0] for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
+    return (*halves, replace(options, similarity="cosine" if sim.normalize else "dot"))
+
+
 def prepare_scores(
     user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions, row_offset: int = 0
 ) -> Scores:
     """Cast to at least float32, normalise for cosine, and score the diagonal and own blocks.
 
     Args:
-        user_emb, item_emb: ``[M, d]``; pool_item_emb, pool_user_emb: ``[N, P, d]``.
+        user_emb, item_emb: ``[M, d]``; pool_item_emb, pool_user_emb: ``[N, P, d]``
+            (``d = 2·dim``, ``[p ‖ e]`` / ``[q ‖ e]``, for a ModulatedSimilarity, whose
+            all-ones form must be resolved first by :func:`resolve_similarity`).
         row_offset: row k's own block is pool block ``row_offset + k``.
     """
     dtype = torch.promote_types(user_emb.dtype, torch.float32)
     U, I, X, Y = (t.to(dtype) for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
+    if options.modulation is not None:
+        return _prepare_modulated_scores(U, I, X, Y, options, row_offset)
     if options.cosine:
         U, I, X, Y = (F.normalize(t, dim=-1, eps=1e-12) for t in (U, I, X, Y))
     inv_tau = 1.0 / options.temperature
@@ -87,6 +111,31 @@ def prepare_scores(
         own_B=torch.einsum("kpd,kd->kp", own_Y, I) * inv_tau,  # f(Y_own, i_k)
         own_C=torch.einsum("kpd,kd->kp", own_Y, U) * inv_tau,  # f(u_k, Y_own)
         own_E=torch.einsum("kpd,kd->kp", own_X, I) * inv_tau,  # f(i_k, X_own)
+    )
+
+
+def _prepare_modulated_scores(U, I, X, Y, options: LossOptions, row_offset: int) -> Scores:
+    """:func:`prepare_scores` for a ModulatedSimilarity: s, A, B modulated (eqs. 7-8); C, E
+    the dot (cosine with ``normalize``) of the p halves and of the q halves."""
+    sim = options.modulation
+    if not sim.modulate:
+        raise ValueError("the all-ones modulation must go through resolve_similarity first")
+    parts = sim.parts(U.dtype)
+    inv_tau = 1.0 / options.temperature
+    (p_u, e_u), (q_i, e_i) = sim.split(U), sim.split(I)
+    rows = slice(row_offset, row_offset + U.shape[0])
+    (q_x, e_x), (p_y, e_y) = sim.split(X[rows]), sim.split(Y[rows])  # own blocks [M, P, dim]
+    c_u, c_i, c_x, c_y = p_u, q_i, q_x, p_y
+    if sim.normalize:
+        c_u, c_i, c_x, c_y = (F.normalize(t, dim=-1, eps=1e-12) for t in (c_u, c_i, c_x, c_y))
+    row = lambda t: t[:, None, :]  # noqa: E731  [M, 1, dim] against the own block [M, P, dim]
+    return Scores(
+        U, I, X, Y,
+        s=modulated_scores(parts, p_u, e_u, q_i, e_i, sim.normalize) * inv_tau,
+        own_A=modulated_scores(parts, row(p_u), row(e_u), q_x, e_x, sim.normalize) * inv_tau,
+        own_B=modulated_scores(parts, p_y, e_y, row(q_i), row(e_i), sim.normalize) * inv_tau,
+        own_C=torch.einsum("kpd,kd->kp", c_y, c_u) * inv_tau,  # f_uu(u_k, Y_own)
+        own_E=torch.einsum("kpd,kd->kp", c_x, c_i) * inv_tau,  # f_ii(i_k, X_own)
     )
 
 

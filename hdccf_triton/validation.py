@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from .interactions import InteractionIndex
+from .similarity import ModulatedSimilarity
 
 __all__ = ["LossInputs", "validate_inputs"]
 
@@ -35,8 +36,14 @@ class LossInputs(NamedTuple):
     pool_users: torch.Tensor
 
 
-def validate_inputs(tensors: tuple, interactions: InteractionIndex | None) -> LossInputs:
-    """Check shapes, dtypes, devices and values; return the inputs with int64 ids."""
+def validate_inputs(
+    tensors: tuple, interactions: InteractionIndex | None, similarity=None
+) -> LossInputs:
+    """Check shapes, dtypes, devices and values; return the inputs with int64 ids.
+
+    ``similarity``: the options' similarity; a :class:`ModulatedSimilarity` requires the
+    embeddings' last dimension to be ``2·similarity.dim`` and its parameters on their device.
+    """
     names = _EMBEDDINGS + _IDS
     for name, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor):
@@ -72,6 +79,10 @@ def validate_inputs(tensors: tuple, interactions: InteractionIndex | None) -> Lo
             f"got {list(pool_user_emb.shape)}"
         )
 
+    modulation = similarity if isinstance(similarity, ModulatedSimilarity) else None
+    if modulation is not None:
+        _check_modulated_layout(modulation, d, user_emb.device)
+
     expected = {"users": (M,), "items": (M,), "pool_items": (M, P), "pool_users": (M, P)}
     for name, t in zip(_IDS, tensors[4:]):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -95,14 +106,35 @@ def validate_inputs(tensors: tuple, interactions: InteractionIndex | None) -> Lo
             )
 
     ids = [t.to(torch.int64) for t in tensors[4:]]
-    _check_values(tensors[:4], ids, interactions)
+    params = list(modulation.named_parameters()) if modulation is not None else []
+    _check_values(tensors[:4], ids, interactions, params)
     return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids)
 
 
-def _check_values(embeddings, ids, interactions) -> None:
-    """Ids non-negative and in the index's range; embeddings finite: one synchronisation."""
+def _check_modulated_layout(sim: ModulatedSimilarity, d: int, device: torch.device) -> None:
+    """The embeddings end in [vector ‖ factor] of 2·dim entries; g lives on their device."""
+    if d != 2 * sim.dim:
+        raise ValueError(
+            f"with similarity=ModulatedSimilarity(dim={sim.dim}) every embedding tensor ends in "
+            f"2·dim = {2 * sim.dim} entries (user_emb [M, 2·dim] = [p_u ‖ e_u], item_emb "
+            f"[M, 2·dim] = [q_i ‖ e_i], pools [M, P, 2·dim]); got a last dimension of {d}"
+        )
+    for name, param in sim.named_parameters():
+        if not param.dtype.is_floating_point:
+            raise TypeError(f"similarity.{name} must be floating-point, got dtype {param.dtype}")
+        if param.device != device:
+            raise ValueError(
+                f"similarity.{name} is on {param.device} but the embeddings are on {device}: "
+                f"move the ModulatedSimilarity with .to({str(device)!r})"
+            )
+
+
+def _check_values(embeddings, ids, interactions, params=()) -> None:
+    """Ids non-negative and in the index's range; embeddings and the similarity's parameters
+    finite: one synchronisation."""
     probes = [torch.stack([t.min(), t.max()]) for t in ids]
-    probes.append(torch.stack([torch.isfinite(t).all() for t in embeddings]).to(torch.int64))
+    finite = [torch.isfinite(t).all() for t in embeddings] + [torch.isfinite(p.detach()).all() for _, p in params]
+    probes.append(torch.stack(finite).to(torch.int64))
     values = torch.cat(probes).tolist()
     for n, name in enumerate(_IDS):
         lo, hi = values[2 * n], values[2 * n + 1]
@@ -115,6 +147,7 @@ def _check_values(embeddings, ids, interactions) -> None:
                 raise ValueError(
                     f"{name} holds id {hi}, outside the interaction index's range [0, {upper}) ({kind}={upper})"
                 )
-    for name, finite in zip(_EMBEDDINGS, values[2 * len(_IDS):]):
+    names = list(_EMBEDDINGS) + [f"similarity.{name}" for name, _ in params]
+    for name, finite in zip(names, values[2 * len(_IDS):]):
         if not finite:
             raise ValueError(f"{name} holds non-finite values (NaN or inf)")
