@@ -193,6 +193,16 @@ def test_malformed_files_name_file_and_line(tmp_path, name, text, match):
     assert str(path) in str(err.value)
 
 
+def test_malformed_lightgcn_line(tmp_path):
+    _write(tmp_path / "g" / "train.txt", "0 1 2\n\n1 x\n")
+    _write(tmp_path / "g" / "test.txt", "0 3\n1 4\n")
+    with pytest.raises(ValueError, match=r"train.txt, line 3: item id 'x'"):
+        load_dataset(tmp_path / "g")
+    _write(tmp_path / "g" / "train.txt", "0 1 2\n1 2\n")
+    with pytest.raises(ValueError, match="no time information"):
+        load_dataset(tmp_path / "g", split="chronological", min_item_interactions=0)
+
+
 def test_bad_arguments_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset(tmp_path / "nope.tsv")
