@@ -390,8 +390,10 @@ def _read_table(raw: bytes, label: str, sep: str) -> Any:
     except Exception as exc:  # polars raises ComputeError/NoDataError etc.; find the line
         first = raw.split(b"\n", 1)[0].decode("utf-8", "replace")
         lineno, line = _first_bad_line(raw, sep, len(first.split(sep)))
-        where = f"line {lineno}: {line[:80]!r} has a different number of fields than line 1" if lineno else str(exc)
-        raise ValueError(f"{label}: cannot parse, {where}") from exc
+        if lineno:
+            raise ValueError(f"{label}, line {lineno}: {line[:80]!r} has a different number of "
+                             f"fields than line 1") from exc
+        raise ValueError(f"{label}: cannot parse ({exc})") from exc
     frame = frame.with_row_index("line", offset=1)
     cols = [c for c in frame.columns if c != "line"]
     # Blank lines come back as all-null rows; they carry no data.
