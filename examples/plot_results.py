@@ -1,0 +1,70 @@
+"""Draw validation NDCG@10 per epoch of several training runs into one PNG.
+
+    python examples/plot_results.py runs/*/results.json --out docs/valid_ndcg.png
+
+Each results JSON is the one examples/train_ml1m.py writes; runs with the same label (the
+loss and ablation flags, by default) are averaged, with their spread shaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def run_label(result: dict) -> str:
+    c = result["config"]
+    if c["loss"] != "hdccf":
+        return {"bpr": "BPR", "softmax": "in-batch softmax"}[c["loss"]]
+    parts = ["HDCCF"]
+    if c.get("no_debias"):
+        parts.append("w/o debias")
+    if c.get("lambda_user") == 0 and c.get("lambda_item") == 0:
+        parts.append("w/o aux")
+    if c.get("similarity") != "modulated":
+        parts.append(f"({c.get('similarity')})")
+    return " ".join(parts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", help="results JSON files")
+    p.add_argument("--out", default="valid_ndcg.png")
+    p.add_argument("--protocol", default="sampled", choices=["sampled", "full"])
+    p.add_argument("--metric", default="NDCG@10")
+    args = p.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves = defaultdict(list)
+    for path in args.results:
+        result = json.loads(Path(path).read_text())
+        values = [h["valid"][args.protocol][args.metric] for h in result["history"] if "valid" in h]
+        curves[run_label(result)].append(values)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in sorted(curves.items()):
+        n = min(len(r) for r in runs)
+        arr = np.array([r[:n] for r in runs])
+        epochs = np.arange(1, n + 1)
+        mean = arr.mean(0)
+        ax.plot(epochs, mean, marker="o", ms=3, label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, arr.min(0), arr.max(0), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {args.metric} ({args.protocol})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
