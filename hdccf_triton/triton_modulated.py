@@ -1,0 +1,339 @@
+"""The Triton backend of the modulated similarity (eqs. 7-8): the fused kernels of
+``kernels/modulated_fwd.py`` and ``kernels/modulated_bwd.py`` behind an autograd.Function.
+
+As in :mod:`hdccf_triton.triton_backend`, only the per-row log-sum-exps over the true
+negatives run in Triton; the positive and own-block scores and the combination of the terms
+are :mod:`hdccf_triton.terms`'s. The kernels compute all four families: A and B with the
+pairwise modulation inside the score tiles, C and E as dot products of the p and q halves.
+
+What the host does (all O((M + N·P)·d) work, in torch, so autograd handles it):
+
+* splits the ``[.., 2·dim]`` inputs into p/q and e, casts them to the accumulation dtype
+  (fp32; fp64 for fp64 inputs: the modulated path has no half-precision kernels, the
+  elementwise pair work dominates);
+* computes the per-entity pre-activations h = W₁e (+ b) and W₂e (+ b) once, so that the
+  kernels only form the pairwise W₃(e_i ⊙ e_u);
+* normalises the c = p/q halves of f_uu and f_ii for ``normalize=True``;
+* packs rows ``[8, M, dim]`` and columns ``[8, N·P, dim]`` (slots: ``modulated_fwd.py``).
+
+The kernels return the gradients of these operands and of W₃ (per-program partial sums,
+added in a fixed order: deterministic, no atomics); autograd carries them to p, q, e, W and b.
+No [M, N·P] or [M, N·P, dim] tensor is allocated.
+
+Triton is imported lazily; the kernel modules are (re)loaded for the current
+``TRITON_INTERPRET`` setting, after :func:`hdccf_triton.triton_backend._kernels` has done the
+same for the helpers they share (``membership.py``, ``negative_stats_fwd/bwd.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .interactions import InteractionIndex
+from .options import LossOptions
+from .terms import NegativeStats, combine_terms, prepare_scores, resolve_similarity
+
+__all__ = ["per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
+
+#: Test hooks (never set in production): overrides of :class:`LaunchConfig` fields.
+_OVERRIDES: dict = {}
+#: Test hook: NaN-fill (floats) or −2**31-fill (ints) every output buffer before the kernels
+#: run, so that an element a kernel forgets to write cannot pass unnoticed.
+_POISON_OUTPUTS = False
+
+
+def per_row_loss(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    pool_item_emb: torch.Tensor,
+    pool_user_emb: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    pool_items: torch.Tensor,
+    pool_users: torch.Tensor,
+    interactions: InteractionIndex | None,
+    options: LossOptions,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """loss[k] of SPEC.md with ``options.similarity`` a ModulatedSimilarity; the arguments of
+    :func:`hdccf_triton.reference.per_row_loss` (embeddings ``[.., 2·dim]``).
+
+    The all-ones modulation goes to the dot/cosine kernels of :mod:`triton_backend`.
+
+    Returns:
+        ``[M]`` per-row loss, float32 for half-precision inputs, else the input dtype.
+    """
+    user_emb, item_emb, pool_item_emb, pool_user_emb, options = resolve_similarity(
+        user_emb, item_emb, pool_item_emb, pool_user_emb, options
+    )
+    if options.modulation is None:
+        from . import triton_backend
+
+        return triton_backend.per_row_loss(
+            user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
+            pool_users, interactions, options, row_offset,
+        )
+    scores = prepare_scores(user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset)
+    stats = negative_statistics(
+        scores.U, scores.I, scores.X, scores.Y, users, items, pool_items, pool_users,
+        interactions, options, row_offset,
+    )
+    return combine_terms(scores, stats, options)
+
+
+def negative_statistics(
+    U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
+) -> NegativeStats:
+    """:func:`hdccf_triton.reference.negative_statistics` of a ModulatedSimilarity, fused.
+
+    Args:
+        U: ``[M, 2·dim]`` users ``[p ‖ e]``; I: ``[M, 2·dim]`` items ``[q ‖ e]``;
+        X: ``[N, P, 2·dim]`` pool items; Y: ``[N, P, 2·dim]`` pool users (N ≥ M blocks);
+        users, items: ``[M]``; pool_items, pool_users: ``[N, P]`` int64;
+        row k's own block is ``row_offset + k``; ``options.modulation`` modulates.
+
+    Returns:
+        :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64
+        inputs), differentiable with respect to U, I, X, Y and g's parameters; counts int64.
+    """
+    from . import triton_backend as tb
+
+    sim = options.modulation
+    if sim is None or not sim.modulate:
+        raise ValueError("triton_modulated needs a ModulatedSimilarity with modulate=True")
+    M = U.shape[0]
+    N, P, _ = X.shape
+    if not 0 <= row_offset <= N - M:
+        raise ValueError(f"row_offset={row_offset} puts the rows' own blocks outside the {N} pool blocks")
+    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    with torch.autocast(U.device.type, enabled=False):
+        R, C, W3 = _operands(U, I, X.reshape(N * P, -1), Y.reshape(N * P, -1), sim, acc)
+        setup = _Setup(
+            ids=tuple(t.reshape(-1).to(torch.int64).contiguous()
+                      for t in (users, items, pool_items, pool_users)),
+            index=tb._index_layout(interactions, options, U.device),
+            normalize=sim.normalize,
+            debias=options.debias,
+            temperature=options.temperature,
+            row_offset=int(row_offset),
+            P=P,
+            config=launch_config(M, N * P, sim.dim, U.device),
+        )
+        outs = _ModulatedStatistics.apply(R, C, W3, setup)
+    return NegativeStats(*outs)
+
+
+def _operands(U, I, X, Y, sim, acc):
+    """Rows ``[8, M, dim]``, columns ``[8, N·P, dim]`` and W₃ ``[dim, dim]`` in ``acc``.
+
+    Slots (``kernels/modulated_fwd.py``): rows p_u, e_u, W₂e_u + b, q_i, e_i, W₁e_i + b,
+    c_u, c_i; columns q_X, e_X, W₁e_X, p_Y, e_Y, W₂e_Y, c_X, c_Y; c = p or q as f_uu / f_ii
+    see them (normalised with ``sim.normalize``).
+    """
+    (p_u, e_u), (q_i, e_i), (q_x, e_x), (p_y, e_y) = (sim.split(t.to(acc)) for t in (U, I, X, Y))
+    parts = sim.parts(acc)
+    h_u = F.linear(e_u, parts.W_user, parts.bias)  # the user block of eq. 8, with b
+    h_i = F.linear(e_i, parts.W_item, parts.bias)  # the item block, with b
+    h_x = F.linear(e_x, parts.W_item)  # pool items are items: W₁
+    h_y = F.linear(e_y, parts.W_user)  # pool users are users: W₂
+    c_u, c_i, c_x, c_y = p_u, q_i, q_x, p_y
+    if sim.normalize:
+        c_u, c_i, c_x, c_y = (F.normalize(t, dim=-1, eps=1e-12) for t in (c_u, c_i, c_x, c_y))
+    rows = torch.stack([p_u, e_u, h_u, q_i, e_i, h_i, c_u, c_i])  # [8, M, dim]
+    cols = torch.stack([q_x, e_x, h_x, p_y, e_y, h_y, c_x, c_y])  # [8, N·P, dim]
+    return rows.contiguous(), cols.contiguous(), parts.W_pair.contiguous()
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything about one call that is not a differentiable tensor."""
+
+    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int64, contiguous
+    index: object  # triton_backend._IndexLayout
+    normalize: bool
+    debias: bool
+    temperature: float
+    row_offset: int
+    P: int
+    config: "LaunchConfig"
+
+
+class _ModulatedStatistics(torch.autograd.Function):
+    """(rows, columns, W₃) ↦ (lse_A, lse_B, lse_C, lse_E, n_item, n_user)."""
+
+    @staticmethod
+    def forward(ctx, R, C, W3, setup: _Setup):
+        lse, counts = _forward(R, C, W3, setup)
+        ctx.setup = setup
+        ctx.save_for_backward(R, C, W3, lse)
+        # independent [M] outputs, so that no output is a view of another
+        lse_a, lse_b, lse_c, lse_e = (t.clone() for t in lse)
+        n_item, n_user = (t.clone() for t in counts)
+        ctx.mark_non_differentiable(n_item, n_user)
+        return lse_a, lse_b, lse_c, lse_e, n_item, n_user
+
+    @staticmethod
+    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user):
+        R, C, W3, lse = ctx.saved_tensors
+        need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]  # dW₃ comes with the rows
+        need_cols = ctx.needs_input_grad[1]
+        grads = [g if g is not None else torch.zeros_like(lse[0]) for g in (g_a, g_b, g_c, g_e)]
+        G = torch.stack(grads).to(lse.dtype).contiguous()  # [4, M]
+        dR, dC, dW3 = _backward(R, C, W3, lse, G, ctx.setup, need_rows, need_cols)
+        return dR, dC, dW3, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and grid splits of the modulated kernels (one choice for all three)."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    col_splits: int  # forward and row-parallel backward: column splits
+    row_splits: int  # column-parallel backward: row splits
+
+
+def launch_config(M: int, NP: int, dim: int, device: torch.device) -> LaunchConfig:
+    """Launch heuristics (not tuned on a GPU yet).
+
+    * 16 × 16 tiles: the pair tiles are [16, 16, BLOCK_D], and ``tl.dot`` needs 16 in every
+      dimension (C and E multiply [16, 16] weight tiles by [16, BLOCK_D] operands). 8 warps
+      from BLOCK_D = 64 on, to spread the [16, 16, BLOCK_D] tiles over more registers.
+    * GPU: the columns (forward, row backward) or rows (column backward) are split so that
+      about two programs run per SM; each split writes its own partial result (no atomics).
+      The split count depends only on the shape and the GPU model: bit-identical run to run.
+    * Interpreter: no splits (the programs run one after another anyway).
+    """
+    block_d = max(16, 1 << max(0, dim - 1).bit_length())
+    block = 16
+    if device.type == "cuda":
+        num_warps = 4 if block_d <= 32 else 8
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        row_blocks, col_blocks = -(-M // block), -(-NP // block)
+        col_splits = max(1, min(col_blocks, -(-2 * n_sm // row_blocks)))
+        row_splits = max(1, min(row_blocks, -(-2 * n_sm // col_blocks)))
+        config = LaunchConfig(block, block, block_d, num_warps, 1, col_splits, row_splits)
+    else:
+        config = LaunchConfig(block, block, block_d, 1, 1, 1, 1)
+    fields = {k: v for k, v in _OVERRIDES.items() if k in LaunchConfig.__dataclass_fields__}
+    return replace(config, **fields) if fields else config
+
+
+def _split_size(total: int, splits: int, block: int) -> tuple[int, int]:
+    """(items per split, a multiple of ``block``; number of non-empty splits)."""
+    blocks = -(-total // block)
+    per = -(-blocks // max(1, min(splits, blocks))) * block
+    return per, -(-total // per)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if not _POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = math.nan if dtype.is_floating_point else -(2**31)
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _common_args(R, C, W3, setup: _Setup):
+    layout = setup.index
+    scale = torch.full((1,), 1.0 / setup.temperature, dtype=R.dtype, device=R.device)
+    return (R, C, W3, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
+
+
+def _constexprs(setup: _Setup) -> dict:
+    c = setup.config
+    return dict(
+        NORMALIZE=setup.normalize, DEBIAS=setup.debias,
+        INDEX_MODE=setup.index.mode, SEARCH_STEPS=setup.index.search_steps,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+
+
+def _forward(R, C, W3, setup: _Setup):
+    """lse ``[4, M]`` (A, B, C, E) in the operands' dtype and counts ``[2, M]`` int64."""
+    fwd, _ = _kernels()
+    _, M, dim = R.shape
+    NP = C.shape[1]
+    c = setup.config
+    cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
+    lse_parts = _empty((splits, 4, M), R.dtype, R.device)
+    cnt_parts = _empty((splits, 2, M), torch.int32, R.device)
+    fwd.modulated_stats_fwd_kernel[(-(-M // c.block_m), splits)](
+        *_common_args(R, C, W3, setup), lse_parts, cnt_parts,
+        M, NP, dim, setup.P, setup.row_offset, cols_per_split, **_constexprs(setup),
+    )
+    if splits == 1:
+        return lse_parts[0], cnt_parts[0].to(torch.int64)
+    # merge the splits in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf)
+    return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0)
+
+
+def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool):
+    _, bwd = _kernels()
+    _, M, dim = R.shape
+    NP = C.shape[1]
+    c = setup.config
+    args = _common_args(R, C, W3, setup)
+    meta = _constexprs(setup)
+    dR = dC = dW3 = None
+    if need_rows:
+        cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
+        row_blocks = -(-M // c.block_m)
+        dR_parts = _empty((splits, 8, M, dim), R.dtype, R.device)
+        dW3_parts = _empty((row_blocks * splits, dim, dim), R.dtype, R.device)
+        bwd.modulated_stats_bwd_rows_kernel[(row_blocks, splits)](
+            *args, lse, G, dR_parts, dW3_parts,
+            M, NP, dim, setup.P, setup.row_offset, cols_per_split, **meta,
+        )
+        dR = dR_parts.sum(0) if splits > 1 else dR_parts[0]
+        dW3 = dW3_parts.sum(0)  # fixed order over the programs: deterministic
+    if need_cols:
+        rows_per_split, splits = _split_size(M, c.row_splits, c.block_m)
+        dC_parts = _empty((splits, 8, NP, dim), R.dtype, R.device)
+        bwd.modulated_stats_bwd_cols_kernel[(-(-NP // c.block_n), splits)](
+            *args, lse, G, dC_parts,
+            M, NP, dim, setup.P, setup.row_offset, rows_per_split, **meta,
+        )
+        dC = dC_parts.sum(0) if splits > 1 else dC_parts[0]
+    return dR, dC, dW3
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the kernels for the current TRITON_INTERPRET
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    """(modulated_fwd, modulated_bwd), decorated for the current ``TRITON_INTERPRET``.
+
+    The shared helpers are brought up to date first by ``triton_backend._kernels()``; if
+    these two modules were loaded under the other setting they are reloaded after them, so
+    that they bind the helpers of the current setting.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from . import triton_backend as tb
+
+    tb._kernels()
+    package = tb._kernel_package()
+    interpret = tb._interpreting()
+    fwd = importlib.import_module(f"{package}.modulated_fwd")
+    bwd = importlib.import_module(f"{package}.modulated_bwd")
+    if any(isinstance(fn, InterpretedFunction) != interpret
+           for fn in (fwd.modulated_stats_fwd_kernel, bwd.modulated_stats_bwd_rows_kernel)):
+        fwd = importlib.reload(fwd)
+        bwd = importlib.reload(bwd)  # after fwd: it imports fwd's helpers
+    return fwd, bwd

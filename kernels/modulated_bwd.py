@@ -1,0 +1,359 @@
+"""Backward of the modulated negative statistics: gradients of every operand and of W₃.
+
+For one modulated family (A, or B), upstream g ``[M]`` of its lse and the forward's lse, the
+weight of pair (k, j) is w = ∂loss/∂f = (g[k]/τ)·exp(f[k, j]/τ − lse[k]) on the family's
+true negatives (0 elsewhere, and on rows whose lse is −inf). With a = m⊙v_r and c = m⊙v_c:
+
+    ∂f/∂a = c,  ∂f/∂c = a                                                (dot)
+    ∂f/∂a = γ·c − f·α_a·a,  ∂f/∂c = γ·a − f·α_c·c                        (NORMALIZE)
+            γ = 1/(‖a‖'‖c‖'),  ‖a‖' = max(‖a‖, 1e-12),  α_a = 1/‖a‖² where ‖a‖ > 1e-12, else 0
+
+    ∂/∂v_r = w·m ⊙ ∂f/∂a                 ∂/∂v_c = w·m ⊙ ∂f/∂c
+    δ = ∂/∂pre = w·m(1 − m) ⊙ (v_r ⊙ ∂f/∂a + v_c ⊙ ∂f/∂c)        pre = h_r + h_c + W₃(e_r ⊙ e_c)
+    dh_r[k] = Σ_j δ[k, j]                dh_c[j] = Σ_k δ[k, j]
+    de_r[k] = Σ_j (δ W₃)[k, j] ⊙ e_c[j]  de_c[j] = Σ_k (δ W₃)[k, j] ⊙ e_r[k]
+    dW₃ = Σ_{k, j} δ[k, j] (e_r[k] ⊙ e_c[j])ᵀ
+
+The host turns dh into the gradients of W₁, W₂, b and of the factors e through h = W e (+ b)
+(per-entity products), so only W₃'s gradient is a reduction over pairs: each program of the
+row-parallel kernel writes its partial dW₃ ``[D, D]`` into its own slot of a
+``[programs, D, D]`` buffer, summed by the host in a fixed order (deterministic, no atomics).
+C and E are plain dot products of the c operands (as ``negative_stats_bwd.py``).
+
+Two kernels, like the dot/cosine backward: row-parallel (gradients of the row operands and
+dW₃; each program owns BLOCK_M rows and sweeps its split of the columns) and column-parallel
+(gradients of the column operands). Both recompute the tiles in the forward's orientation
+[rows, columns] with the forward's helpers, so the recomputed scores equal the forward's to
+the bit and the weights are consistent with its lse. Operand slots: see ``modulated_fwd.py``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .membership import true_negative_masks
+from .modulated_fwd import NORM_EPS, load_slot, modulated_score, modulation_tile
+from .negative_stats_bwd import grad_weights
+
+__all__ = ["modulated_stats_bwd_rows_kernel", "modulated_stats_bwd_cols_kernel",
+           "modulated_pair_grads"]
+
+_add = tl.standard._sum_combine
+
+
+@triton.jit
+def modulated_pair_grads(
+    b_vr, b_er, b_hr,  # [BLOCK_M, BLOCK_D] row vector v_r, factor e_r, pre-activation h_r
+    b_vc, b_ec, b_hc,  # [BLOCK_N, BLOCK_D] the columns'
+    b_w3t, b_w3,  # [BLOCK_D, BLOCK_D] W₃ᵀ and W₃
+    b_lse, b_g,  # [BLOCK_M, 1] the family's lse and upstream gradient
+    m_s,  # [BLOCK_M, BLOCK_N] the family's true negatives
+    inv_tau,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per-pair gradient pieces of one modulated family on a tile (module doc), weighted.
+
+    Returns ∂/∂v_r, ∂/∂v_c, δ and δW₃ as ``[BLOCK_M, BLOCK_N, BLOCK_D]`` tiles (to be summed
+    over the columns or the rows), and δ, e_r⊙e_c flattened ``[BLOCK_M·BLOCK_N, BLOCK_D]``.
+    """
+    b_m, b_prod = modulation_tile(b_er, b_hr, b_ec, b_hc, b_w3t, BLOCK_M, BLOCK_N, BLOCK_D)
+    b_f = modulated_score(b_m, b_vr, b_vc, NORMALIZE)  # [BLOCK_M, BLOCK_N]
+    # w = ∂loss/∂f: the softmax weight on the mask times g, times 1/τ (score = f/τ)
+    b_w = grad_weights(b_f * inv_tau, b_lse, b_g, m_s) * inv_tau  # [BLOCK_M, BLOCK_N]
+
+    b_a = b_m * b_vr[:, None, :]  # m ⊙ v_r   [BLOCK_M, BLOCK_N, BLOCK_D]
+    b_c = b_m * b_vc[None, :, :]  # m ⊙ v_c
+    if NORMALIZE:
+        b_na2 = tl.reduce(b_a * b_a, 2, _add)  # ‖a‖²  [BLOCK_M, BLOCK_N]
+        b_nc2 = tl.reduce(b_c * b_c, 2, _add)  # ‖c‖²
+        b_na = tl.sqrt(b_na2)
+        b_nc = tl.sqrt(b_nc2)
+        b_gamma = b_w / (tl.maximum(b_na, NORM_EPS) * tl.maximum(b_nc, NORM_EPS))  # w·γ
+        # w·f·α: zero where the norm is clamped (the clamp's gradient); the divisor is never 0
+        b_alpha_a = tl.where(b_na > NORM_EPS, b_w * b_f / tl.where(b_na2 > 0, b_na2, 1.0), 0.0)
+        b_alpha_c = tl.where(b_nc > NORM_EPS, b_w * b_f / tl.where(b_nc2 > 0, b_nc2, 1.0), 0.0)
+        b_ga = b_gamma[:, :, None] * b_c - b_alpha_a[:, :, None] * b_a  # w·∂f/∂a
+        b_gc = b_gamma[:, :, None] * b_a - b_alpha_c[:, :, None] * b_c  # w·∂f/∂c
+    else:
+        b_ga = b_w[:, :, None] * b_c  # w·∂f/∂a
+        b_gc = b_w[:, :, None] * b_a  # w·∂f/∂c
+    b_dvr = b_m * b_ga  # [BLOCK_M, BLOCK_N, BLOCK_D]
+    b_dvc = b_m * b_gc
+    b_dpre = (b_vr[:, None, :] * b_ga + b_vc[None, :, :] * b_gc) * (b_m * (1.0 - b_m))  # δ
+    b_dpre2 = tl.reshape(b_dpre, (BLOCK_M * BLOCK_N, BLOCK_D))
+    # δW₃: the gradient of the pair factors e_r ⊙ e_c
+    b_dprod = tl.reshape(tl.dot(b_dpre2, b_w3, input_precision="ieee"), (BLOCK_M, BLOCK_N, BLOCK_D))
+    return b_dvr, b_dvc, b_dpre, b_dprod, b_dpre2, b_prod
+
+
+@triton.jit
+def _load_w3(W3, o_d, D):
+    """W₃ and W₃ᵀ as ``[BLOCK_D, BLOCK_D]`` tiles (0 outside D × D)."""
+    m_w = (o_d < D)[:, None] & (o_d < D)[None, :]
+    b_w3 = tl.load(W3 + o_d[:, None] * D + o_d[None, :], mask=m_w, other=0.0)
+    b_w3t = tl.load(W3 + o_d[None, :] * D + o_d[:, None], mask=m_w, other=0.0)
+    return b_w3, b_w3t
+
+
+@triton.jit
+def modulated_stats_bwd_rows_kernel(
+    R,  # [8, M, D] row operands
+    C,  # [8, NP, D] column operands
+    W3,  # [D, D]
+    users, items,  # [M] int64 anchor ids
+    x_ids, y_ids,  # [NP] int64 pool ids
+    index, n_keys, num_items,  # D (membership.py)
+    scale,  # [1] 1/τ
+    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
+    G,  # [4, M] their upstream gradients
+    DR,  # [S, 8, M, D] out: partial gradients of the row operands per column split
+    DW3,  # [programs, D, D] out: partial dW₃ of program (i_m, i_s) at i_m·S + i_s
+    M, NP, D, P, row_offset, cols_per_split,
+    NORMALIZE: tl.constexpr, DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_m = o_m < M
+    m_d = o_d < D
+    inv_tau = tl.load(scale)
+
+    o_r = o_m.to(tl.int64)
+    m_row = m_m[:, None] & m_d[None, :]
+    b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D]
+    b_eu = load_slot(R, 1, o_r, M, o_d, D, m_row)
+    b_hu = load_slot(R, 2, o_r, M, o_d, D, m_row)
+    b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)
+    b_ei = load_slot(R, 4, o_r, M, o_d, D, m_row)
+    b_hi = load_slot(R, 5, o_r, M, o_d, D, m_row)
+    b_cu = load_slot(R, 6, o_r, M, o_d, D, m_row)
+    b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)
+    b_w3, b_w3t = _load_w3(W3, o_d, D)  # [BLOCK_D, BLOCK_D]
+    b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
+    b_item = tl.load(items + o_m, mask=m_m, other=0)
+    b_block = row_offset + o_m
+    # rows out of range: lse = −inf and g = 0, so all their weights are 0
+    b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))[:, None]  # [BLOCK_M, 1]
+    b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))[:, None]
+    b_lse_c = tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf"))[:, None]
+    b_lse_e = tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf"))[:, None]
+    b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
+    b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)[:, None]
+    b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)[:, None]
+    b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)[:, None]
+
+    b_dpu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_deu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dhu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dqi = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dei = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dhi = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dcu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dci = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dw3 = tl.full([BLOCK_D, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+
+    col_start = i_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, NP)
+    for j0 in range(col_start, col_end, BLOCK_N):
+        o_n = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        m_n = o_n < col_end
+        o_c = o_n.to(tl.int64)
+        m_col = m_n[:, None] & m_d[None, :]
+        b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D]
+        b_ex = load_slot(C, 1, o_c, NP, o_d, D, m_col)
+        b_hx = load_slot(C, 2, o_c, NP, o_d, D, m_col)
+        b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)
+        b_ey = load_slot(C, 4, o_c, NP, o_d, D, m_col)
+        b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)
+        b_cx = load_slot(C, 6, o_c, NP, o_d, D, m_col)
+        b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
+        b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+        b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
+        m_item, m_user = true_negative_masks_rows(
+            b_user, b_item, b_block, b_xid, b_yid, o_n // P, m_m, m_n,
+            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+        )  # [BLOCK_M, BLOCK_N] each
+
+        # A = f(u_k, X_j)/τ: rows (p_u, e_u, h_u), columns (q_X, e_X, h_X), on Tᴵ
+        b_dvr, _, b_dpre, b_dprod, b_dpre2, b_prod = modulated_pair_grads(
+            b_pu, b_eu, b_hu, b_qx, b_ex, b_hx, b_w3t, b_w3, b_lse_a, b_g_a, m_item, inv_tau,
+            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        b_dpu += tl.reduce(b_dvr, 1, _add)  # [BLOCK_M, BLOCK_D]
+        b_dhu += tl.reduce(b_dpre, 1, _add)
+        b_deu += tl.reduce(b_dprod * b_ex[None, :, :], 1, _add)
+        b_dw3 += tl.dot(tl.trans(b_dpre2), b_prod, input_precision="ieee")  # [BLOCK_D, BLOCK_D]
+
+        # B = f(Y_j, i_k)/τ: rows (q_i, e_i, h_i), columns (p_Y, e_Y, h_Y), on Tᵁ
+        b_dvr, _, b_dpre, b_dprod, b_dpre2, b_prod = modulated_pair_grads(
+            b_qi, b_ei, b_hi, b_py, b_ey, b_hy, b_w3t, b_w3, b_lse_b, b_g_b, m_user, inv_tau,
+            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        b_dqi += tl.reduce(b_dvr, 1, _add)
+        b_dhi += tl.reduce(b_dpre, 1, _add)
+        b_dei += tl.reduce(b_dprod * b_ey[None, :, :], 1, _add)
+        b_dw3 += tl.dot(tl.trans(b_dpre2), b_prod, input_precision="ieee")
+
+        # C = c_u·c_Y/τ on Tᵁ:  dc_u += w_C c_Y;   E = c_i·c_X/τ on Tᴵ:  dc_i += w_E c_X
+        b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w = grad_weights(b_s, b_lse_c, b_g_c, m_user)
+        b_dcu += tl.dot(b_w, b_cy, input_precision="ieee")  # [BLOCK_M, BLOCK_D]
+        b_s = tl.dot(b_ci, tl.trans(b_cx), input_precision="ieee") * inv_tau
+        b_w = grad_weights(b_s, b_lse_e, b_g_e, m_item)
+        b_dci += tl.dot(b_w, b_cx, input_precision="ieee")
+
+    # this split's slice of DR [S, 8, M, D]: slot s of split i_s is row block i_s·8 + s
+    o_out = o_r + i_s.to(tl.int64) * 8 * M
+    store_slot(DR, 0, o_out, M, o_d, D, m_row, b_dpu)
+    store_slot(DR, 1, o_out, M, o_d, D, m_row, b_deu)
+    store_slot(DR, 2, o_out, M, o_d, D, m_row, b_dhu)
+    store_slot(DR, 3, o_out, M, o_d, D, m_row, b_dqi)
+    store_slot(DR, 4, o_out, M, o_d, D, m_row, b_dei)
+    store_slot(DR, 5, o_out, M, o_d, D, m_row, b_dhi)
+    store_slot(DR, 6, o_out, M, o_d, D, m_row, b_dcu * inv_tau)
+    store_slot(DR, 7, o_out, M, o_d, D, m_row, b_dci * inv_tau)
+    i_prog = (i_m * tl.num_programs(1) + i_s).to(tl.int64)
+    m_w = m_d[:, None] & m_d[None, :]
+    tl.store(DW3 + i_prog * D * D + o_d[:, None] * D + o_d[None, :], b_dw3, mask=m_w)
+
+
+@triton.jit
+def modulated_stats_bwd_cols_kernel(
+    R,  # [8, M, D] row operands
+    C,  # [8, NP, D] column operands
+    W3,  # [D, D]
+    users, items,  # [M] int64 anchor ids
+    x_ids, y_ids,  # [NP] int64 pool ids
+    index, n_keys, num_items,  # D (membership.py)
+    scale,  # [1] 1/τ
+    LSE,  # [4, M]
+    G,  # [4, M]
+    DC,  # [S, 8, NP, D] out: partial gradients of the column operands per row split
+    M, NP, D, P, row_offset, rows_per_split,
+    NORMALIZE: tl.constexpr, DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_n = o_n < NP
+    m_d = o_d < D
+    inv_tau = tl.load(scale)
+
+    # the columns' operands stay in registers for the whole sweep
+    o_c = o_n.to(tl.int64)
+    m_col = m_n[:, None] & m_d[None, :]
+    b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D]
+    b_ex = load_slot(C, 1, o_c, NP, o_d, D, m_col)
+    b_hx = load_slot(C, 2, o_c, NP, o_d, D, m_col)
+    b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)
+    b_ey = load_slot(C, 4, o_c, NP, o_d, D, m_col)
+    b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)
+    b_cx = load_slot(C, 6, o_c, NP, o_d, D, m_col)
+    b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
+    b_w3, b_w3t = _load_w3(W3, o_d, D)
+    b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+    b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
+    b_owner = o_n // P
+
+    b_dqx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dex = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dhx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dpy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dey = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dhy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dcx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dcy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+
+    row_start = i_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for k0 in range(row_start, row_end, BLOCK_M):
+        o_m = k0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        m_m = o_m < row_end
+        o_r = o_m.to(tl.int64)
+        m_row = m_m[:, None] & m_d[None, :]
+        b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D]
+        b_eu = load_slot(R, 1, o_r, M, o_d, D, m_row)
+        b_hu = load_slot(R, 2, o_r, M, o_d, D, m_row)
+        b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)
+        b_ei = load_slot(R, 4, o_r, M, o_d, D, m_row)
+        b_hi = load_slot(R, 5, o_r, M, o_d, D, m_row)
+        b_cu = load_slot(R, 6, o_r, M, o_d, D, m_row)
+        b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)
+        b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
+        b_item = tl.load(items + o_m, mask=m_m, other=0)
+        b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))[:, None]  # [BLOCK_M, 1]
+        b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))[:, None]
+        b_lse_c = tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf"))[:, None]
+        b_lse_e = tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf"))[:, None]
+        b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
+        b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)[:, None]
+        b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)[:, None]
+        b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)[:, None]
+        # the tiles in the forward's orientation [rows, columns]
+        m_item, m_user = true_negative_masks_rows(
+            b_user, b_item, row_offset + o_m, b_xid, b_yid, b_owner, m_m, m_n,
+            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+        )  # [BLOCK_M, BLOCK_N] each
+
+        # A: columns (q_X, e_X, h_X)
+        _, b_dvc, b_dpre, b_dprod, _, _ = modulated_pair_grads(
+            b_pu, b_eu, b_hu, b_qx, b_ex, b_hx, b_w3t, b_w3, b_lse_a, b_g_a, m_item, inv_tau,
+            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        b_dqx += tl.reduce(b_dvc, 0, _add)  # [BLOCK_N, BLOCK_D]
+        b_dhx += tl.reduce(b_dpre, 0, _add)
+        b_dex += tl.reduce(b_dprod * b_eu[:, None, :], 0, _add)
+        # B: columns (p_Y, e_Y, h_Y)
+        _, b_dvc, b_dpre, b_dprod, _, _ = modulated_pair_grads(
+            b_qi, b_ei, b_hi, b_py, b_ey, b_hy, b_w3t, b_w3, b_lse_b, b_g_b, m_user, inv_tau,
+            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        b_dpy += tl.reduce(b_dvc, 0, _add)
+        b_dhy += tl.reduce(b_dpre, 0, _add)
+        b_dey += tl.reduce(b_dprod * b_ei[:, None, :], 0, _add)
+
+        # C = c_u·c_Y/τ:  dc_Y += w_Cᵀ c_u;   E = c_i·c_X/τ:  dc_X += w_Eᵀ c_i
+        b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
+        b_w = grad_weights(b_s, b_lse_c, b_g_c, m_user)
+        b_dcy += tl.dot(tl.trans(b_w), b_cu, input_precision="ieee")  # [BLOCK_N, BLOCK_D]
+        b_s = tl.dot(b_ci, tl.trans(b_cx), input_precision="ieee") * inv_tau
+        b_w = grad_weights(b_s, b_lse_e, b_g_e, m_item)
+        b_dcx += tl.dot(tl.trans(b_w), b_ci, input_precision="ieee")
+
+    o_out = o_c + i_s.to(tl.int64) * 8 * NP
+    store_slot(DC, 0, o_out, NP, o_d, D, m_col, b_dqx)
+    store_slot(DC, 1, o_out, NP, o_d, D, m_col, b_dex)
+    store_slot(DC, 2, o_out, NP, o_d, D, m_col, b_dhx)
+    store_slot(DC, 3, o_out, NP, o_d, D, m_col, b_dpy)
+    store_slot(DC, 4, o_out, NP, o_d, D, m_col, b_dey)
+    store_slot(DC, 5, o_out, NP, o_d, D, m_col, b_dhy)
+    store_slot(DC, 6, o_out, NP, o_d, D, m_col, b_dcx * inv_tau)
+    store_slot(DC, 7, o_out, NP, o_d, D, m_col, b_dcy * inv_tau)
+
+
+@triton.jit
+def store_slot(base, slot, o_r, n_rows, o_d, D, m_2d, b_val):
+    """Store ``b_val [BLOCK, BLOCK_D]`` into rows ``o_r`` of slot ``slot`` of an
+    ``[.., 8, n_rows, D]`` buffer (``o_r`` already offset to the split's block)."""
+    p = (o_r + slot * n_rows)[:, None] * D + o_d[None, :]
+    tl.store(base + p, b_val, mask=m_2d)
+
+
+@triton.jit
+def true_negative_masks_rows(
+    b_user, b_item, b_block, b_xid, b_yid, b_owner, m_m, m_n,
+    index, n_keys, num_items,
+    DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    """``membership.true_negative_masks`` on a [rows, columns] tile from ``[BLOCK_M]`` row
+    and ``[BLOCK_N]`` column vectors."""
+    return true_negative_masks(
+        b_user[:, None], b_item[:, None], b_block[:, None],
+        b_xid[None, :], b_yid[None, :], b_owner[None, :],
+        m_m[:, None] & m_n[None, :],
+        index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+    )
