@@ -77,3 +77,17 @@ def test_help_explains_the_flags():
                          capture_output=True, text=True, timeout=120, check=True).stdout
     for flag in ("--loss", "--no-debias", "--similarity", "--omega-user", "--preset", "--distributed"):
         assert flag in out
+
+
+def test_distributed_training_with_two_gloo_processes(tmp_path):
+    data = synthetic_ratings(tmp_path / "ratings.tsv")
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "examples" / "train_ml1m.py"), "--distributed", "--dataset", str(data),
+           "--min-item-interactions", "1", "-M", "16", "-P", "2", "--epochs", "1", "--max-batches", "3",
+           "--run-dir", str(tmp_path / "run"), "--out", str(out), "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = json.loads(out.read_text())
+    assert full["world_size"] == 2 and full["config"]["distributed"]
+    check_result(json.loads(proc.stdout.strip().splitlines()[-1]), full)
