@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hdccf_triton import InteractionIndex
-from hdccf_triton.data import load_dataset
+from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.metrics import Evaluator
 from hdccf_triton.models import BPRObjective, EmbeddingModel, HDCCFObjective
 from hdccf_triton.sampling import InBatchSampler
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
     try:
         ds = load_dataset(args.dataset, args.data_dir, seed=args.seed, split=args.split,
                           min_item_interactions=args.min_item_interactions, progress=rank == 0)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, DownloadError) as err:
         sys.exit(f"{err}\nPoint --data-dir (or $HDCCF_DATA_DIR) at a folder holding a copy of the data, "
                  "e.g. --data-dir /path/to/ml-1m (ratings.dat) or a folder with ml-1m.zip.")
     log(ds.describe())
