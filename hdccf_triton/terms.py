@@ -80,7 +80,8 @@ def resolve_similarity(user_emb, item_emb, pool_item_emb, pool_user_emb, options
     sim = options.modulation
     if sim is None or sim.modulate:
         return user_emb, item_emb, pool_item_emb, pool_user_emb, options
-    halves = tuple(sim.split(t)[0] for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
+    # contiguous, as the plain inputs would be: the same kernels, the same rounding
+    halves = tuple(sim.split(t)[0].contiguous() for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
     return (*halves, replace(options, similarity="cosine" if sim.normalize else "dot"))
 
 
