@@ -38,7 +38,8 @@ from .interactions import InteractionIndex
 from .options import LossOptions
 from .terms import NegativeStats, combine_terms, prepare_scores
 
-__all__ = ["unavailable_reason", "per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
+__all__ = ["unavailable_reason", "per_row_loss", "negative_statistics", "LaunchConfig", "KernelLaunch",
+           "launch_config", "interaction_bitmap"]
 
 #: Largest dense bitmap of D, in bits (256 MiB); larger id spaces use the sorted-keys search.
 BITMAP_MAX_BITS = 1 << 31
@@ -135,8 +136,11 @@ def negative_statistics(
     N, P, _ = X.shape
     if not 0 <= row_offset <= N - M:
         raise ValueError(f"row_offset={row_offset} puts the rows' own blocks outside the {N} pool blocks")
+    # int32 ids (fewer registers for the in-kernel flags) when the index bounds them
+    narrow = interactions is not None and max(interactions.num_users, interactions.num_items) <= 2**31
+    id_dtype = torch.int32 if narrow else torch.int64
     setup = _Setup(
-        ids=tuple(t.reshape(-1).to(torch.int64).contiguous() for t in (users, items, pool_items, pool_users)),
+        ids=tuple(t.reshape(-1).to(id_dtype).contiguous() for t in (users, items, pool_items, pool_users)),
         index=_index_layout(interactions, options, U.device),
         options=options,
         row_offset=int(row_offset),
@@ -153,7 +157,7 @@ def negative_statistics(
 class _Setup:
     """Everything about one call that is not a differentiable tensor."""
 
-    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int64, contiguous
+    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
     index: "_IndexLayout"
     options: LossOptions
     row_offset: int
@@ -196,53 +200,103 @@ class _NegativeStatistics(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
-class LaunchConfig:
-    """Tile sizes and work splits of the three kernels (a fixed heuristic, never autotuned:
-    autotuning picks configurations by timing, which would break run-to-run determinism).
+class KernelLaunch:
+    """Tiles and work split of one kernel.
 
     Attributes:
         block_m, block_n: rows and pool columns per tile (≥ 16: ``tl.dot`` needs it on GPU).
-        block_d: the next power of two ≥ max(d, 16); the embedding dim is masked up to it.
-        num_warps, num_stages: as passed to the launches.
-        col_splits: the forward and row-parallel backward cut the N·P columns into this many
-            contiguous ranges (more programs when M is small), merged on the host.
-        row_splits: the column-parallel backward cuts the M rows likewise.
+        num_warps: warps per program.
+        splits: the forward and the row-parallel backward cut the N·P columns into this many
+            contiguous ranges, the column-parallel backward the M rows (more programs when
+            the parallel dimension is short); the partial results are merged on the host in
+            a fixed order.
     """
 
     block_m: int
     block_n: int
-    block_d: int
     num_warps: int
+    splits: int
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """The launches of the three kernels: a fixed heuristic, never autotuned (autotuning
+    picks configurations by timing, which would break run-to-run determinism).
+
+    Attributes:
+        block_d: the next power of two ≥ max(d, 16); the embedding dim is masked up to it.
+        num_stages: software pipelining depth of the column (row) loops.
+        fwd, rows, cols: the forward, the row-parallel (dU, dI) and the column-parallel
+            (dX, dY) backward.
+    """
+
+    block_d: int
     num_stages: int
-    col_splits: int
-    row_splits: int
+    fwd: KernelLaunch
+    rows: KernelLaunch
+    cols: KernelLaunch
+
+
+#: GPU tiles (block_m, block_n, num_warps) of (forward, row pass, column pass) by block_d:
+#: the largest tiles that ptxas compiles without register spills for sm_90 with bf16 inputs
+#: and the bitmap index (``python bench/kernels.py --compile-only`` prints the resource
+#: usage; tune with ``bench/kernels.py`` on the GPU).
+_GPU_TILES = {
+    64: ((64, 32, 4), (64, 32, 8), (64, 32, 8)),
+    128: ((64, 32, 8), (32, 32, 8), (32, 32, 8)),
+    256: ((32, 16, 4), (16, 32, 4), (16, 16, 4)),
+}
 
 
 def launch_config(M: int, NP: int, d: int, device: torch.device) -> LaunchConfig:
-    """The documented heuristic (tune on the GPU with ``bench/kernels.py``).
+    """The documented heuristic for M rows, NP = N·P pool columns, embedding dim d.
 
     * ``block_d = max(16, next_pow2(d))``.
-    * GPU: 64×64 tiles for ``block_d <= 128``, 32×32 above (four fp32 score tiles plus the
-      row embeddings live in registers); 4 warps (8 for ``block_d >= 128``), 2 stages.
-    * Splits: enough programs for about two waves over the SMs: the forward and row pass get
-      ``col_splits = ceil(2·SMs / row_blocks)`` (at most the number of column blocks), the
-      column pass ``row_splits = ceil(2·SMs / column_blocks)``. The split count only depends
-      on the shape and the GPU model, so results stay bit-identical run to run.
-    * Interpreter: 16×16 tiles, one split (the programs run one after another anyway).
+    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256), 2 stages.
+      Splits: enough programs for about two waves over the SMs: ``splits = ceil(2·SMs /
+      programs)`` with programs = row blocks (forward, row pass) or column blocks (column
+      pass), at most the number of blocks along the swept dimension. The split count depends
+      only on the shape and the GPU model, so results are bit-identical run to run.
+    * Interpreter: 16×16 tiles, one split (its programs run one after another anyway).
+
+    Test hooks (``_OVERRIDES``): ``block_m``, ``block_n``, ``num_warps`` set all three
+    kernels; ``col_splits`` the splits of the forward and the row pass; ``row_splits`` those
+    of the column pass.
     """
     block_d = max(16, 1 << max(0, d - 1).bit_length())
     if device.type == "cuda":
-        block = 64 if block_d <= 128 else (32 if block_d <= 256 else 16)
-        num_warps = 8 if block_d >= 128 else 4
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        row_blocks, col_blocks = -(-M // block), -(-NP // block)
-        col_splits = max(1, min(col_blocks, -(-2 * n_sm // row_blocks)))
-        row_splits = max(1, min(row_blocks, -(-2 * n_sm // col_blocks)))
-        config = LaunchConfig(block, block, block_d, num_warps, 2, col_splits, row_splits)
+        tiles = _GPU_TILES.get(max(64, block_d), ((16, 16, 4),) * 3)
+
+        def launch(tile, parallel, swept, along_rows):
+            bm, bn, warps = tile
+            programs = -(-parallel // (bm if along_rows else bn))
+            blocks = -(-swept // (bn if along_rows else bm))
+            return KernelLaunch(bm, bn, warps, max(1, min(blocks, -(-2 * n_sm // programs))))
+
+        config = LaunchConfig(
+            block_d, 2,
+            fwd=launch(tiles[0], M, NP, True),
+            rows=launch(tiles[1], M, NP, True),
+            cols=launch(tiles[2], NP, M, False),
+        )
     else:
-        config = LaunchConfig(16, 16, block_d, 1, 1, 1, 1)
-    fields = {k: v for k, v in _OVERRIDES.items() if k in LaunchConfig.__dataclass_fields__}
-    return replace(config, **fields) if fields else config
+        one = KernelLaunch(16, 16, 1, 1)
+        config = LaunchConfig(block_d, 1, one, one, one)
+    return _with_overrides(config)
+
+
+def _with_overrides(config: LaunchConfig) -> LaunchConfig:
+    if not _OVERRIDES:
+        return config
+    tile = {k: _OVERRIDES[k] for k in ("block_m", "block_n", "num_warps") if k in _OVERRIDES}
+    fwd, rows, cols = (replace(k, **tile) for k in (config.fwd, config.rows, config.cols))
+    if "col_splits" in _OVERRIDES:
+        fwd = replace(fwd, splits=_OVERRIDES["col_splits"])
+        rows = replace(rows, splits=_OVERRIDES["col_splits"])
+    if "row_splits" in _OVERRIDES:
+        cols = replace(cols, splits=_OVERRIDES["row_splits"])
+    return replace(config, fwd=fwd, rows=rows, cols=cols)
 
 
 def _split_size(total: int, splits: int, block: int) -> tuple[int, int]:
@@ -269,16 +323,15 @@ def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
     return (U, I, X, Y, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
 
 
-def _constexprs(U, setup: _Setup) -> dict:
-    c = setup.config
+def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     return dict(
         DEBIAS=setup.options.debias,
         INDEX_MODE=setup.index.mode,
         SEARCH_STEPS=setup.index.search_steps,
         # the interpreter cannot multiply bf16 tiles (triton-lang/triton#11584)
         UPCAST=_interpreting() and U.dtype == torch.bfloat16,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=setup.config.block_d,
+        num_warps=launch.num_warps, num_stages=setup.config.num_stages,
     )
 
 
@@ -288,15 +341,14 @@ def _forward(U, I, X, Y, setup: _Setup):
     M, d = U.shape
     NP = X.shape[0]
     acc = _accumulation_dtype(U.dtype)
-    c = setup.config
-    cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
+    k = setup.config.fwd
+    cols_per_split, splits = _split_size(NP, k.splits, k.block_n)
     lse_parts = _empty((splits, 4, M), acc, U.device)
     cnt_parts = _empty((splits, 2, M), torch.int32, U.device)
-    grid = (triton_cdiv(M, c.block_m), splits)
-    kernels.fwd.negative_stats_fwd_kernel[grid](
+    kernels.fwd.negative_stats_fwd_kernel[(triton_cdiv(M, k.block_m), splits)](
         *_common_args(U, I, X, Y, setup, acc), lse_parts, cnt_parts,
         M, NP, d, setup.P, setup.row_offset, cols_per_split,
-        **_constexprs(U, setup),
+        **_constexprs(U, setup, k),
     )
     if splits == 1:
         return lse_parts[0], cnt_parts[0].to(torch.int64)
@@ -309,31 +361,34 @@ def _backward(U, I, X, Y, lse, G, setup: _Setup, need_rows: bool, need_cols: boo
     M, d = U.shape
     NP = X.shape[0]
     acc = _accumulation_dtype(U.dtype)
-    c = setup.config
     args = _common_args(U, I, X, Y, setup, acc)
-    meta = _constexprs(U, setup)
     dU = dI = dX = dY = None
     if need_rows:
-        cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
+        k = setup.config.rows
+        cols_per_split, splits = _split_size(NP, k.splits, k.block_n)
         dU_parts = _empty((splits, M, d), acc, U.device)
         dI_parts = _empty((splits, M, d), acc, U.device)
-        kernels.bwd.negative_stats_bwd_rows_kernel[(triton_cdiv(M, c.block_m), splits)](
+        kernels.bwd.negative_stats_bwd_rows_kernel[(triton_cdiv(M, k.block_m), splits)](
             *args, lse, G, dU_parts, dI_parts,
-            M, NP, d, setup.P, setup.row_offset, cols_per_split, **meta,
+            M, NP, d, setup.P, setup.row_offset, cols_per_split, **_constexprs(U, setup, k),
         )
-        dU = dU_parts.sum(0).to(U.dtype) if splits > 1 else dU_parts[0].to(U.dtype)
-        dI = dI_parts.sum(0).to(I.dtype) if splits > 1 else dI_parts[0].to(I.dtype)
+        dU, dI = (_merge(parts, U.dtype) for parts in (dU_parts, dI_parts))
     if need_cols:
-        rows_per_split, splits = _split_size(M, c.row_splits, c.block_m)
+        k = setup.config.cols
+        rows_per_split, splits = _split_size(M, k.splits, k.block_m)
         dX_parts = _empty((splits, NP, d), acc, U.device)
         dY_parts = _empty((splits, NP, d), acc, U.device)
-        kernels.bwd.negative_stats_bwd_cols_kernel[(triton_cdiv(NP, c.block_n), splits)](
+        kernels.bwd.negative_stats_bwd_cols_kernel[(triton_cdiv(NP, k.block_n), splits)](
             *args, lse, G, dX_parts, dY_parts,
-            M, NP, d, setup.P, setup.row_offset, rows_per_split, **meta,
+            M, NP, d, setup.P, setup.row_offset, rows_per_split, **_constexprs(U, setup, k),
         )
-        dX = dX_parts.sum(0).to(X.dtype) if splits > 1 else dX_parts[0].to(X.dtype)
-        dY = dY_parts.sum(0).to(Y.dtype) if splits > 1 else dY_parts[0].to(Y.dtype)
+        dX, dY = (_merge(parts, X.dtype) for parts in (dX_parts, dY_parts))
     return dU, dI, dX, dY
+
+
+def _merge(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over the splits (dim 0, a fixed order: deterministic), in ``dtype``."""
+    return (parts[0] if parts.shape[0] == 1 else parts.sum(0)).to(dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -363,12 +418,12 @@ def _index_layout(interactions: InteractionIndex | None, options: LossOptions, d
         placeholder = torch.zeros(1, dtype=torch.int64, device=device)
         return _IndexLayout(0, placeholder, 0, 1, 1)
     n = len(interactions)
-    steps = max(1, n.bit_length())  # = ceil(log2(n + 1))
     mode = _OVERRIDES.get("index_mode")
     if mode is None:
         mode = 1 if interactions.num_users * interactions.num_items <= BITMAP_MAX_BITS else 2
-    if mode == 1:
-        return _IndexLayout(1, interaction_bitmap(interactions), n, interactions.num_items, steps)
+    if mode == 1:  # SEARCH_STEPS is unused: keep it fixed, so that |D| does not recompile
+        return _IndexLayout(1, interaction_bitmap(interactions), n, interactions.num_items, 1)
+    steps = max(1, n.bit_length())  # = ceil(log2(n + 1))
     return _IndexLayout(2, interactions.keys.contiguous(), n, interactions.num_items, steps)
 
 

@@ -33,7 +33,7 @@ def bitmap_contains(bitmap, b_key, m_q):
 
     Args:
         bitmap: pointer to ``ceil(num_users·num_items / 32)`` int32 words.
-        b_key: int64 tile of keys ``u·num_items + i`` (any shape).
+        b_key: int32 or int64 tile of keys ``u·num_items + i`` (any shape).
         m_q: bool tile, the queries to answer (others read nothing and return False).
     """
     # word w = key // 32, bit b = key mod 32:  (D ∋ key)  ⇔  (bitmap[w] >> b) & 1
@@ -53,9 +53,10 @@ def sorted_contains(keys, n_keys, b_key, m_q, SEARCH_STEPS: tl.constexpr):
     Args:
         keys: pointer to ``n_keys`` int64 keys, sorted ascending, unique.
         b_key: int64 tile of queries (any shape); m_q: bool tile, the queries to answer.
+        ``n_keys < 2**31``: positions are int32.
     """
     # invariant: keys[0 .. pos-1] < q.  step 2^s: if keys[pos + 2^s − 1] < q then pos += 2^s
-    b_pos = tl.full(b_key.shape, 0, dtype=tl.int64)  # shape of b_key
+    b_pos = tl.full(b_key.shape, 0, dtype=tl.int32)  # shape of b_key; |D| < 2**31
     for s in tl.static_range(SEARCH_STEPS):
         b_cand = b_pos + (1 << (SEARCH_STEPS - 1 - s))
         m_c = m_q & (b_cand <= n_keys)
@@ -69,7 +70,8 @@ def sorted_contains(keys, n_keys, b_key, m_q, SEARCH_STEPS: tl.constexpr):
 
 @triton.jit
 def index_contains(index, n_keys, b_key, m_q, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-    """``(key ∈ D)`` for a tile of int64 keys with the layout ``INDEX_MODE`` (see module doc)."""
+    """``(key ∈ D)`` for a tile of keys with the layout ``INDEX_MODE`` (see module doc): int32
+    keys suffice for the bitmap, the sorted keys need int64 queries."""
     if INDEX_MODE == 1:
         m_hit = bitmap_contains(index, b_key, m_q)
     elif INDEX_MODE == 2:
@@ -90,7 +92,8 @@ def true_negative_masks(
     """The true-negative masks (Tᴵ, Tᵁ) of SPEC.md on a tile, from broadcastable id tiles.
 
     Row-major tiles pass the row ids as ``[BLOCK_M, 1]`` and the column ids as
-    ``[1, BLOCK_N]``; transposed tiles the other way round. Returns two bool tiles of the
+    ``[1, BLOCK_N]``; transposed tiles the other way round. Ids may be int32 (the Triton
+    backend's, fewer registers) or int64. Returns two bool tiles of the
     broadcast shape: ``m_item`` (column j is in Tᴵ_k: masks A and E) and ``m_user`` (Tᵁ_k:
     masks B and C). Without ``DEBIAS`` both are the plain negatives.
     """
@@ -101,11 +104,16 @@ def true_negative_masks(
         m_item = m_neg & (b_xid != b_item)
         # φᵁ[k, j] = (Y_id[j] = u_k) or (Y_id[j], i_k) ∈ D;   Tᵁ = negative ∧ ¬φᵁ
         m_user = m_neg & (b_yid != b_user)
-        if INDEX_MODE != 0:
-            m_item = m_item & ~index_contains(
-                index, n_keys, b_user * num_items + b_xid, m_item, INDEX_MODE, SEARCH_STEPS)
-            m_user = m_user & ~index_contains(
-                index, n_keys, b_yid * num_items + b_item, m_user, INDEX_MODE, SEARCH_STEPS)
+        if INDEX_MODE == 1:  # keys < 2**31 (the bitmap's bound): int32 arithmetic
+            m_item = m_item & ~bitmap_contains(
+                index, b_user.to(tl.int32) * num_items + b_xid.to(tl.int32), m_item)
+            m_user = m_user & ~bitmap_contains(
+                index, b_yid.to(tl.int32) * num_items + b_item.to(tl.int32), m_user)
+        elif INDEX_MODE == 2:  # keys up to 2**63: int64
+            m_item = m_item & ~sorted_contains(
+                index, n_keys, b_user.to(tl.int64) * num_items + b_xid.to(tl.int64), m_item, SEARCH_STEPS)
+            m_user = m_user & ~sorted_contains(
+                index, n_keys, b_yid.to(tl.int64) * num_items + b_item.to(tl.int64), m_user, SEARCH_STEPS)
     else:
         m_item = m_neg
         m_user = m_neg

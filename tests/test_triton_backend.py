@@ -352,12 +352,20 @@ def test_bitmap_is_built_once_and_right():
 def test_launch_config_on_cpu():
     for d, block_d in ((1, 16), (8, 16), (24, 32), (64, 64), (200, 256), (256, 256)):
         assert tb.launch_config(37, 111, d, torch.device("cpu")).block_d == block_d
-    tb._OVERRIDES.update(block_m=32, col_splits=3)
+    tb._OVERRIDES.update(block_m=32, col_splits=3, row_splits=2)
     c = tb.launch_config(37, 111, 8, torch.device("cpu"))
-    assert (c.block_m, c.block_n, c.col_splits) == (32, 16, 3)
+    assert (c.fwd.block_m, c.fwd.block_n, c.fwd.splits) == (32, 16, 3)
+    assert (c.rows.splits, c.cols.splits, c.cols.block_m) == (3, 2, 32)
     assert tb._split_size(111, 3, 16) == (48, 3)
     assert tb._split_size(111, 100, 16) == (16, 7)
     assert tb._split_size(5, 4, 16) == (16, 1)
+
+
+def test_gpu_tile_table_is_valid_for_tl_dot():
+    for block_d, tiles in tb._GPU_TILES.items():
+        for block_m, block_n, warps in tiles:
+            assert block_m >= 16 and block_n >= 16 and warps in (4, 8)
+            assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0
 
 
 # ---------------------------------------------------------------------------------------------

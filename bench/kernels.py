@@ -1,0 +1,477 @@
+"""Benchmark of the fused Triton kernels against the PyTorch reference, eager and compiled.
+
+For each shape (M rows, P pool entries a row, embedding dim d, dtype) and backend it measures
+the forward and the forward + backward of the per-row loss (``triton.testing.do_bench``:
+median and 20/80 % quantiles), the peak memory above the inputs
+(``torch.cuda.max_memory_allocated``), and the achieved TFLOP/s of the products each backend
+executes, beside the GPU's peak. Results go to ``bench/results/`` as CSV, Markdown and a PNG
+plot (matplotlib, if installed).
+
+    python bench/kernels.py                 # full grid, under 4 minutes on one H100
+    python bench/kernels.py --quick         # M in {1024, 4096}, P = 4, d = 64
+    python bench/kernels.py --dry-run       # CPU: Triton interpreter, tiny shapes, all outputs
+    python bench/kernels.py --compile-only  # no GPU needed: compile the kernels for sm_90 and
+                                            # print registers, spills and shared memory
+
+Work counted (a product is 2·M·N·P·d flops, N = M): the Triton forward does 4 products
+(A, B, C, E), its backward 16 (the row pass and the column pass each recompute the 4 score
+tiles and do 4 gradient products). The reference does 4 forward and 8 backward products, plus
+4 more when it checkpoints its row chunks (it recomputes their forward).
+
+The interaction index is ML-1M sized (6,040 users × 3,416 items, 1M random pairs); the loss
+is the debiased one with dot similarity, τ = 0.1, ω_u = ω_i = 0.1. torch.compile (mode
+default, dynamic=False) compiles once per shape and only for a few shapes (its warm-up takes
+tens of seconds each); a backend that runs out of memory is reported as OOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+FULL = dict(M=(1024, 4096, 16384), P=(1, 4), d=(64, 128), dtype=("float32", "bfloat16"))
+QUICK = dict(M=(1024, 4096), P=(4,), d=(64,), dtype=("float32", "bfloat16"))
+DRY = dict(M=(16, 32), P=(1, 2), d=(8,), dtype=("float32",))
+#: shapes (M, P, d, dtype) whose torch.compile baseline is measured (warm-up ~30-90 s each)
+COMPILE_FULL = {(4096, 4, 64, "bfloat16"), (4096, 4, 64, "float32"), (1024, 4, 64, "bfloat16")}
+COMPILE_QUICK = {(4096, 4, 64, "bfloat16"), (4096, 4, 64, "float32")}
+TARGET = (4096, 4, 64, "bfloat16")  # the shape of the performance targets
+DRY_TARGET = (32, 2, 8, "float32")  # stands in for it in --dry-run
+
+#: dense peak TFLOP/s (tensor cores for bf16/fp16; plain FP32 for fp32, which runs IEEE)
+PEAKS = {
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "L40S": {"bfloat16": 362.0, "float32": 91.6},
+}
+
+FIELDS = ["gpu", "dtype", "M", "P", "d", "backend", "pass", "median_ms", "p20_ms", "p80_ms",
+          "tflops", "peak_tflops", "extra_mib", "status"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the target shapes only")
+    mode.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    mode.add_argument("--compile-only", action="store_true", help="compile for --arch, print resources")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which slow baselines are skipped (default 200, quick 150)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are loaded
+    elif "TRITON_INTERPRET" in os.environ and not args.compile_only:
+        del os.environ["TRITON_INTERPRET"]
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    if args.compile_only:
+        return compile_only(args.arch)
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (use --dry-run on a CPU, or --compile-only)")
+        return 2
+    grid = DRY if args.dry_run else QUICK if args.quick else FULL
+    compile_shapes = set() if args.no_compile else (
+        {(m, p, d, t) for m in DRY["M"] for p in DRY["P"] for d in DRY["d"] for t in DRY["dtype"]}
+        if args.dry_run else COMPILE_QUICK if args.quick else COMPILE_FULL)
+    budget = args.budget if args.budget is not None else (150.0 if args.quick else 200.0)
+    rows = run_grid(grid, compile_shapes, budget, dry_run=args.dry_run)
+    write_outputs(rows, args.out, DRY_TARGET if args.dry_run else TARGET)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool) -> list[dict]:
+    import torch
+
+    from hdccf_triton import reference, triton_backend
+    from hdccf_triton.options import LossOptions
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    gpu = "CPU (Triton interpreter)" if dry_run else torch.cuda.get_device_name(device)
+    print(f"device: {gpu}; torch {torch.__version__}", flush=True)
+    start = time.perf_counter()
+    index = realistic_index(device, small=dry_run)
+    options = LossOptions(temperature=0.1, omega_user=0.1, omega_item=0.1, similarity="dot")
+    compiled = {}
+    rows = []
+    for dtype_name in grid["dtype"]:
+        dtype = getattr(torch, dtype_name)
+        for M in grid["M"]:
+            for P in grid["P"]:
+                for d in grid["d"]:
+                    shape = (M, P, d, dtype_name)
+                    batch = make_batch(M, P, d, dtype, index, device)
+                    backends = {"triton": triton_backend.per_row_loss, "torch": reference.per_row_loss}
+                    if shape in compile_shapes:
+                        backends["torch.compile"] = compiled.setdefault(
+                            shape, _compile(reference.per_row_loss, dry_run))
+                    for name, fn in backends.items():
+                        elapsed = time.perf_counter() - start
+                        skip = None
+                        if name == "torch.compile" and elapsed > 0.6 * budget:
+                            skip = "skipped: time budget (compile warm-up)"
+                        elif name != "triton" and elapsed > budget:
+                            skip = "skipped: time budget"
+                        for row in measure(fn, name, batch, index, options, shape, gpu, device, skip):
+                            rows.append(row)
+                            print(_line(row), flush=True)
+                    del batch
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def realistic_index(device, *, small=False, seed=0):
+    """An ML-1M-sized InteractionIndex: 6,040 users × 3,416 items, ~1M random pairs."""
+    import torch
+
+    from hdccf_triton import InteractionIndex
+
+    num_users, num_items, pairs = (60, 40, 600) if small else (6040, 3416, 1_000_000)
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, num_users * num_items, (pairs,), generator=g)
+    index = InteractionIndex.from_pairs(keys // num_items, keys % num_items, num_users, num_items)
+    return index.to(device)
+
+
+def make_batch(M, P, d, dtype, index, device, *, seed=0, scale=0.3):
+    """Embeddings N(0, scale²) (scores ~ scale²·√d/τ ≈ 7 for d = 64) and uniform ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    emb = lambda *s: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    ids = lambda n, *s: torch.randint(0, n, s, generator=g).to(device)  # noqa: E731
+    U, I = index.num_users, index.num_items
+    return ([emb(M, d), emb(M, d), emb(M, P, d), emb(M, P, d)],
+            [ids(U, M), ids(I, M), ids(I, M, P), ids(U, M, P)])
+
+
+def _compile(fn, dry_run):
+    import torch
+
+    if dry_run:  # no C++ toolchain needed: Dynamo tracing only
+        return torch.compile(fn, backend="eager", dynamic=False)
+    return torch.compile(fn, mode="default", dynamic=False)
+
+
+def products(backend: str, M: int, P: int, d: int, what: str) -> float:
+    """Flops executed: products × 2·M·N·P·d (see the module docstring)."""
+    from hdccf_triton import reference
+
+    one = 2.0 * M * M * P * d
+    if backend == "triton":
+        return one * (4 if what == "fwd" else 20)
+    checkpointed = max(1, reference.CHUNK_ELEMENTS // (M * P)) < M
+    return one * (4 if what == "fwd" else 12 + (4 if checkpointed else 0))
+
+
+def measure(fn, name, batch, index, options, shape, gpu, device, skip):
+    """Rows of fwd and fwd+bwd for one backend and shape."""
+    import torch
+
+    M, P, d, dtype_name = shape
+    embeddings, ids = batch
+    peak = _peak(gpu, dtype_name)
+    base = dict(gpu=gpu, dtype=dtype_name, M=M, P=P, d=d, backend=name, peak_tflops=peak)
+    if skip:
+        return [dict(base, **{"pass": w, "status": skip}) for w in ("fwd", "fwd+bwd")]
+    leaves = [e.detach().clone().requires_grad_() for e in embeddings]
+
+    def forward():
+        return fn(*leaves, *ids, index, options, 0)
+
+    def forward_backward():
+        loss = forward()
+        torch.autograd.grad(loss.sum(), leaves)
+
+    out = []
+    for what, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        row = dict(base, **{"pass": what})
+        try:
+            median, p20, p80 = bench(call, device)
+            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, status="ok",
+                       tflops=products(name, M, P, d, what) / (median * 1e-3) / 1e12)
+            if what == "fwd+bwd" and device.type == "cuda":
+                row["extra_mib"] = peak_extra_memory(call) / 2**20
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - report, keep benchmarking
+            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        out.append(row)
+        if what == "fwd" and row["status"] == "OOM":  # the backward cannot fit either
+            out.append(dict(base, **{"pass": "fwd+bwd", "status": "OOM"}))
+            break
+    return out
+
+
+def bench(call, device):
+    """(median, 20 %, 80 %) milliseconds. The first call warms up (compiles); a slow function
+    (> 0.25 s) is timed over 3 runs; otherwise ``triton.testing.do_bench``."""
+    import torch
+
+    if device.type != "cuda":
+        call()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t) * 1e3)
+        return _quantiles(times)
+    call()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - t
+    if once > 0.25:
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return _quantiles(times)
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(call, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+def _quantiles(times):
+    times = sorted(times)
+    q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+def peak_extra_memory(call) -> int:
+    """Bytes allocated at the peak of one call, above what was allocated before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _peak(gpu: str, dtype_name: str):
+    for key, peaks in PEAKS.items():  # "H100 PCIe" before "H100"
+        if key in gpu:
+            return peaks.get(dtype_name)
+    return None
+
+
+def _line(row) -> str:
+    head = f"{row['dtype']:>8} M={row['M']:<6} P={row['P']:<2} d={row['d']:<4} {row['backend']:<13} {row['pass']:<7}"
+    if row.get("status") != "ok":
+        return f"{head} {row.get('status')}"
+    mem = f" {row['extra_mib']:9.1f} MiB" if row.get("extra_mib") is not None else ""
+    return f"{head} {row['median_ms']:9.3f} ms  [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  {row['tflops']:7.2f} TFLOP/s{mem}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def write_outputs(rows: list[dict], out: Path, target=TARGET) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "kernels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in FIELDS})
+    (out / "kernels.md").write_text(markdown(rows, target))
+    print(f"wrote {out / 'kernels.csv'} and {out / 'kernels.md'}")
+    plot(rows, out / "kernels.png")
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else value
+
+
+def markdown(rows: list[dict], target=TARGET) -> str:
+    gpu = rows[0]["gpu"] if rows else "?"
+    lines = [f"# Fused Triton kernels vs the PyTorch reference on {gpu}", ""]
+    lines += _targets(rows, target) + [""]
+    lines.append("| dtype | M | P | d | backend | pass | median ms | [20 %, 80 %] | TFLOP/s (peak) | extra MiB | speed-up vs torch |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    eager = {(r["dtype"], r["M"], r["P"], r["d"], r["pass"]): r.get("median_ms")
+             for r in rows if r["backend"] == "torch" and r.get("status") == "ok"}
+    for r in rows:
+        key = (r["dtype"], r["M"], r["P"], r["d"], r["pass"])
+        if r.get("status") != "ok":
+            cells = [r.get("status", "?"), "", "", "", ""]
+        else:
+            peak = f" ({r['peak_tflops']:.0f})" if r.get("peak_tflops") else ""
+            mem = f"{r['extra_mib']:.1f}" if r.get("extra_mib") is not None else "n/a"
+            speed = f"{eager[key] / r['median_ms']:.2f}x" if eager.get(key) else ""
+            cells = [f"{r['median_ms']:.3f}", f"[{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]",
+                     f"{r['tflops']:.2f}{peak}", mem, speed]
+        lines.append("| " + " | ".join(map(str, [r["dtype"], r["M"], r["P"], r["d"], r["backend"], r["pass"], *cells])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _targets(rows, target) -> list[str]:
+    """The performance targets at ``target`` (M = 4096, P = 4, d = 64, bf16), fwd+bwd."""
+    M, P, d, dt = target
+    pick = {r["backend"]: r for r in rows
+            if (r["M"], r["P"], r["d"], r["dtype"], r["pass"]) == (M, P, d, dt, "fwd+bwd")}
+    out = [f"Targets at M={M}, P={P}, d={d}, {dt}, forward + backward:", ""]
+    tri = pick.get("triton")
+    if not tri or tri.get("status") != "ok":
+        return out + ["- not measured"]
+
+    def ratio(name, want, what):
+        base = pick.get(name)
+        if not base or base.get("status") != "ok":
+            return f"- {what}: baseline {base.get('status') if base else 'not measured'}"
+        got = base["median_ms"] / tri["median_ms"]
+        return f"- {what}: {got:.2f}x (target >= {want}x) {'PASS' if got >= want else 'FAIL'}"
+
+    out.append(ratio("torch", 5, "speed-up vs eager reference"))
+    out.append(ratio("torch.compile", 2, "speed-up vs torch.compile reference"))
+    eager = pick.get("torch")
+    if eager and eager.get("extra_mib") and tri.get("extra_mib") is not None:
+        frac = tri["extra_mib"] / eager["extra_mib"]
+        out.append(f"- peak extra memory: {tri['extra_mib']:.1f} MiB vs {eager['extra_mib']:.1f} MiB eager "
+                   f"= 1/{1 / max(frac, 1e-9):.0f} (target <= 1/20) {'PASS' if frac <= 1 / 20 else 'FAIL'}")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(max(7, 6 * len(dtypes)), 5), squeeze=False)
+    for ax, dt in zip(axes[0], dtypes):
+        series = {}
+        for r in rows:
+            if r["dtype"] == dt and r["pass"] == "fwd+bwd" and r.get("status") == "ok":
+                series.setdefault((r["backend"], r["P"], r["d"]), []).append((r["M"], r["median_ms"]))
+        for (backend, P, d), points in sorted(series.items()):
+            points.sort()
+            style = {"triton": "-o", "torch": "--s", "torch.compile": ":^"}.get(backend, "-")
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{backend} P={P} d={d}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("M (rows; N·P = M·P pool columns)")
+        ax.set_ylabel("forward + backward, median ms")
+        ax.set_title(f"{dt}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    gpu = rows[0]["gpu"] if rows else ""
+    fig.suptitle(f"HDCCF loss, forward + backward: fused Triton kernels vs PyTorch reference\n{gpu}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_only(arch: int) -> int:
+    """Compile every kernel at the launch heuristic's tiles for ``sm_<arch>`` and print the
+    registers, stack (spills) and shared memory ptxas reports. Needs no GPU."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from hdccf_triton import triton_backend as tb
+
+    kernels = tb._kernels()
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    target = GPUTarget("cuda", arch, 32)
+    print(f"target sm_{arch}; triton {triton.__version__}")
+    status = 0
+    for block_d, tiles in sorted(tb._GPU_TILES.items()):
+        for dtype in ("bf16", "fp32"):
+            for name, tile in zip(("fwd", "rows", "cols"), tiles):
+                fn = {"fwd": kernels.fwd.negative_stats_fwd_kernel,
+                      "rows": kernels.bwd.negative_stats_bwd_rows_kernel,
+                      "cols": kernels.bwd.negative_stats_bwd_cols_kernel}[name]
+                block_m, block_n, warps = tile
+                constexprs = dict(DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1, UPCAST=False,
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
+                t = time.perf_counter()
+                head = f"{name:<5} {dtype} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
+                try:
+                    c = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=2))
+                except Exception as err:  # noqa: BLE001
+                    print(f"{head} FAILED: {err!r}"[:400])
+                    status = 1
+                    continue
+                usage = ""
+                if cuobjdump.exists() and "cubin" in c.asm:
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(c.asm["cubin"])
+                        f.flush()
+                        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                              capture_output=True, text=True).stdout
+                    usage = " ".join(w for line in text.splitlines() if "REG" in line
+                                     for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
+                print(f"{head} smem={c.metadata.shared} {usage} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return status
+
+
+def _signature(fn, dtype: str) -> dict:
+    """Argument types of a negative-statistics kernel for bf16/fp32 inputs and int32 ids."""
+    types = {}
+    for name in fn.arg_names:
+        if name in ("U", "I", "X", "Y"):
+            types[name] = "*" + dtype
+        elif name in ("users", "items", "x_ids", "y_ids", "index", "CNT"):
+            types[name] = "*i32"
+        elif name in ("scale", "LSE", "G", "DU", "DI", "DX", "DY"):
+            types[name] = "*fp32"
+        elif name.isupper() and name not in ("M", "NP", "D", "P"):
+            types[name] = "constexpr"
+        else:
+            types[name] = "i32"
+    return types
+
+
+if __name__ == "__main__":
+    sys.exit(main())
