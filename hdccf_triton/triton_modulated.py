@@ -113,8 +113,12 @@ def negative_statistics(
     acc = torch.float64 if U.dtype == torch.float64 else torch.float32
     with torch.autocast(U.device.type, enabled=False):
         R, C, W3 = _operands(U, I, X.reshape(N * P, -1), Y.reshape(N * P, -1), sim, acc)
+        # int32 ids (fewer registers for the in-kernel flags) when the index bounds them,
+        # as triton_backend does
+        narrow = interactions is not None and max(interactions.num_users, interactions.num_items) <= 2**31
+        id_dtype = torch.int32 if narrow else torch.int64
         setup = _Setup(
-            ids=tuple(t.reshape(-1).to(torch.int64).contiguous()
+            ids=tuple(t.reshape(-1).to(id_dtype).contiguous()
                       for t in (users, items, pool_items, pool_users)),
             index=tb._index_layout(interactions, options, U.device),
             normalize=sim.normalize,
@@ -153,7 +157,7 @@ def _operands(U, I, X, Y, sim, acc):
 class _Setup:
     """Everything about one call that is not a differentiable tensor."""
 
-    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int64, contiguous
+    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
     index: object  # triton_backend._IndexLayout
     normalize: bool
     debias: bool

@@ -102,8 +102,8 @@ def modulated_stats_bwd_rows_kernel(
     R,  # [8, M, D] row operands
     C,  # [8, NP, D] column operands
     W3,  # [D, D]
-    users, items,  # [M] int64 anchor ids
-    x_ids, y_ids,  # [NP] int64 pool ids
+    users, items,  # [M] anchor ids (int32 or int64)
+    x_ids, y_ids,  # [NP] pool ids (int32 or int64)
     index, n_keys, num_items,  # D (membership.py)
     scale,  # [1] 1/τ
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
@@ -134,7 +134,7 @@ def modulated_stats_bwd_rows_kernel(
     b_cu = load_slot(R, 6, o_r, M, o_d, D, m_row)
     b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)
     b_w3, b_w3t = _load_w3(W3, o_d, D)  # [BLOCK_D, BLOCK_D]
-    b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
+    b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
     b_item = tl.load(items + o_m, mask=m_m, other=0)
     b_block = row_offset + o_m
     # rows out of range: lse = −inf and g = 0, so all their weights are 0
@@ -225,8 +225,8 @@ def modulated_stats_bwd_cols_kernel(
     R,  # [8, M, D] row operands
     C,  # [8, NP, D] column operands
     W3,  # [D, D]
-    users, items,  # [M] int64 anchor ids
-    x_ids, y_ids,  # [NP] int64 pool ids
+    users, items,  # [M] anchor ids (int32 or int64)
+    x_ids, y_ids,  # [NP] pool ids (int32 or int64)
     index, n_keys, num_items,  # D (membership.py)
     scale,  # [1] 1/τ
     LSE,  # [4, M]

@@ -91,8 +91,8 @@ def modulated_stats_fwd_kernel(
     R,  # [8, M, D] row operands (module doc)
     C,  # [8, NP, D] column operands
     W3,  # [D, D] the pair block of g's weight
-    users, items,  # [M] int64 anchor ids
-    x_ids, y_ids,  # [NP] int64 pool ids
+    users, items,  # [M] anchor ids (int32 or int64)
+    x_ids, y_ids,  # [NP] pool ids (int32 or int64)
     index, n_keys, num_items,  # D, the training pairs (membership.py)
     scale,  # [1] 1/τ in the operands' dtype
     LSE,  # [S, 4, M] out: partial log-sums of A, B, C, E per column split
@@ -123,8 +123,8 @@ def modulated_stats_fwd_kernel(
     b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)  # q_i as f_ii sees it
     m_w = m_d[:, None] & m_d[None, :]
     b_w3t = tl.load(W3 + o_d[None, :] * D + o_d[:, None], mask=m_w, other=0.0)  # [BLOCK_D, BLOCK_D] W₃ᵀ
-    b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
-    b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
+    b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
+    b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M]
     b_block = row_offset + o_m  # [BLOCK_M] own block of each row
 
     # running max m and sum l of the four log-sum-exps; counts of Tᴵ and Tᵁ
@@ -154,8 +154,8 @@ def modulated_stats_fwd_kernel(
         b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)  # W₂e_Y
         b_cx = load_slot(C, 6, o_c, NP, o_d, D, m_col)  # q_X as f_ii sees it
         b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)  # p_Y as f_uu sees it
-        b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N] int64
-        b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N] int64
+        b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+        b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
 
         # Tᴵ_k ∋ j (masks A, E) and Tᵁ_k ∋ j (masks B, C) on the tile
         m_item, m_user = true_negative_masks(
