@@ -1,0 +1,260 @@
+"""Benchmark of the modulated-similarity kernels against the PyTorch reference, eager and compiled.
+
+For M in {512, 1024, 4096}, P = 4, d = 64 (the size of p and of e; inputs are [.., 2·64]),
+fp32, it measures the forward and the forward + backward of the per-row loss with a
+``ModulatedSimilarity`` (gradients to the four embedding tensors and to g's weight and bias):
+median and 20/80 % quantiles (``triton.testing.do_bench``, or 3 timed runs for calls over
+0.25 s) and the peak memory above the inputs (``torch.cuda.max_memory_allocated``). A backend
+that runs out of memory is reported as OOM. Results go to ``bench/results/`` as
+``kernels_modulated.csv`` and ``kernels_modulated.md``.
+
+    python bench/kernels_modulated.py              # GPU: the grid above
+    python bench/kernels_modulated.py --dry-run    # CPU: Triton interpreter, tiny shapes
+
+Work per pair (k, j) and family (A or B), d = 64: the kernels form e_r⊙e_c (d), W₃(e_r⊙e_c)
+(2d² flops), the sigmoid and f (≈ 6d); the reference does the same with [rows, N·P, d]
+tensors in memory-bound passes. torch.compile (mode default, dynamic=False) unrolls the
+reference's Python loop over row chunks, so it is compiled for the smallest M only by default
+(``--compile-m``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+GRID = dict(M=(512, 1024, 4096), P=(4,), d=(64,))
+DRY = dict(M=(16, 24), P=(2,), d=(8,))
+FIELDS = ["device", "M", "P", "d", "normalize", "backend", "pass", "median_ms", "p20_ms",
+          "p80_ms", "extra_mib", "status"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    p.add_argument("--normalize", action="store_true", help="cosine of the modulated vectors")
+    p.add_argument("--compile-m", type=int, nargs="*", default=None,
+                   help="the M for which torch.compile is measured (default: the smallest)")
+    p.add_argument("--budget", type=float, default=240.0,
+                   help="seconds after which the baselines are skipped")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are loaded
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("bench/kernels_modulated.py needs a CUDA GPU (use --dry-run on a CPU)")
+        return 2
+    grid = DRY if args.dry_run else GRID
+    compile_m = set(args.compile_m if args.compile_m is not None else [min(grid["M"])])
+    rows = run_grid(grid, compile_m, args, dry_run=args.dry_run)
+    write_outputs(rows, args.out)
+    return 0
+
+
+def run_grid(grid, compile_m, args, *, dry_run):
+    import torch
+
+    from hdccf_triton import ModulatedSimilarity, reference, triton_modulated
+    from hdccf_triton.options import LossOptions
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    name = "CPU (Triton interpreter)" if dry_run else torch.cuda.get_device_name(device)
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    start = time.perf_counter()
+    index = _index(device, small=dry_run)
+    rows = []
+    for M in grid["M"]:
+        for P in grid["P"]:
+            for d in grid["d"]:
+                torch.manual_seed(0)
+                sim = ModulatedSimilarity(d, args.normalize).to(device)
+                options = LossOptions(temperature=0.1, omega_user=0.1, omega_item=0.1, similarity=sim)
+                batch = _batch(M, P, d, index, device)
+                backends = {"triton": triton_modulated.per_row_loss, "torch": reference.per_row_loss}
+                if M in compile_m:
+                    backends["torch.compile"] = _compile(reference.per_row_loss, dry_run)
+                for backend, fn in backends.items():
+                    skip = None
+                    if backend != "triton" and time.perf_counter() - start > args.budget:
+                        skip = "skipped: time budget"
+                    base = dict(device=name, M=M, P=P, d=d, normalize=args.normalize, backend=backend)
+                    for row in measure(fn, base, batch, index, options, sim, device, skip):
+                        rows.append(row)
+                        print(_line(row), flush=True)
+                del batch
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def _index(device, *, small, seed=0):
+    """An ML-1M-sized InteractionIndex (6,040 users × 3,416 items, ~1M random pairs)."""
+    import torch
+
+    from hdccf_triton import InteractionIndex
+
+    num_users, num_items, pairs = (60, 40, 600) if small else (6040, 3416, 1_000_000)
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, num_users * num_items, (pairs,), generator=g)
+    return InteractionIndex.from_pairs(keys // num_items, keys % num_items, num_users, num_items).to(device)
+
+
+def _batch(M, P, d, index, device, *, seed=0, scale=0.3):
+    """Embeddings [.., 2·d] = [vector ‖ factor], N(0, scale²), and uniform ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    emb = lambda *s: (torch.randn(*s, 2 * d, generator=g) * scale).to(device)  # noqa: E731
+    ids = lambda n, *s: torch.randint(0, n, s, generator=g).to(device)  # noqa: E731
+    U, I = index.num_users, index.num_items
+    return [emb(M), emb(M), emb(M, P), emb(M, P)], [ids(U, M), ids(I, M), ids(I, M, P), ids(U, M, P)]
+
+
+def _compile(fn, dry_run):
+    import torch
+
+    if dry_run:  # no C++ toolchain needed: Dynamo tracing only
+        return torch.compile(fn, backend="eager", dynamic=False)
+    return torch.compile(fn, mode="default", dynamic=False)
+
+
+def measure(fn, base, batch, index, options, sim, device, skip):
+    """Rows of fwd and fwd+bwd for one backend and shape."""
+    import torch
+
+    if skip:
+        return [dict(base, **{"pass": w, "status": skip}) for w in ("fwd", "fwd+bwd")]
+    embeddings, ids = batch
+    leaves = [e.detach().clone().requires_grad_() for e in embeddings]
+    params = list(sim.parameters())
+
+    def forward():
+        return fn(*leaves, *ids, index, options, 0)
+
+    def forward_backward():
+        torch.autograd.grad(forward().sum(), leaves + params)
+
+    out = []
+    for what, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        row = dict(base, **{"pass": what})
+        try:
+            row.update(zip(("median_ms", "p20_ms", "p80_ms"), bench(call, device)), status="ok")
+            if device.type == "cuda":
+                row["extra_mib"] = peak_extra_memory(call) / 2**20
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - report, keep benchmarking
+            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        out.append(row)
+        if what == "fwd" and row["status"] == "OOM":  # the backward cannot fit either
+            out.append(dict(base, **{"pass": "fwd+bwd", "status": "OOM"}))
+            break
+    return out
+
+
+def bench(call, device):
+    """(median, 20 %, 80 %) ms; the first call warms up (compiles)."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    call()
+    sync()
+    if device.type != "cuda":  # the interpreter (--dry-run): one timed call is enough
+        t = time.perf_counter()
+        call()
+        ms = (time.perf_counter() - t) * 1e3
+        return ms, ms, ms
+    t = time.perf_counter()
+    call()
+    sync()
+    if time.perf_counter() - t < 0.25:
+        from triton.testing import do_bench
+
+        return tuple(do_bench(call, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8]))
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        call()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return times[1], times[0], times[2]
+
+
+def peak_extra_memory(call) -> int:
+    """Bytes allocated at the peak of one call, above what was allocated before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _line(row) -> str:
+    head = f"M={row['M']:<5} P={row['P']} d={row['d']} {row['backend']:<13} {row['pass']:<7}"
+    if row.get("status") != "ok":
+        return f"{head} {row.get('status')}"
+    mem = f" {row['extra_mib']:9.1f} MiB" if row.get("extra_mib") is not None else ""
+    return f"{head} {row['median_ms']:10.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]{mem}"
+
+
+def write_outputs(rows, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "kernels_modulated.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else "" if v is None else v)
+                             for k, v in ((k, row.get(k)) for k in FIELDS)})
+    (out / "kernels_modulated.md").write_text(markdown(rows))
+    print(f"wrote {out / 'kernels_modulated.csv'} and {out / 'kernels_modulated.md'}")
+
+
+def markdown(rows) -> str:
+    device = rows[0]["device"] if rows else "?"
+    lines = [f"# Modulated similarity: fused Triton kernels vs the PyTorch reference on {device}", "",
+             "fp32, τ = 0.1, ω = 0.1, debiased; gradients to the embeddings and to g's weight and bias.", "",
+             "| M | P | d | normalize | backend | pass | median ms | [20 %, 80 %] | extra MiB | speed-up vs torch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    eager = {(r["M"], r["P"], r["d"], r["pass"]): r.get("median_ms")
+             for r in rows if r["backend"] == "torch" and r.get("status") == "ok"}
+    for r in rows:
+        key = (r["M"], r["P"], r["d"], r["pass"])
+        if r.get("status") != "ok":
+            cells = [r.get("status", "?"), "", "", ""]
+        else:
+            mem = f"{r['extra_mib']:.1f}" if r.get("extra_mib") is not None else "n/a"
+            speed = f"{eager[key] / r['median_ms']:.2f}x" if eager.get(key) else ""
+            cells = [f"{r['median_ms']:.3f}", f"[{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]", mem, speed]
+        lines.append("| " + " | ".join(map(str, [r["M"], r["P"], r["d"], r["normalize"], r["backend"],
+                                                  r["pass"], *cells])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
