@@ -145,7 +145,7 @@ def negative_statistics(
         options=options,
         row_offset=int(row_offset),
         P=P,
-        config=launch_config(M, N * P, d, U.device),
+        config=launch_config(M, N * P, d, U.device, U.dtype),
     )
     X2 = X.reshape(N * P, d)
     Y2 = Y.reshape(N * P, d)
@@ -248,15 +248,22 @@ _GPU_TILES = {
 }
 
 
-def launch_config(M: int, NP: int, d: int, device: torch.device) -> LaunchConfig:
+#: most splits of a backward pass (each adds an fp32 [rows, d] partial gradient per input)
+_MAX_GRAD_SPLITS = 4
+
+
+def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dtype | None = None) -> LaunchConfig:
     """The documented heuristic for M rows, NP = N·P pool columns, embedding dim d.
 
     * ``block_d = max(16, next_pow2(d))``.
-    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256), 2 stages.
-      Splits: enough programs for about two waves over the SMs: ``splits = ceil(2·SMs /
-      programs)`` with programs = row blocks (forward, row pass) or column blocks (column
-      pass), at most the number of blocks along the swept dimension. The split count depends
-      only on the shape and the GPU model, so results are bit-identical run to run.
+    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256 and for
+      fp64 inputs), 2 stages.
+      Splits: enough programs for one wave over the SMs, ``splits = ceil(SMs / programs)``
+      with programs = row blocks (forward, row pass) or column blocks (column pass), at most
+      the number of blocks along the swept dimension, and at most 16 for the forward (its
+      partials are [splits, 4, M]) and :data:`_MAX_GRAD_SPLITS` for the backward (its fp32
+      partial gradients are [splits, rows, d]: memory). The split count depends only on the
+      shape and the GPU model, so results are bit-identical run to run.
     * Interpreter: 16×16 tiles, one split (its programs run one after another anyway).
 
     Test hooks (``_OVERRIDES``): ``block_m``, ``block_n``, ``num_warps`` set all three
@@ -267,18 +274,20 @@ def launch_config(M: int, NP: int, d: int, device: torch.device) -> LaunchConfig
     if device.type == "cuda":
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         tiles = _GPU_TILES.get(max(64, block_d), ((16, 16, 4),) * 3)
+        if dtype == torch.float64:  # fp64 (tests): FMA products, twice the registers
+            tiles = ((16, 16, 4),) * 3
 
-        def launch(tile, parallel, swept, along_rows):
+        def launch(tile, parallel, swept, along_rows, cap):
             bm, bn, warps = tile
             programs = -(-parallel // (bm if along_rows else bn))
             blocks = -(-swept // (bn if along_rows else bm))
-            return KernelLaunch(bm, bn, warps, max(1, min(blocks, -(-2 * n_sm // programs))))
+            return KernelLaunch(bm, bn, warps, max(1, min(blocks, cap, -(-n_sm // programs))))
 
         config = LaunchConfig(
             block_d, 2,
-            fwd=launch(tiles[0], M, NP, True),
-            rows=launch(tiles[1], M, NP, True),
-            cols=launch(tiles[2], NP, M, False),
+            fwd=launch(tiles[0], M, NP, True, cap=16),
+            rows=launch(tiles[1], M, NP, True, cap=_MAX_GRAD_SPLITS),
+            cols=launch(tiles[2], NP, M, False, cap=_MAX_GRAD_SPLITS),
         )
     else:
         one = KernelLaunch(16, 16, 1, 1)
@@ -366,29 +375,36 @@ def _backward(U, I, X, Y, lse, G, setup: _Setup, need_rows: bool, need_cols: boo
     if need_rows:
         k = setup.config.rows
         cols_per_split, splits = _split_size(NP, k.splits, k.block_n)
-        dU_parts = _empty((splits, M, d), acc, U.device)
-        dI_parts = _empty((splits, M, d), acc, U.device)
+        # one split: the kernel stores the gradient in the input dtype (no fp32 buffer);
+        # several: fp32 partials, added on the host
+        dtype = acc if splits > 1 else U.dtype
+        dU_parts = _empty((splits, M, d), dtype, U.device)
+        dI_parts = _empty((splits, M, d), dtype, U.device)
         kernels.bwd.negative_stats_bwd_rows_kernel[(triton_cdiv(M, k.block_m), splits)](
             *args, lse, G, dU_parts, dI_parts,
             M, NP, d, setup.P, setup.row_offset, cols_per_split, **_constexprs(U, setup, k),
         )
-        dU, dI = (_merge(parts, U.dtype) for parts in (dU_parts, dI_parts))
+        dU, dI = _merge(dU_parts, U.dtype), _merge(dI_parts, I.dtype)
+        del dU_parts, dI_parts  # before the column pass allocates its own
     if need_cols:
         k = setup.config.cols
         rows_per_split, splits = _split_size(M, k.splits, k.block_m)
-        dX_parts = _empty((splits, NP, d), acc, U.device)
-        dY_parts = _empty((splits, NP, d), acc, U.device)
+        dtype = acc if splits > 1 else X.dtype
+        dX_parts = _empty((splits, NP, d), dtype, U.device)
+        dY_parts = _empty((splits, NP, d), dtype, U.device)
         kernels.bwd.negative_stats_bwd_cols_kernel[(triton_cdiv(NP, k.block_n), splits)](
             *args, lse, G, dX_parts, dY_parts,
             M, NP, d, setup.P, setup.row_offset, rows_per_split, **_constexprs(U, setup, k),
         )
-        dX, dY = (_merge(parts, X.dtype) for parts in (dX_parts, dY_parts))
+        dX, dY = _merge(dX_parts, X.dtype), _merge(dY_parts, Y.dtype)
     return dU, dI, dX, dY
 
 
 def _merge(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Σ over the splits (dim 0, a fixed order: deterministic), in ``dtype``."""
-    return (parts[0] if parts.shape[0] == 1 else parts.sum(0)).to(dtype)
+    """Σ over the splits (dim 0, in a fixed order: deterministic), in ``dtype``."""
+    if parts.shape[0] == 1:
+        return parts[0] if parts.dtype == dtype else parts[0].to(dtype)
+    return parts.sum(0).to(dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -52,7 +52,7 @@ def negative_stats_bwd_rows_kernel(
     scale,  # [1] 1/τ in the accumulation dtype
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients (accumulation dtype)
-    DU, DI,  # [S, M, D] out: partial dU, dI per column split (accumulation dtype)
+    DU, DI,  # [S, M, D] out: partial dU, dI per column split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, cols_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -138,7 +138,7 @@ def negative_stats_bwd_cols_kernel(
     scale,  # [1] 1/τ in the accumulation dtype
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients (accumulation dtype)
-    DX, DY,  # [S, NP, D] out: partial dX, dY per row split (accumulation dtype)
+    DX, DY,  # [S, NP, D] out: partial dX, dY per row split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, rows_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr,
