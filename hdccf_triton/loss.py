@@ -178,6 +178,9 @@ class DebiasedContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        show = lambda k: "<submodule similarity>" if k == "similarity" and o.modulation is not None else repr(getattr(o, k))  # noqa: E731
+
+        def show(k):  # the ModulatedSimilarity prints as the child module it is
+            return "<submodule similarity>" if k == "similarity" and o.modulation is not None else repr(getattr(o, k))
+
         fields = ", ".join(f"{k}={show(k)}" for k in o.__dataclass_fields__)
         return f"interactions={self.interactions!r}, {fields}"
