@@ -425,8 +425,12 @@ def compile_only(arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
     print(f"target sm_{arch}; triton {triton.__version__}")
     status = 0
-    for block_d, tiles in sorted(tb._GPU_TILES.items()):
+    for block_d in sorted(tb._GPU_TILES):
         for dtype in ("bf16", "fp32"):
+            if dtype == "bf16":
+                tiles, maxnreg = tb._GPU_TILES[block_d], None
+            else:
+                tiles, maxnreg = tb._GPU_TILES_FMA[64 if block_d <= 64 else 128], 255
             for name, tile in zip(("fwd", "rows", "cols"), tiles):
                 fn = {"fwd": kernels.fwd.negative_stats_fwd_kernel,
                       "rows": kernels.bwd.negative_stats_bwd_rows_kernel,
@@ -437,8 +441,11 @@ def compile_only(arch: int) -> int:
                 src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
                 t = time.perf_counter()
                 head = f"{name:<5} {dtype} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
+                options = dict(num_warps=warps, num_stages=2)
+                if maxnreg:
+                    options["maxnreg"] = maxnreg
                 try:
-                    c = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=2))
+                    c = triton.compile(src, target=target, options=options)
                 except Exception as err:  # noqa: BLE001
                     print(f"{head} FAILED: {err!r}"[:400])
                     status = 1

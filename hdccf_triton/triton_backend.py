@@ -36,7 +36,7 @@ import torch
 
 from .interactions import InteractionIndex
 from .options import LossOptions
-from .terms import NegativeStats, combine_terms, prepare_scores
+from .terms import NegativeStats, combine_terms, prepare_scores, resolve_similarity
 
 __all__ = ["unavailable_reason", "per_row_loss", "negative_statistics", "LaunchConfig", "KernelLaunch",
            "launch_config", "interaction_bitmap"]
@@ -98,6 +98,16 @@ def per_row_loss(
     Returns:
         ``[M]`` per-row loss, float32 for half-precision inputs, else the input dtype.
     """
+    user_emb, item_emb, pool_item_emb, pool_user_emb, options = resolve_similarity(
+        user_emb, item_emb, pool_item_emb, pool_user_emb, options
+    )
+    if options.modulation is not None:  # a genuine modulation: its own kernels
+        from . import triton_modulated
+
+        return triton_modulated.per_row_loss(
+            user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
+            pool_users, interactions, options, row_offset,
+        )
     scores = prepare_scores(user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset)
     kernel_dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
     if kernel_dtype == user_emb.dtype and not options.cosine:
@@ -118,6 +128,7 @@ def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+@torch.compiler.disable  # under torch.compile: a graph break around the kernel launches
 def negative_statistics(
     U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
 ) -> NegativeStats:
@@ -226,12 +237,16 @@ class LaunchConfig:
     Attributes:
         block_d: the next power of two ≥ max(d, 16); the embedding dim is masked up to it.
         num_stages: software pipelining depth of the column (row) loops.
+        maxnreg: register cap per thread passed to ptxas, or None (its default). The fp32 /
+            fp64 kernels set 255: their IEEE products run on the FMA units, and with 4 warps
+            ptxas otherwise settles on 32 registers and spills kilobytes.
         fwd, rows, cols: the forward, the row-parallel (dU, dI) and the column-parallel
             (dX, dY) backward.
     """
 
     block_d: int
     num_stages: int
+    maxnreg: int | None
     fwd: KernelLaunch
     rows: KernelLaunch
     cols: KernelLaunch
@@ -244,9 +259,13 @@ class LaunchConfig:
 _GPU_TILES = {
     64: ((64, 32, 4), (64, 32, 8), (64, 32, 8)),
     128: ((64, 32, 8), (32, 32, 8), (32, 32, 8)),
-    256: ((32, 16, 4), (16, 32, 4), (16, 16, 4)),
+    256: ((32, 16, 4), (16, 32, 8), (16, 16, 4)),
 }
 
+
+#: the same for fp32/fp64 inputs (IEEE products on the FMA units, ``maxnreg = 255``), by
+#: block_d ≤ 64 and above (above, ptxas still spills about 1 KiB a thread)
+_GPU_TILES_FMA = {64: ((32, 16, 8), (16, 16, 8), (16, 16, 8)), 128: ((16, 16, 8),) * 3}
 
 #: most splits of a backward pass (each adds an fp32 [rows, d] partial gradient per input)
 _MAX_GRAD_SPLITS = 4
@@ -256,8 +275,8 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
     """The documented heuristic for M rows, NP = N·P pool columns, embedding dim d.
 
     * ``block_d = max(16, next_pow2(d))``.
-    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256 and for
-      fp64 inputs), 2 stages.
+    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256), 2 stages;
+      fp32/fp64 inputs: :data:`_GPU_TILES_FMA` and ``maxnreg = 255``.
       Splits: enough programs for one wave over the SMs, ``splits = ceil(SMs / programs)``
       with programs = row blocks (forward, row pass) or column blocks (column pass), at most
       the number of blocks along the swept dimension, and at most 16 for the forward (its
@@ -274,8 +293,9 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
     if device.type == "cuda":
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         tiles = _GPU_TILES.get(max(64, block_d), ((16, 16, 4),) * 3)
-        if dtype == torch.float64:  # fp64 (tests): FMA products, twice the registers
-            tiles = ((16, 16, 4),) * 3
+        maxnreg = None
+        if dtype in (torch.float32, torch.float64):  # IEEE products on the FMA units
+            tiles, maxnreg = (_GPU_TILES_FMA[64] if block_d <= 64 else _GPU_TILES_FMA[128]), 255
 
         def launch(tile, parallel, swept, along_rows, cap):
             bm, bn, warps = tile
@@ -284,14 +304,14 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
             return KernelLaunch(bm, bn, warps, max(1, min(blocks, cap, -(-n_sm // programs))))
 
         config = LaunchConfig(
-            block_d, 2,
+            block_d, 2, maxnreg,
             fwd=launch(tiles[0], M, NP, True, cap=16),
             rows=launch(tiles[1], M, NP, True, cap=_MAX_GRAD_SPLITS),
             cols=launch(tiles[2], NP, M, False, cap=_MAX_GRAD_SPLITS),
         )
     else:
         one = KernelLaunch(16, 16, 1, 1)
-        config = LaunchConfig(block_d, 1, one, one, one)
+        config = LaunchConfig(block_d, 1, None, one, one, one)
     return _with_overrides(config)
 
 
@@ -341,6 +361,7 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
         UPCAST=_interpreting() and U.dtype == torch.bfloat16,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=setup.config.block_d,
         num_warps=launch.num_warps, num_stages=setup.config.num_stages,
+        **({"maxnreg": setup.config.maxnreg} if setup.config.maxnreg else {}),
     )
 
 

@@ -291,6 +291,17 @@ def test_public_api_backend_triton_matches_torch():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_under_torch_compile():
+    # the kernels run behind a graph break; the rest of the loss is traced
+    case = make_case(9, 2, 8, seed=16)
+    compiled = torch.compile(tb.per_row_loss, backend="eager", dynamic=False)
+    got, grads = loss_and_grads(type("B", (), {"per_row_loss": staticmethod(compiled)}), case, _options())
+    want, want_grads = loss_and_grads(reference, case, _options())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_unavailable_reason(monkeypatch):
     assert tb.unavailable_reason(torch.device("cpu")) is None  # interpreter on CPU tensors
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -361,8 +372,8 @@ def test_launch_config_on_cpu():
     assert tb._split_size(5, 4, 16) == (16, 1)
 
 
-def test_gpu_tile_table_is_valid_for_tl_dot():
-    for block_d, tiles in tb._GPU_TILES.items():
+def test_gpu_tile_tables_are_valid_for_tl_dot():
+    for tiles in (*tb._GPU_TILES.values(), *tb._GPU_TILES_FMA.values()):
         for block_m, block_n, warps in tiles:
             assert block_m >= 16 and block_n >= 16 and warps in (4, 8)
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0
@@ -434,10 +445,13 @@ def test_gpu_peak_memory_is_linear_in_the_batch():
     torch.autograd.grad(loss.sum(), leaves)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    score_matrix = M * M * P * 4  # one fp32 [M, N·P] matrix
-    assert extra < score_matrix / 20, (extra, score_matrix)
+    # O(M·P·d): the gradients themselves (1× the inputs), prepare_scores' fp32 copies and the
+    # fp32 gradients of its own-block einsums (about 4×), the kernels' partial gradients;
+    # an allocation-level emulation on the CPU gives ≈ 6× the inputs at this shape
     inputs = sum(e.numel() * e.element_size() for e in leaves)
-    assert extra < 64 * inputs, (extra, inputs)
+    assert extra < 12 * inputs, (extra, inputs)
+    score_matrix = M * M * P * 4  # one fp32 [M, N·P] matrix: 1 GiB
+    assert extra < score_matrix / 8, (extra, score_matrix)
 
 
 @pytest.mark.gpu
