@@ -1,10 +1,13 @@
 """The fused Triton kernels against the PyTorch reference.
 
 On a machine without a GPU they run in Triton's CPU interpreter: an autouse fixture sets
-``TRITON_INTERPRET=1`` for each test (not for the whole session), and the backend reloads the
-kernel modules for the current setting, so this module runs in one pytest process with any
-other, in any order. Every output buffer is NaN-filled before the kernels write it
-(``_POISON_OUTPUTS``), so a tile a kernel forgets to write fails the comparison.
+``TRITON_INTERPRET=1`` for each test (not for the whole session), the backend reloads the
+kernel modules for the current setting (``@triton.jit`` reads it when a module is executed),
+and the kernels call Triton builtins only (not ``tl.sum``/``tl.max``/``tl.zeros``, which are
+themselves jitted when triton is first imported, maybe before the variable was set), so this
+module runs in one pytest process with any other, in any order, whoever imported triton
+first. Every output buffer is NaN-filled before the kernels write it (``_POISON_OUTPUTS``), so
+a tile a kernel forgets to write fails the comparison.
 
 Interpreter tests use tiny shapes (16×16 tiles; the interpreter is slow), float64 for tight
 comparisons with the float64 reference, and float32 compared with the float32 reference's own
@@ -32,7 +35,6 @@ from triton_helpers import (  # noqa: E402
     assert_error_within_factor,
     loss_and_grads,
     make_case,
-    max_abs,
 )
 
 DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3)
@@ -395,7 +397,7 @@ def _gpu_case(M, P, d, dtype, *, seed=0, num_users=6040, num_items=3416, density
 def test_gpu_matches_reference(dtype, similarity):
     case = _gpu_case(1024, 4, 64, dtype, seed=1)
     options = _options(similarity)
-    upstream = torch.rand(1024, device="cuda", dtype=torch.float64)
+    upstream = torch.rand(case.M, device=case.embeddings[0].device, dtype=torch.float64)
     truth, truth_grads = loss_and_grads(reference, case.cast(torch.float64), options, upstream)
     got, got_grads = loss_and_grads(tb, case, options, upstream)
     low, low_grads = loss_and_grads(reference, case, options, upstream)
@@ -408,7 +410,7 @@ def test_gpu_matches_reference(dtype, similarity):
         if dtype == torch.float32:
             assert_error_within_factor(a, r, t, atol=16 * eps * float(t.abs().max()), what="grad")
         else:
-            torch.testing.assert_close(a.double(), t, rtol=0, atol=8 * res * float(t.abs().max()))
+            torch.testing.assert_close(a.double(), t, rtol=0, atol=16 * res * float(t.abs().max()))
 
 
 @pytest.mark.gpu
