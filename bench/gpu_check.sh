@@ -6,7 +6,7 @@
 #      grid, BENCH_ARGS="", takes up to 4 minutes on its own: run it alone).
 # Time limits: 150 s for the tests, 130 s for the benchmark (which writes its CSV and
 # Markdown after every shape, so a run cut short still leaves results).
-# Everything is written under bench/results/ (and copied to $OUT when it is set).
+# Everything is written under bench/results/ (or $RESULTS; copied to $OUT when it is set).
 # Exit status: non-zero when the tests or the benchmark failed.
 #
 #   bash bench/gpu_check.sh
@@ -14,7 +14,7 @@
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
-RESULTS=bench/results
+RESULTS="${RESULTS:-bench/results}"
 mkdir -p "$RESULTS"
 unset TRITON_INTERPRET  # the kernels must compile for the GPU, not run in the interpreter
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,7 +35,7 @@ EOF
 } 2>&1 | tee "$RESULTS/environment.txt"
 
 echo "== tests -m gpu"
-timeout 150 python -m pytest tests -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.txt"
+timeout 150 python -m pytest -o addopts="" tests -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 echo "tests exit status: $tests_rc" | tee -a "$RESULTS/gpu_tests.txt"
 
