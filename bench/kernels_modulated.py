@@ -8,8 +8,11 @@ median and 20/80 % quantiles (``triton.testing.do_bench``, or 3 timed runs for c
 that runs out of memory is reported as OOM. Results go to ``bench/results/`` as
 ``kernels_modulated.csv`` and ``kernels_modulated.md``.
 
-    python bench/kernels_modulated.py              # GPU: the grid above
-    python bench/kernels_modulated.py --dry-run    # CPU: Triton interpreter, tiny shapes
+    python bench/kernels_modulated.py                 # GPU: the grid above
+    python bench/kernels_modulated.py --dry-run       # CPU: Triton interpreter, tiny shapes
+    python bench/kernels_modulated.py --compile-only  # no GPU: compile the three kernels for
+                                                      # sm_90 at the launch tiles, print the
+                                                      # registers, spills and shared memory
 
 Work per pair (k, j) and family (A or B), d = 64: the kernels form e_r⊙e_c (d), W₃(e_r⊙e_c)
 (2d² flops), the sigmoid and f (≈ 6d); the reference does the same with [rows, N·P, d]
@@ -38,7 +41,11 @@ FIELDS = ["device", "M", "P", "d", "normalize", "backend", "pass", "median_ms", 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    mode.add_argument("--compile-only", action="store_true", help="compile for --arch, print resources")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
+    p.add_argument("--d", type=int, default=64, help="d for --compile-only")
     p.add_argument("--normalize", action="store_true", help="cosine of the modulated vectors")
     p.add_argument("--compile-m", type=int, nargs="*", default=None,
                    help="the M for which torch.compile is measured (default: the smallest)")
@@ -56,6 +63,8 @@ def main(argv=None) -> int:
         os.environ.pop("TRITON_INTERPRET", None)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if args.compile_only:
+        return compile_only(args.arch, args.d, args.normalize)
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
@@ -254,6 +263,67 @@ def markdown(rows) -> str:
         lines.append("| " + " | ".join(map(str, [r["M"], r["P"], r["d"], r["normalize"], r["backend"],
                                                   r["pass"], *cells])) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compile_only(arch: int, d: int, normalize: bool) -> int:
+    """Compile the three modulated kernels for ``sm_<arch>`` at the GPU launch tiles of
+    ``triton_modulated.launch_config`` (fp32 operands, int32 ids, bitmap index) and print
+    what ptxas reports: registers, stack (spills), shared memory. Needs no GPU."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from hdccf_triton import triton_modulated as tm
+
+    fwd, bwd = tm._kernels()
+    block_d = max(16, 1 << max(0, d - 1).bit_length())
+    # the GPU branch of launch_config, without a GPU to ask for its SM count
+    num_warps = 4 if block_d <= 32 else 8
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    print(f"target sm_{arch}; triton {triton.__version__}; d={d} (block_d={block_d}), "
+          f"tile 16x16, {num_warps} warps, normalize={normalize}")
+    status = 0
+    for name, fn in (("fwd", fwd.modulated_stats_fwd_kernel), ("rows", bwd.modulated_stats_bwd_rows_kernel),
+                     ("cols", bwd.modulated_stats_bwd_cols_kernel)):
+        constexprs = dict(NORMALIZE=normalize, DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1,
+                          BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
+        src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
+        t = time.perf_counter()
+        try:
+            c = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=num_warps, num_stages=1))
+        except Exception as err:  # noqa: BLE001 - report every kernel
+            print(f"{name:<5} FAILED: {err!r}"[:600])
+            status = 1
+            continue
+        usage = ""
+        if cuobjdump.exists() and "cubin" in c.asm:
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(c.asm["cubin"])
+                f.flush()
+                text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                      capture_output=True, text=True).stdout
+            usage = " ".join(w for line in text.splitlines() if "REG" in line
+                             for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
+        print(f"{name:<5} smem={c.metadata.shared} {usage} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return status
+
+
+def _signature(fn) -> dict:
+    """Argument types of a modulated kernel: fp32 operands and buffers, int32 ids and bitmap."""
+    types = {}
+    for name in fn.arg_names:
+        if name in ("R", "C", "W3", "scale", "LSE", "G", "DR", "DW3", "DC"):
+            types[name] = "*fp32"
+        elif name in ("users", "items", "x_ids", "y_ids", "index", "CNT"):
+            types[name] = "*i32"
+        elif name.isupper() and name not in ("M", "NP", "D", "P"):
+            types[name] = "constexpr"
+        else:
+            types[name] = "i32"
+    return types
 
 
 if __name__ == "__main__":

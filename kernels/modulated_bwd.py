@@ -18,6 +18,9 @@ The host turns dh into the gradients of W₁, W₂, b and of the factors e throu
 (per-entity products), so only W₃'s gradient is a reduction over pairs: each program of the
 row-parallel kernel writes its partial dW₃ ``[D, D]`` into its own slot of a
 ``[programs, D, D]`` buffer, summed by the host in a fixed order (deterministic, no atomics).
+As in the forward, the products with W₃ run as a loop over its D columns c' on the pair tile:
+t = δ·W₃[:, c'] ``[BLOCK_M, BLOCK_N]`` gives column c' of de_r (Σ_j t e_c[j, c']) and of de_c
+(Σ_k t e_r[k, c']), and Σ_{k, j} δ e_r[k, c'] e_c[j, c'] column c' of dW₃.
 C and E are plain dot products of the c operands (as ``negative_stats_bwd.py``).
 
 Two kernels, like the dot/cosine backward: row-parallel (gradients of the row operands and
@@ -33,32 +36,34 @@ import triton
 import triton.language as tl
 
 from .membership import true_negative_masks
-from .modulated_fwd import NORM_EPS, load_slot, modulated_score, modulation_tile
+from .modulated_fwd import NORM_EPS, load_column, load_slot, modulated_score, modulation_tile
 from .negative_stats_bwd import grad_weights
 
 __all__ = ["modulated_stats_bwd_rows_kernel", "modulated_stats_bwd_cols_kernel",
-           "modulated_pair_grads"]
+           "modulated_pair_grads", "factor_grads_rows", "factor_grads_cols"]
 
 _add = tl.standard._sum_combine
 
 
 @triton.jit
 def modulated_pair_grads(
-    b_vr, b_er, b_hr,  # [BLOCK_M, BLOCK_D] row vector v_r, factor e_r, pre-activation h_r
-    b_vc, b_ec, b_hc,  # [BLOCK_N, BLOCK_D] the columns'
-    b_w3t, b_w3,  # [BLOCK_D, BLOCK_D] W₃ᵀ and W₃
+    R, slot_r, o_r, m_r, n_rows,  # the rows' factors e_r (slot of R [8, n_rows, D])
+    C, slot_c, o_c, m_c, n_cols,  # the columns' factors e_c (slot of C [8, n_cols, D])
+    W3, o_d, m_d, D,
+    b_vr, b_hr,  # [BLOCK_M, BLOCK_D] row vector v_r and pre-activation h_r
+    b_vc, b_hc,  # [BLOCK_N, BLOCK_D] the columns'
     b_lse, b_g,  # [BLOCK_M, 1] the family's lse and upstream gradient
     m_s,  # [BLOCK_M, BLOCK_N] the family's true negatives
     inv_tau,
     NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per-pair gradient pieces of one modulated family on a tile (module doc), weighted.
 
-    Returns ∂/∂v_r, ∂/∂v_c, δ and δW₃ as ``[BLOCK_M, BLOCK_N, BLOCK_D]`` tiles (to be summed
-    over the columns or the rows), and δ, e_r⊙e_c flattened ``[BLOCK_M·BLOCK_N, BLOCK_D]``.
+    Returns ∂/∂v_r, ∂/∂v_c and δ = ∂/∂pre as ``[BLOCK_M, BLOCK_N, BLOCK_D]`` tiles, to be
+    summed over the columns (row kernel) or the rows (column kernel).
     """
-    b_m, b_prod = modulation_tile(b_er, b_hr, b_ec, b_hc, b_w3t, BLOCK_M, BLOCK_N, BLOCK_D)
+    b_m = modulation_tile(R, slot_r, o_r, m_r, n_rows, C, slot_c, o_c, m_c, n_cols,
+                          W3, o_d, m_d, D, b_hr, b_hc)  # [BLOCK_M, BLOCK_N, BLOCK_D]
     b_f = modulated_score(b_m, b_vr, b_vc, NORMALIZE)  # [BLOCK_M, BLOCK_N]
     # w = ∂loss/∂f: the softmax weight on the mask times g, times 1/τ (score = f/τ)
     b_w = grad_weights(b_f * inv_tau, b_lse, b_g, m_s) * inv_tau  # [BLOCK_M, BLOCK_N]
@@ -82,19 +87,44 @@ def modulated_pair_grads(
     b_dvr = b_m * b_ga  # [BLOCK_M, BLOCK_N, BLOCK_D]
     b_dvc = b_m * b_gc
     b_dpre = (b_vr[:, None, :] * b_ga + b_vc[None, :, :] * b_gc) * (b_m * (1.0 - b_m))  # δ
-    b_dpre2 = tl.reshape(b_dpre, (BLOCK_M * BLOCK_N, BLOCK_D))
-    # δW₃: the gradient of the pair factors e_r ⊙ e_c
-    b_dprod = tl.reshape(tl.dot(b_dpre2, b_w3, input_precision="ieee"), (BLOCK_M, BLOCK_N, BLOCK_D))
-    return b_dvr, b_dvc, b_dpre, b_dprod, b_dpre2, b_prod
+    return b_dvr, b_dvc, b_dpre
 
 
 @triton.jit
-def _load_w3(W3, o_d, D):
-    """W₃ and W₃ᵀ as ``[BLOCK_D, BLOCK_D]`` tiles (0 outside D × D)."""
-    m_w = (o_d < D)[:, None] & (o_d < D)[None, :]
-    b_w3 = tl.load(W3 + o_d[:, None] * D + o_d[None, :], mask=m_w, other=0.0)
-    b_w3t = tl.load(W3 + o_d[None, :] * D + o_d[:, None], mask=m_w, other=0.0)
-    return b_w3, b_w3t
+def factor_grads_rows(
+    b_dpre,  # [BLOCK_M, BLOCK_N, BLOCK_D] δ
+    R, slot_r, o_r, m_r, n_rows, C, slot_c, o_c, m_c, n_cols, W3, o_d, m_d, D,
+    b_der,  # [BLOCK_M, BLOCK_D] running de_r
+    b_dw3,  # [BLOCK_D, BLOCK_D] running dW₃
+):
+    """de_r += Σ_j (δW₃) ⊙ e_c and dW₃ += Σ_{k,j} δ (e_r ⊙ e_c)ᵀ, one column c' at a time."""
+    for c in range(0, D):
+        b_er = load_column(R, slot_r, o_r, n_rows, D, c, m_r)  # [BLOCK_M] e_r[:, c']
+        b_ec = load_column(C, slot_c, o_c, n_cols, D, c, m_c)  # [BLOCK_N] e_c[:, c']
+        b_w = tl.load(W3 + o_d * D + c, mask=m_d, other=0.0)  # [BLOCK_D] W₃[:, c']
+        b_t = tl.reduce(b_dpre * b_w[None, None, :], 2, _add)  # [BLOCK_M, BLOCK_N] (δW₃)[.., c']
+        b_col = tl.reduce(b_t * b_ec[None, :], 1, _add)  # [BLOCK_M]
+        b_der = tl.where(o_d[None, :] == c, b_der + b_col[:, None], b_der)
+        b_pair = (b_er[:, None] * b_ec[None, :])[:, :, None]  # [BLOCK_M, BLOCK_N, 1]
+        b_g = tl.reduce(tl.reduce(b_dpre * b_pair, 0, _add), 0, _add)  # [BLOCK_D] dW₃[:, c']
+        b_dw3 = tl.where(o_d[None, :] == c, b_dw3 + b_g[:, None], b_dw3)
+    return b_der, b_dw3
+
+
+@triton.jit
+def factor_grads_cols(
+    b_dpre,  # [BLOCK_M, BLOCK_N, BLOCK_D] δ
+    R, slot_r, o_r, m_r, n_rows, C, slot_c, o_c, m_c, n_cols, W3, o_d, m_d, D,
+    b_dec,  # [BLOCK_N, BLOCK_D] running de_c
+):
+    """de_c += Σ_k (δW₃) ⊙ e_r, one column c' at a time."""
+    for c in range(0, D):
+        b_er = load_column(R, slot_r, o_r, n_rows, D, c, m_r)  # [BLOCK_M] e_r[:, c']
+        b_w = tl.load(W3 + o_d * D + c, mask=m_d, other=0.0)  # [BLOCK_D] W₃[:, c']
+        b_t = tl.reduce(b_dpre * b_w[None, None, :], 2, _add)  # [BLOCK_M, BLOCK_N]
+        b_col = tl.reduce(b_t * b_er[:, None], 0, _add)  # [BLOCK_N]
+        b_dec = tl.where(o_d[None, :] == c, b_dec + b_col[:, None], b_dec)
+    return b_dec
 
 
 @triton.jit
@@ -125,15 +155,12 @@ def modulated_stats_bwd_rows_kernel(
 
     o_r = o_m.to(tl.int64)
     m_row = m_m[:, None] & m_d[None, :]
-    b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D]
-    b_eu = load_slot(R, 1, o_r, M, o_d, D, m_row)
+    b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D]   (e_u: slot 1)
     b_hu = load_slot(R, 2, o_r, M, o_d, D, m_row)
-    b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)
-    b_ei = load_slot(R, 4, o_r, M, o_d, D, m_row)
+    b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)  # (e_i: slot 4)
     b_hi = load_slot(R, 5, o_r, M, o_d, D, m_row)
     b_cu = load_slot(R, 6, o_r, M, o_d, D, m_row)
     b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)
-    b_w3, b_w3t = _load_w3(W3, o_d, D)  # [BLOCK_D, BLOCK_D]
     b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
     b_item = tl.load(items + o_m, mask=m_m, other=0)
     b_block = row_offset + o_m
@@ -164,11 +191,9 @@ def modulated_stats_bwd_rows_kernel(
         m_n = o_n < col_end
         o_c = o_n.to(tl.int64)
         m_col = m_n[:, None] & m_d[None, :]
-        b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D]
-        b_ex = load_slot(C, 1, o_c, NP, o_d, D, m_col)
+        b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D]   (e_X: slot 1)
         b_hx = load_slot(C, 2, o_c, NP, o_d, D, m_col)
-        b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)
-        b_ey = load_slot(C, 4, o_c, NP, o_d, D, m_col)
+        b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)  # (e_Y: slot 4)
         b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)
         b_cx = load_slot(C, 6, o_c, NP, o_d, D, m_col)
         b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
@@ -180,22 +205,22 @@ def modulated_stats_bwd_rows_kernel(
         )  # [BLOCK_M, BLOCK_N] each
 
         # A = f(u_k, X_j)/τ: rows (p_u, e_u, h_u), columns (q_X, e_X, h_X), on Tᴵ
-        b_dvr, _, b_dpre, b_dprod, b_dpre2, b_prod = modulated_pair_grads(
-            b_pu, b_eu, b_hu, b_qx, b_ex, b_hx, b_w3t, b_w3, b_lse_a, b_g_a, m_item, inv_tau,
-            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        b_dvr, _, b_dpre = modulated_pair_grads(
+            R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D,
+            b_pu, b_hu, b_qx, b_hx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE)
         b_dpu += tl.reduce(b_dvr, 1, _add)  # [BLOCK_M, BLOCK_D]
         b_dhu += tl.reduce(b_dpre, 1, _add)
-        b_deu += tl.reduce(b_dprod * b_ex[None, :, :], 1, _add)
-        b_dw3 += tl.dot(tl.trans(b_dpre2), b_prod, input_precision="ieee")  # [BLOCK_D, BLOCK_D]
+        b_deu, b_dw3 = factor_grads_rows(
+            b_dpre, R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D, b_deu, b_dw3)
 
         # B = f(Y_j, i_k)/τ: rows (q_i, e_i, h_i), columns (p_Y, e_Y, h_Y), on Tᵁ
-        b_dvr, _, b_dpre, b_dprod, b_dpre2, b_prod = modulated_pair_grads(
-            b_qi, b_ei, b_hi, b_py, b_ey, b_hy, b_w3t, b_w3, b_lse_b, b_g_b, m_user, inv_tau,
-            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        b_dvr, _, b_dpre = modulated_pair_grads(
+            R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D,
+            b_qi, b_hi, b_py, b_hy, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE)
         b_dqi += tl.reduce(b_dvr, 1, _add)
         b_dhi += tl.reduce(b_dpre, 1, _add)
-        b_dei += tl.reduce(b_dprod * b_ey[None, :, :], 1, _add)
-        b_dw3 += tl.dot(tl.trans(b_dpre2), b_prod, input_precision="ieee")
+        b_dei, b_dw3 = factor_grads_rows(
+            b_dpre, R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_dei, b_dw3)
 
         # C = c_u·c_Y/τ on Tᵁ:  dc_u += w_C c_Y;   E = c_i·c_X/τ on Tᴵ:  dc_i += w_E c_X
         b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
@@ -248,15 +273,12 @@ def modulated_stats_bwd_cols_kernel(
     # the columns' operands stay in registers for the whole sweep
     o_c = o_n.to(tl.int64)
     m_col = m_n[:, None] & m_d[None, :]
-    b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D]
-    b_ex = load_slot(C, 1, o_c, NP, o_d, D, m_col)
+    b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D]   (e_X: slot 1)
     b_hx = load_slot(C, 2, o_c, NP, o_d, D, m_col)
-    b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)
-    b_ey = load_slot(C, 4, o_c, NP, o_d, D, m_col)
+    b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)  # (e_Y: slot 4)
     b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)
     b_cx = load_slot(C, 6, o_c, NP, o_d, D, m_col)
     b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
-    b_w3, b_w3t = _load_w3(W3, o_d, D)
     b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
     b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
     b_owner = o_n // P
@@ -277,11 +299,9 @@ def modulated_stats_bwd_cols_kernel(
         m_m = o_m < row_end
         o_r = o_m.to(tl.int64)
         m_row = m_m[:, None] & m_d[None, :]
-        b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D]
-        b_eu = load_slot(R, 1, o_r, M, o_d, D, m_row)
+        b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D]   (e_u: slot 1)
         b_hu = load_slot(R, 2, o_r, M, o_d, D, m_row)
-        b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)
-        b_ei = load_slot(R, 4, o_r, M, o_d, D, m_row)
+        b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)  # (e_i: slot 4)
         b_hi = load_slot(R, 5, o_r, M, o_d, D, m_row)
         b_cu = load_slot(R, 6, o_r, M, o_d, D, m_row)
         b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)
@@ -302,19 +322,19 @@ def modulated_stats_bwd_cols_kernel(
         )  # [BLOCK_M, BLOCK_N] each
 
         # A: columns (q_X, e_X, h_X)
-        _, b_dvc, b_dpre, b_dprod, _, _ = modulated_pair_grads(
-            b_pu, b_eu, b_hu, b_qx, b_ex, b_hx, b_w3t, b_w3, b_lse_a, b_g_a, m_item, inv_tau,
-            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        _, b_dvc, b_dpre = modulated_pair_grads(
+            R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D,
+            b_pu, b_hu, b_qx, b_hx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE)
         b_dqx += tl.reduce(b_dvc, 0, _add)  # [BLOCK_N, BLOCK_D]
         b_dhx += tl.reduce(b_dpre, 0, _add)
-        b_dex += tl.reduce(b_dprod * b_eu[:, None, :], 0, _add)
+        b_dex = factor_grads_cols(b_dpre, R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D, b_dex)
         # B: columns (p_Y, e_Y, h_Y)
-        _, b_dvc, b_dpre, b_dprod, _, _ = modulated_pair_grads(
-            b_qi, b_ei, b_hi, b_py, b_ey, b_hy, b_w3t, b_w3, b_lse_b, b_g_b, m_user, inv_tau,
-            NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D)
+        _, b_dvc, b_dpre = modulated_pair_grads(
+            R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D,
+            b_qi, b_hi, b_py, b_hy, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE)
         b_dpy += tl.reduce(b_dvc, 0, _add)
         b_dhy += tl.reduce(b_dpre, 0, _add)
-        b_dey += tl.reduce(b_dprod * b_ei[:, None, :], 0, _add)
+        b_dey = factor_grads_cols(b_dpre, R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_dey)
 
         # C = c_u·c_Y/τ:  dc_Y += w_Cᵀ c_u;   E = c_i·c_X/τ:  dc_X += w_Eᵀ c_i
         b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]

@@ -11,8 +11,8 @@ blocks W₁, W₂, W₃ that multiply e_i, e_u and e_i⊙e_u:
     C = c_u·c_Y/τ,  E = c_i·c_X/τ   (the p and q halves; normalised by the host for cosine)
 
 The per-entity pre-activations h are computed once by the host ([M, d] and [N·P, d]); only
-W₃(e_r ⊙ e_c) is pairwise, one [BLOCK_M·BLOCK_N, BLOCK_D] × [BLOCK_D, BLOCK_D] ``tl.dot`` per
-tile. Each program owns BLOCK_M rows and sweeps the column tiles of its split with online
+W₃(e_r ⊙ e_c) is pairwise: d rank-one updates of the [BLOCK_M, BLOCK_N, BLOCK_D] pair tile
+(:func:`modulation_tile`). Each program owns BLOCK_M rows and sweeps the column tiles of its split with online
 log-sum-exps (as in flash attention) over the true negatives (masks of ``membership.py``):
 lse_A, lse_E over Tᴵ_k, lse_B, lse_C over Tᵁ_k, −inf when empty, and the counts. Nothing of
 shape [M, N·P] or [M, N·P, d] exists in memory. Everything runs in the operands' dtype (fp32,
@@ -32,8 +32,8 @@ import triton.language as tl
 from .membership import true_negative_masks
 from .negative_stats_fwd import finish_lse, online_lse_update
 
-__all__ = ["modulated_stats_fwd_kernel", "load_slot", "modulation_tile", "modulated_score",
-           "NORM_EPS"]
+__all__ = ["modulated_stats_fwd_kernel", "load_slot", "load_column", "modulation_tile",
+           "modulated_score", "NORM_EPS"]
 
 # tl.reduce with Triton's own combine functions, not tl.sum (see negative_stats_fwd.py: the
 # standard-library jit functions may have been decorated before TRITON_INTERPRET was set)
@@ -52,22 +52,36 @@ def load_slot(base, slot, o_r, n_rows, o_d, D, m_2d):
 
 
 @triton.jit
-def modulation_tile(b_er, b_hr, b_ec, b_hc, b_w3t,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The modulation of every (row, column) pair of a tile.
+def load_column(base, slot, o_r, n_rows, D, c, m_r):
+    """Entry ``c`` of rows ``o_r`` (int64 [BLOCK]) of slot ``slot`` of a contiguous
+    ``[8, n_rows, D]`` operand → ``[BLOCK]`` (0 outside ``m_r``)."""
+    return tl.load(base + (o_r + slot * n_rows) * D + c, mask=m_r, other=0.0)
 
-    b_er, b_hr: ``[BLOCK_M, BLOCK_D]`` row factors e_r and pre-activations h_r; b_ec, b_hc:
-    ``[BLOCK_N, BLOCK_D]`` the columns'; b_w3t: ``[BLOCK_D, BLOCK_D]`` W₃ᵀ.
-    Returns m ``[BLOCK_M, BLOCK_N, BLOCK_D]`` and the pair factors e_r⊙e_c
-    ``[BLOCK_M·BLOCK_N, BLOCK_D]`` (the backward's input of dW₃).
+
+@triton.jit
+def modulation_tile(
+    R, slot_r, o_r, m_r, n_rows,  # the rows' factors e_r: slot ``slot_r`` of R [8, n_rows, D]
+    C, slot_c, o_c, m_c, n_cols,  # the columns' factors e_c: slot ``slot_c`` of C [8, n_cols, D]
+    W3, o_d, m_d, D,
+    b_hr, b_hc,  # [BLOCK_M, BLOCK_D], [BLOCK_N, BLOCK_D] pre-activations h_r, h_c
+):
+    """m ``[BLOCK_M, BLOCK_N, BLOCK_D]``: the modulation of every (row, column) pair of a tile.
+
+        pre[k, j, :] = h_r[k] + h_c[j] + Σ_c' e_r[k, c'] e_c[j, c'] W₃[:, c']
+
+    W₃(e_r ⊙ e_c) as D rank-one updates of the pair tile (a runtime loop over c', reading
+    column c' of e_r, e_c and W₃, L1-resident after the first tile): FMAs on the [BLOCK_M,
+    BLOCK_N, BLOCK_D] tile, with no [BLOCK_M·BLOCK_N, BLOCK_D] layout change for a
+    ``tl.dot``, so the kernels stay small (fast to compile, few registers). The same flops.
     """
-    # z[k, j, :] = W₃ (e_r[k] ⊙ e_c[j]): one product of the flattened pairs with W₃ᵀ
-    b_prod = tl.reshape(b_er[:, None, :] * b_ec[None, :, :], (BLOCK_M * BLOCK_N, BLOCK_D))
-    b_z = tl.dot(b_prod, b_w3t, input_precision="ieee")  # [BLOCK_M·BLOCK_N, BLOCK_D]
-    b_pre = tl.reshape(b_z, (BLOCK_M, BLOCK_N, BLOCK_D)) + b_hr[:, None, :] + b_hc[None, :, :]
+    b_pre = b_hr[:, None, :] + b_hc[None, :, :]  # [BLOCK_M, BLOCK_N, BLOCK_D]
+    for c in range(0, D):
+        b_er = load_column(R, slot_r, o_r, n_rows, D, c, m_r)  # [BLOCK_M] e_r[:, c']
+        b_ec = load_column(C, slot_c, o_c, n_cols, D, c, m_c)  # [BLOCK_N] e_c[:, c']
+        b_w = tl.load(W3 + o_d * D + c, mask=m_d, other=0.0)  # [BLOCK_D] W₃[:, c']
+        b_pre += (b_er[:, None] * b_ec[None, :])[:, :, None] * b_w[None, None, :]
     # sigmoid by hand (tl.sigmoid is a standard-library jit function); exp(−pre) = inf gives 0
-    b_m = 1.0 / (1.0 + tl.exp(-b_pre))  # [BLOCK_M, BLOCK_N, BLOCK_D]
-    return b_m, b_prod
+    return 1.0 / (1.0 + tl.exp(-b_pre))
 
 
 @triton.jit
@@ -114,15 +128,11 @@ def modulated_stats_fwd_kernel(
     o_r = o_m.to(tl.int64)
     m_row = m_m[:, None] & m_d[None, :]
     b_pu = load_slot(R, 0, o_r, M, o_d, D, m_row)  # [BLOCK_M, BLOCK_D] p_u
-    b_eu = load_slot(R, 1, o_r, M, o_d, D, m_row)  # e_u
-    b_hu = load_slot(R, 2, o_r, M, o_d, D, m_row)  # W₂e_u + b
+    b_hu = load_slot(R, 2, o_r, M, o_d, D, m_row)  # W₂e_u + b   (e_u: slot 1, read by column)
     b_qi = load_slot(R, 3, o_r, M, o_d, D, m_row)  # q_i
-    b_ei = load_slot(R, 4, o_r, M, o_d, D, m_row)  # e_i
-    b_hi = load_slot(R, 5, o_r, M, o_d, D, m_row)  # W₁e_i + b
+    b_hi = load_slot(R, 5, o_r, M, o_d, D, m_row)  # W₁e_i + b   (e_i: slot 4)
     b_cu = load_slot(R, 6, o_r, M, o_d, D, m_row)  # p_u as f_uu sees it
     b_ci = load_slot(R, 7, o_r, M, o_d, D, m_row)  # q_i as f_ii sees it
-    m_w = m_d[:, None] & m_d[None, :]
-    b_w3t = tl.load(W3 + o_d[None, :] * D + o_d[:, None], mask=m_w, other=0.0)  # [BLOCK_D, BLOCK_D] W₃ᵀ
     b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
     b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M]
     b_block = row_offset + o_m  # [BLOCK_M] own block of each row
@@ -147,11 +157,9 @@ def modulated_stats_fwd_kernel(
         o_c = o_n.to(tl.int64)
         m_col = m_n[:, None] & m_d[None, :]
         b_qx = load_slot(C, 0, o_c, NP, o_d, D, m_col)  # [BLOCK_N, BLOCK_D] q_X
-        b_ex = load_slot(C, 1, o_c, NP, o_d, D, m_col)  # e_X
-        b_hx = load_slot(C, 2, o_c, NP, o_d, D, m_col)  # W₁e_X
+        b_hx = load_slot(C, 2, o_c, NP, o_d, D, m_col)  # W₁e_X   (e_X: slot 1)
         b_py = load_slot(C, 3, o_c, NP, o_d, D, m_col)  # p_Y
-        b_ey = load_slot(C, 4, o_c, NP, o_d, D, m_col)  # e_Y
-        b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)  # W₂e_Y
+        b_hy = load_slot(C, 5, o_c, NP, o_d, D, m_col)  # W₂e_Y   (e_Y: slot 4)
         b_cx = load_slot(C, 6, o_c, NP, o_d, D, m_col)  # q_X as f_ii sees it
         b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)  # p_Y as f_uu sees it
         b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
@@ -167,12 +175,12 @@ def modulated_stats_fwd_kernel(
         b_n_item += tl.reduce(m_item.to(tl.int32), 1, _add)
         b_n_user += tl.reduce(m_user.to(tl.int32), 1, _add)
 
-        # A = f(u_k, X_j)/τ
-        b_mod, _ = modulation_tile(b_eu, b_hu, b_ex, b_hx, b_w3t, BLOCK_M, BLOCK_N, BLOCK_D)
+        # A = f(u_k, X_j)/τ: rows e_u (slot 1), columns e_X (slot 1)
+        b_mod = modulation_tile(R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D, b_hu, b_hx)
         b_s = modulated_score(b_mod, b_pu, b_qx, NORMALIZE) * inv_tau  # [BLOCK_M, BLOCK_N]
         b_m_a, b_l_a = online_lse_update(b_m_a, b_l_a, b_s, m_item)
-        # B = f(Y_j, i_k)/τ
-        b_mod, _ = modulation_tile(b_ei, b_hi, b_ey, b_hy, b_w3t, BLOCK_M, BLOCK_N, BLOCK_D)
+        # B = f(Y_j, i_k)/τ: rows e_i (slot 4), columns e_Y (slot 4)
+        b_mod = modulation_tile(R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_hi, b_hy)
         b_s = modulated_score(b_mod, b_qi, b_py, NORMALIZE) * inv_tau  # [BLOCK_M, BLOCK_N]
         b_m_b, b_l_b = online_lse_update(b_m_b, b_l_b, b_s, m_user)
         # C = c_u·c_Y/τ
