@@ -12,8 +12,9 @@ blocks W₁, W₂, W₃ that multiply e_i, e_u and e_i⊙e_u:
 
 The per-entity pre-activations h are computed once by the host ([M, d] and [N·P, d]); only
 W₃(e_r ⊙ e_c) is pairwise: d rank-one updates of the [BLOCK_M, BLOCK_N, BLOCK_D] pair tile
-(:func:`modulation_tile`). Each program owns BLOCK_M rows and sweeps the column tiles of its split with online
-log-sum-exps (as in flash attention) over the true negatives (masks of ``membership.py``):
+(:func:`modulation_tile`). Each program owns BLOCK_M rows and sweeps the column tiles of its
+split with online log-sum-exps (as in flash attention) over the true negatives (masks of
+``membership.py``):
 lse_A, lse_E over Tᴵ_k, lse_B, lse_C over Tᵁ_k, −inf when empty, and the counts. Nothing of
 shape [M, N·P] or [M, N·P, d] exists in memory. Everything runs in the operands' dtype (fp32,
 or fp64), which the host has already cast to.
