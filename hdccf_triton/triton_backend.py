@@ -23,6 +23,7 @@ tensors and GPU tests can run in one process.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -128,7 +129,6 @@ def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-@torch.compiler.disable  # under torch.compile: a graph break around the kernel launches
 def negative_statistics(
     U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
 ) -> NegativeStats:
@@ -143,6 +143,20 @@ def negative_statistics(
         :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64 inputs),
         differentiable with respect to U, I, X, Y; counts int64.
     """
+    args = (U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
+    return _without_dynamo()(*args)
+
+
+@functools.cache
+def _without_dynamo():
+    """:func:`_negative_statistics` behind ``torch.compiler.disable``: under torch.compile a
+    graph break around the kernel launches. Made on first use, because
+    ``torch.compiler.disable`` imports torch._dynamo, which imports triton, and importing
+    hdccf_triton must not."""
+    return torch.compiler.disable(_negative_statistics)
+
+
+def _negative_statistics(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
     M, d = U.shape
     N, P, _ = X.shape
     if not 0 <= row_offset <= N - M:
