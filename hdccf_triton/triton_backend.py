@@ -16,6 +16,10 @@ fp32 by ``prepare_scores`` and cast back to the input dtype for the kernels. Und
 ``torch.autocast`` fp32 embeddings are fed to the kernels in the autocast dtype (the loss is a
 matmul-like op); the own-block scores and the combination stay in fp32 either way.
 
+Memory: the kernels allocate only O(M + N·P·d) outputs and partial sums. The rest of the
+peak above the inputs comes from ``prepare_scores`` (fp32 copies of bf16/fp16 embeddings for
+the own-block scores, and their fp32 gradients) and from the gradients themselves.
+
 Triton is imported lazily, so ``import hdccf_triton`` works where it is absent. The kernels
 are (re)loaded for the current ``TRITON_INTERPRET`` setting, so interpreter tests on CPU
 tensors and GPU tests can run in one process.
@@ -23,7 +27,6 @@ tensors and GPU tests can run in one process.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import math
@@ -143,17 +146,15 @@ def negative_statistics(
         :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64 inputs),
         differentiable with respect to U, I, X, Y; counts int64.
     """
-    args = (U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
-    return _without_dynamo()(*args)
+    if not _WITHOUT_DYNAMO:
+        _WITHOUT_DYNAMO.append(torch.compiler.disable(_negative_statistics))
+    return _WITHOUT_DYNAMO[0](U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
 
 
-@functools.cache
-def _without_dynamo():
-    """:func:`_negative_statistics` behind ``torch.compiler.disable``: under torch.compile a
-    graph break around the kernel launches. Made on first use, because
-    ``torch.compiler.disable`` imports torch._dynamo, which imports triton, and importing
-    hdccf_triton must not."""
-    return torch.compiler.disable(_negative_statistics)
+#: :func:`_negative_statistics` behind ``torch.compiler.disable`` (under torch.compile: a graph
+#: break around the kernel launches), made on first use: ``torch.compiler.disable`` imports
+#: torch._dynamo, which imports triton, and importing hdccf_triton must not.
+_WITHOUT_DYNAMO: list = []
 
 
 def _negative_statistics(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
