@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference, triton_backend, triton_modulated
+from . import reference, triton_backend
 from .interactions import InteractionIndex
 from .options import LossOptions
 from .similarity import ModulatedSimilarity
@@ -101,8 +101,6 @@ def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options:
     """Validate, dispatch to a backend, reduce."""
     inputs = validate_inputs(tensors, interactions, options.similarity)
     backend = select_backend(options.backend, inputs.user_emb.device)
-    if backend is triton_backend and options.modulation is not None:
-        backend = triton_modulated  # the fused kernels of the modulated similarity
     row_offset = 0
     if options.gather_across_ranks:
         from .distributed import gather_pools  # torch.distributed only when asked for

@@ -101,6 +101,19 @@ def negative_statistics(
         :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64
         inputs), differentiable with respect to U, I, X, Y and g's parameters; counts int64.
     """
+    if not _WITHOUT_DYNAMO:
+        _WITHOUT_DYNAMO.append(torch.compiler.disable(_negative_statistics))
+    return _WITHOUT_DYNAMO[0](U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
+
+
+#: :func:`_negative_statistics` behind ``torch.compiler.disable`` (under torch.compile: a graph
+#: break around the kernel launches, as in triton_backend), made on first use:
+#: ``torch.compiler.disable`` imports torch._dynamo, hence triton, and importing hdccf_triton
+#: must not.
+_WITHOUT_DYNAMO: list = []
+
+
+def _negative_statistics(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
     from . import triton_backend as tb
 
     sim = options.modulation

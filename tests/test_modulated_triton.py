@@ -260,3 +260,22 @@ def test_float32_error_is_that_of_the_float32_reference():
 def test_gpu_float64_matches_reference(normalize):
     case = make_case(300, 4, 2 * 24, seed=11, scale=0.6, num_users=200, num_items=300, device="cuda")
     _compare_float64(case, _options(_similarity(24, normalize, seed=9, device="cuda")), 1, rtol=1e-9)
+
+
+def test_under_torch_compile():
+    # the kernel launches run behind torch.compiler.disable: a graph break, same values
+    case = make_case(13, 2, 16, seed=12)
+    sim = _similarity(8, False, seed=10)
+    options = _options(sim)
+
+    def loss(*embeddings):
+        return tm.per_row_loss(*embeddings, *case.ids, case.index, options, 0).sum()
+
+    leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
+    compiled = torch.compile(loss, backend="eager", dynamic=False)
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = loss(*leaves)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
