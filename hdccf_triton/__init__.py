@@ -4,18 +4,32 @@ Importing this package needs torch and numpy only; Triton, polars, tqdm and matp
 imported where they are used.
 """
 
+from .data import Dataset, DownloadError, load_dataset
 from .interactions import InteractionIndex
 from .loss import BackendUnavailableError, DebiasedContrastiveLoss, debiased_contrastive_loss
+from .metrics import Evaluator, format_results
+from .models import BPRObjective, EmbeddingModel, HDCCFObjective
 from .options import LossOptions
+from .sampling import Batch, InBatchSampler
 from .similarity import ModulatedSimilarity
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BPRObjective",
     "BackendUnavailableError",
+    "Batch",
+    "Dataset",
     "DebiasedContrastiveLoss",
+    "DownloadError",
+    "EmbeddingModel",
+    "Evaluator",
+    "HDCCFObjective",
+    "InBatchSampler",
     "InteractionIndex",
     "LossOptions",
     "ModulatedSimilarity",
     "debiased_contrastive_loss",
+    "format_results",
+    "load_dataset",
 ]
