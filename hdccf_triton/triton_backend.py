@@ -16,9 +16,10 @@ fp32 by ``prepare_scores`` and cast back to the input dtype for the kernels. Und
 ``torch.autocast`` fp32 embeddings are fed to the kernels in the autocast dtype (the loss is a
 matmul-like op); the own-block scores and the combination stay in fp32 either way.
 
-Memory: the kernels allocate only O(M + N·P·d) outputs and partial sums. The rest of the
-peak above the inputs comes from ``prepare_scores`` (fp32 copies of bf16/fp16 embeddings for
-the own-block scores, and their fp32 gradients) and from the gradients themselves.
+Memory: the kernels allocate only O(M + N·P·d) outputs and partial sums. For bf16/fp16 dot
+inputs ``prepare_scores(keep_dtype=True)`` scores the own blocks in fp32 without keeping fp32
+copies of the embeddings; the rest of the peak above the inputs is the gradients themselves
+(and, for cosine, the fp32 normalised copies).
 
 Triton is imported lazily, so ``import hdccf_triton`` works where it is absent. The kernels
 are (re)loaded for the current ``TRITON_INTERPRET`` setting, so interpreter tests on CPU
@@ -112,7 +113,9 @@ def per_row_loss(
             user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
             pool_users, interactions, options, row_offset,
         )
-    scores = prepare_scores(user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset)
+    scores = prepare_scores(
+        user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset, keep_dtype=True
+    )
     kernel_dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
     if kernel_dtype == user_emb.dtype and not options.cosine:
         # the embeddings as given (for bf16/fp16 no fp32 copy; for fp32 the same tensors)
