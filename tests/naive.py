@@ -12,16 +12,16 @@ from decimal import Decimal, getcontext
 getcontext().prec = 60
 
 
-def _vec(t):
-    return [[Decimal(float(v)) for v in row] for row in t.reshape(-1, t.shape[-1]).tolist()]
+def rows(t):
+    return [[Decimal(float(v)) for v in row] for row in t.detach().reshape(-1, t.shape[-1]).tolist()]
 
 
-def _dot(a, b):
+def dot(a, b):
     return sum((x * y for x, y in zip(a, b)), Decimal(0))
 
 
-def _norm(a):
-    return max(_dot(a, a).sqrt(), Decimal("1e-12"))
+def norm(a):
+    return max(dot(a, a).sqrt(), Decimal("1e-12"))
 
 
 def naive_row_losses(
@@ -30,19 +30,29 @@ def naive_row_losses(
     lambda_item=1.0, similarity="dot", debias=True,
 ):
     """Per-row loss of SPEC.md as a list of Decimals. ``pairs``: the training pairs D."""
-    U, I = _vec(user_emb), _vec(item_emb)
-    X, Y = _vec(pool_item_emb), _vec(pool_user_emb)
-    M, P = len(U), pool_item_emb.shape[1]
+
+    def f(a, b):
+        if similarity == "cosine":
+            return dot(a, b) / (norm(a) * norm(b))
+        return dot(a, b)
+
+    return literal_row_losses(
+        rows(user_emb), rows(item_emb), rows(pool_item_emb), rows(pool_user_emb), pool_item_emb.shape[1],
+        users, items, pool_items, pool_users, f, f, pairs, temperature, omega_user, omega_item,
+        lambda_user, lambda_item, debias,
+    )
+
+
+def literal_row_losses(U, I, X, Y, P, users, items, pool_items, pool_users, f, f_aux, pairs,
+                       temperature, omega_user, omega_item, lambda_user, lambda_item, debias):
+    """SPEC.md for Decimal row vectors U, I ``[M][·]`` and flattened pools X, Y ``[M·P][·]``, with
+    f the user–item similarity (s, A, B) and f_aux that of the user–user and item–item terms."""
+    M = len(U)
     users, items = users.tolist(), items.tolist()
     x_ids, y_ids = pool_items.reshape(-1).tolist(), pool_users.reshape(-1).tolist()
     D = {(int(u), int(i)) for u, i in pairs}
     tau = Decimal(temperature)
     wu, wi = Decimal(omega_user), Decimal(omega_item)
-
-    def f(a, b):
-        if similarity == "cosine":
-            return _dot(a, b) / (_norm(a) * _norm(b))
-        return _dot(a, b)
 
     Q = P * (M - 1)
     losses = []
@@ -56,8 +66,8 @@ def naive_row_losses(
         for j in range(M * P):
             A = f(U[k], X[j]) / tau
             B = f(Y[j], I[k]) / tau
-            C = f(U[k], Y[j]) / tau
-            E = f(I[k], X[j]) / tau
+            C = f_aux(U[k], Y[j]) / tau
+            E = f_aux(I[k], X[j]) / tau
             if j // P == k:
                 own_A += A.exp()
                 own_B += B.exp()
