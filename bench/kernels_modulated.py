@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import bench, compile_baseline, peak_extra_memory, realistic_index
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -87,7 +89,7 @@ def run_grid(grid, compile_m, args, *, dry_run):
     name = "CPU (Triton interpreter)" if dry_run else torch.cuda.get_device_name(device)
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     start = time.perf_counter()
-    index = _index(device, small=dry_run)
+    index = realistic_index(device, small=dry_run)
     rows = []
     for M in grid["M"]:
         for P in grid["P"]:
@@ -98,7 +100,7 @@ def run_grid(grid, compile_m, args, *, dry_run):
                 batch = _batch(M, P, d, index, device)
                 backends = {"triton": triton_modulated.per_row_loss, "torch": reference.per_row_loss}
                 if M in compile_m:
-                    backends["torch.compile"] = _compile(reference.per_row_loss, dry_run)
+                    backends["torch.compile"] = compile_baseline(reference.per_row_loss, dry_run)
                 for backend, fn in backends.items():
                     skip = None
                     if backend != "triton" and time.perf_counter() - start > args.budget:
@@ -114,17 +116,6 @@ def run_grid(grid, compile_m, args, *, dry_run):
     return rows
 
 
-def _index(device, *, small, seed=0):
-    """An ML-1M-sized InteractionIndex (6,040 users × 3,416 items, ~1M random pairs)."""
-    import torch
-
-    from hdccf_triton import InteractionIndex
-
-    num_users, num_items, pairs = (60, 40, 600) if small else (6040, 3416, 1_000_000)
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randint(0, num_users * num_items, (pairs,), generator=g)
-    return InteractionIndex.from_pairs(keys // num_items, keys % num_items, num_users, num_items).to(device)
-
 
 def _batch(M, P, d, index, device, *, seed=0, scale=0.3):
     """Embeddings [.., 2·d] = [vector ‖ factor], N(0, scale²), and uniform ids."""
@@ -136,13 +127,6 @@ def _batch(M, P, d, index, device, *, seed=0, scale=0.3):
     U, I = index.num_users, index.num_items
     return [emb(M), emb(M), emb(M, P), emb(M, P)], [ids(U, M), ids(I, M), ids(I, M, P), ids(U, M, P)]
 
-
-def _compile(fn, dry_run):
-    import torch
-
-    if dry_run:  # no C++ toolchain needed: Dynamo tracing only
-        return torch.compile(fn, backend="eager", dynamic=False)
-    return torch.compile(fn, mode="default", dynamic=False)
 
 
 def measure(fn, base, batch, index, options, sim, device, skip):
@@ -180,48 +164,6 @@ def measure(fn, base, batch, index, options, sim, device, skip):
     return out
 
 
-def bench(call, device):
-    """(median, 20 %, 80 %) ms; the first call warms up (compiles)."""
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    call()
-    sync()
-    if device.type != "cuda":  # the interpreter (--dry-run): one timed call is enough
-        t = time.perf_counter()
-        call()
-        ms = (time.perf_counter() - t) * 1e3
-        return ms, ms, ms
-    t = time.perf_counter()
-    call()
-    sync()
-    if time.perf_counter() - t < 0.25:
-        from triton.testing import do_bench
-
-        return tuple(do_bench(call, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8]))
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        call()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[1], times[0], times[2]
-
-
-def peak_extra_memory(call) -> int:
-    """Bytes allocated at the peak of one call, above what was allocated before it."""
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    call()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
 
 
 def _line(row) -> str:

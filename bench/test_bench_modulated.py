@@ -52,7 +52,7 @@ def _fwd_bwd(backend, M, P, d, index):
 def test_reference_forward_backward(benchmark, monkeypatch, chunk_elements):
     # M·P·d = 32K entries a row: chunks of 16, 64 and 128 (= all, no checkpoint) rows
     monkeypatch.setattr(reference, "MODULATED_CHUNK_ELEMENTS", chunk_elements)
-    index = bench._index(torch.device("cpu"), small=False)  # ML-1M sized
+    index = bench.realistic_index(torch.device("cpu"), small=False)  # ML-1M sized
     grads = benchmark(_fwd_bwd(reference, 128, 4, 64, index))
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -62,7 +62,7 @@ def test_triton_interpreter_smoke(benchmark, monkeypatch):
     from hdccf_triton import triton_modulated
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend reloads its kernels for it
-    index = bench._index(torch.device("cpu"), small=True)
+    index = bench.realistic_index(torch.device("cpu"), small=True)
     grads = benchmark.pedantic(_fwd_bwd(triton_modulated, 16, 2, 8, index), rounds=1, iterations=1)
     assert all(torch.isfinite(g).all() for g in grads)
 

@@ -1,0 +1,88 @@
+"""What the GPU benchmarks share: the interaction index, the timer, peak memory, compilation.
+
+Imported by ``bench/kernels.py`` and ``bench/kernels_modulated.py`` (run as scripts, so this
+folder is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def realistic_index(device, *, small=False, seed=0):
+    """An ML-1M-sized InteractionIndex: 6,040 users × 3,416 items, ~1M random pairs."""
+    import torch
+
+    from hdccf_triton import InteractionIndex
+
+    num_users, num_items, pairs = (60, 40, 600) if small else (6040, 3416, 1_000_000)
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, num_users * num_items, (pairs,), generator=g)
+    index = InteractionIndex.from_pairs(keys // num_items, keys % num_items, num_users, num_items)
+    return index.to(device)
+
+
+
+def compile_baseline(fn, dry_run):
+    """``torch.compile`` of a baseline; under ``--dry-run`` Dynamo tracing only (no C++ toolchain)."""
+    import torch
+
+    if dry_run:  # no C++ toolchain needed: Dynamo tracing only
+        return torch.compile(fn, backend="eager", dynamic=False)
+    return torch.compile(fn, mode="default", dynamic=False)
+
+
+
+def bench(call, device):
+    """(median, 20 %, 80 %) milliseconds. The first call warms up (compiles); a slow function
+    (> 0.25 s) is timed over 3 runs; otherwise ``triton.testing.do_bench``."""
+    import torch
+
+    if device.type != "cuda":
+        call()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t) * 1e3)
+        return quantiles(times)
+    call()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    once = time.perf_counter() - t
+    if once > 0.25:
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return quantiles(times)
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(call, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+
+def quantiles(times):
+    times = sorted(times)
+    q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+
+def peak_extra_memory(call) -> int:
+    """Bytes allocated at the peak of one call, above what was allocated before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
