@@ -86,3 +86,34 @@ def peak_extra_memory(call) -> int:
     call()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+def compile_and_report(src, target, options: dict, head: str) -> int:
+    """Compile a kernel for ``target`` without a GPU and print its shared memory, registers,
+    stack and local (spill) bytes (from the cuobjdump shipped with Triton, when present).
+
+    Returns 0, or 1 when the compilation failed (reported, so every kernel gets its line)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    t = time.perf_counter()
+    try:
+        c = triton.compile(src, target=target, options=options)
+    except Exception as err:  # noqa: BLE001 - report every kernel
+        print(f"{head} FAILED: {err!r}"[:600])
+        return 1
+    usage = ""
+    if cuobjdump.exists() and "cubin" in c.asm:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(c.asm["cubin"])
+            f.flush()
+            text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                  capture_output=True, text=True).stdout
+        usage = " ".join(w for line in text.splitlines() if "REG" in line
+                         for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
+    print(f"{head} smem={c.metadata.shared} {usage} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return 0

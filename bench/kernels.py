@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench, compile_baseline, peak_extra_memory, realistic_index
+from harness import bench, compile_and_report, compile_baseline, peak_extra_memory, realistic_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -357,16 +357,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def compile_only(arch: int) -> int:
     """Compile every kernel at the launch heuristic's tiles for ``sm_<arch>`` and print the
     registers, stack (spills) and shared memory ptxas reports. Needs no GPU."""
-    import subprocess
-    import tempfile
-
     import triton
     from triton.backends.compiler import GPUTarget
 
     from hdccf_triton import triton_backend as tb
 
     kernels = tb._kernels()
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     target = GPUTarget("cuda", arch, 32)
     print(f"target sm_{arch}; triton {triton.__version__}")
     status = 0
@@ -384,27 +380,11 @@ def compile_only(arch: int) -> int:
                 constexprs = dict(DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1, UPCAST=False,
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
                 src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-                t = time.perf_counter()
                 head = f"{name:<5} {dtype} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
                 options = dict(num_warps=warps, num_stages=2)
                 if maxnreg:
                     options["maxnreg"] = maxnreg
-                try:
-                    c = triton.compile(src, target=target, options=options)
-                except Exception as err:  # noqa: BLE001
-                    print(f"{head} FAILED: {err!r}"[:400])
-                    status = 1
-                    continue
-                usage = ""
-                if cuobjdump.exists() and "cubin" in c.asm:
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(c.asm["cubin"])
-                        f.flush()
-                        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                                              capture_output=True, text=True).stdout
-                    usage = " ".join(w for line in text.splitlines() if "REG" in line
-                                     for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
-                print(f"{head} smem={c.metadata.shared} {usage} ({time.perf_counter() - t:.1f} s)", flush=True)
+                status |= compile_and_report(src, target, options, head)
     return status
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench, compile_baseline, peak_extra_memory, realistic_index
+from harness import bench, compile_and_report, compile_baseline, peak_extra_memory, realistic_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -211,9 +211,6 @@ def compile_only(arch: int, d: int, normalize: bool) -> int:
     """Compile the three modulated kernels for ``sm_<arch>`` at the GPU launch tiles of
     ``triton_modulated.launch_config`` (fp32 operands, int32 ids, bitmap index) and print
     what ptxas reports: registers, stack (spills), shared memory. Needs no GPU."""
-    import subprocess
-    import tempfile
-
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -223,7 +220,6 @@ def compile_only(arch: int, d: int, normalize: bool) -> int:
     block_d = max(16, 1 << max(0, d - 1).bit_length())
     # the GPU branch of launch_config, without a GPU to ask for its SM count
     num_warps = 4 if block_d <= 32 else 8
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     print(f"target sm_{arch}; triton {triton.__version__}; d={d} (block_d={block_d}), "
           f"tile 16x16, {num_warps} warps, normalize={normalize}")
     status = 0
@@ -232,24 +228,8 @@ def compile_only(arch: int, d: int, normalize: bool) -> int:
         constexprs = dict(NORMALIZE=normalize, DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1,
                           BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
         src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
-        t = time.perf_counter()
-        try:
-            c = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=num_warps, num_stages=1))
-        except Exception as err:  # noqa: BLE001 - report every kernel
-            print(f"{name:<5} FAILED: {err!r}"[:600])
-            status = 1
-            continue
-        usage = ""
-        if cuobjdump.exists() and "cubin" in c.asm:
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(c.asm["cubin"])
-                f.flush()
-                text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                                      capture_output=True, text=True).stdout
-            usage = " ".join(w for line in text.splitlines() if "REG" in line
-                             for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
-        print(f"{name:<5} smem={c.metadata.shared} {usage} ({time.perf_counter() - t:.0f} s)", flush=True)
+        status |= compile_and_report(src, GPUTarget("cuda", arch, 32),
+                                     dict(num_warps=num_warps, num_stages=1), f"{name:<5}")
     return status
 
 
