@@ -32,6 +32,7 @@ from triton_helpers import (  # noqa: E402
     all_false_negative_case,
     assert_error_within_factor,
     make_case,
+    use_triton_mode,
 )
 
 DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3)
@@ -39,16 +40,7 @@ DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3
 
 @pytest.fixture(autouse=True)
 def _triton_mode(request, monkeypatch):
-    """Interpreter on CPU tensors (or the GPU for ``gpu`` tests); poisoned outputs."""
-    if request.node.get_closest_marker("gpu"):
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for module in (tm, tb):
-        monkeypatch.setattr(module, "_POISON_OUTPUTS", True)
-        monkeypatch.setattr(module, "_OVERRIDES", {})
+    use_triton_mode(request, monkeypatch, tm, tb)
 
 
 def _similarity(dim, normalize, *, seed=0, dtype=torch.float64, device="cpu"):

@@ -35,6 +35,7 @@ from triton_helpers import (  # noqa: E402
     assert_error_within_factor,
     loss_and_grads,
     make_case,
+    use_triton_mode,
 )
 
 DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3)
@@ -42,15 +43,7 @@ DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3
 
 @pytest.fixture(autouse=True)
 def _triton_mode(request, monkeypatch):
-    """Interpreter on CPU tensors, or the real thing for ``gpu`` tests; poisoned outputs."""
-    if request.node.get_closest_marker("gpu"):
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(tb, "_POISON_OUTPUTS", True)
-    monkeypatch.setattr(tb, "_OVERRIDES", {})
+    use_triton_mode(request, monkeypatch, tb)
 
 
 def _options(similarity="dot", debias=True, temperature=0.1, **kw):

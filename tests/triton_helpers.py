@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 import torch
 
 from hdccf_triton import InteractionIndex
@@ -107,3 +109,18 @@ def assert_error_within_factor(got, ref_low, truth, *, factor=4.0, atol=0.0, wha
     assert err_got <= factor * err_ref + atol, (
         f"{what}: kernel error {err_got:.3g} > {factor}·reference error {err_ref:.3g} + {atol:.3g}"
     )
+
+
+def use_triton_mode(request, monkeypatch, *backends) -> None:
+    """The Triton tests' setting: the interpreter on CPU tensors, or the real GPU for tests
+    marked ``gpu`` (skipped without CUDA); every output buffer of ``backends`` NaN-poisoned, and
+    their launch overrides cleared."""
+    if request.node.get_closest_marker("gpu"):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for module in backends:
+        monkeypatch.setattr(module, "_POISON_OUTPUTS", True)
+        monkeypatch.setattr(module, "_OVERRIDES", {})
