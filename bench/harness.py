@@ -88,6 +88,49 @@ def peak_extra_memory(call) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+class LiveBytes:
+    """A ``TorchDispatchMode`` (made on first use: torch imports lazily here) that tracks the
+    bytes of the tensor storages created under it, from creation to release, and their peak.
+
+    ``preexisting`` tensors (the inputs) are never counted, nor are storages of ``ignore``
+    dtypes (Triton's interpreter copies each kernel argument to the host as uint8).
+    """
+
+    def __new__(cls, preexisting=(), ignore=()):
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _LiveBytes(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.live = 0
+                self.peak = 0
+                self._seen = {id(t.untyped_storage()) for t in preexisting}
+
+            def _release(self, key, nbytes):
+                self._seen.discard(key)
+                self.live -= nbytes
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if not hasattr(t, "untyped_storage") or t.dtype in ignore:
+                        continue
+                    storage = t.untyped_storage()
+                    key = id(storage)  # its Python object lives as long as the storage
+                    if key in self._seen or storage.nbytes() == 0:
+                        continue
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+                return out
+
+        return _LiveBytes()
+
+
 def compile_and_report(src, target, options: dict, head: str) -> int:
     """Compile a kernel for ``target`` without a GPU and print its shared memory, registers,
     stack and local (spill) bytes (from the cuobjdump shipped with Triton, when present).

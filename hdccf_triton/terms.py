@@ -35,6 +35,7 @@ class Scores(NamedTuple):
 
     U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools of N ≥ M blocks (N = M in one process; the
     pools of all ranks under ``torch.distributed``), normalised for cosine, at least float32
+    (from :func:`prepare_scores`; the Triton backend passes them in the dtype its kernels read)
     (for a ModulatedSimilarity: the ``[.., 2·dim]`` inputs ``[p ‖ e]``, cast, not normalised);
     s: ``[M]`` positive scores s_k; own_A, own_B, own_C, own_E: ``[M, P]`` the own-block
     columns of A, B, C, E (already divided by τ).
@@ -87,7 +88,6 @@ def resolve_similarity(user_emb, item_emb, pool_item_emb, pool_user_emb, options
 
 def prepare_scores(
     user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions, row_offset: int = 0,
-    *, keep_dtype: bool = False,
 ) -> Scores:
     """Cast to at least float32, normalise for cosine, and score the diagonal and own blocks.
 
@@ -96,14 +96,7 @@ def prepare_scores(
             (``d = 2·dim``, ``[p ‖ e]`` / ``[q ‖ e]``, for a ModulatedSimilarity, whose
             all-ones form must be resolved first by :func:`resolve_similarity`).
         row_offset: row k's own block is pool block ``row_offset + k``.
-        keep_dtype: for bf16/fp16 inputs and the ``"dot"`` similarity, keep U, I, X, Y in the
-            input dtype (as the Triton kernels read them) and score s and the own blocks in
-            fp32 without keeping fp32 copies of the embeddings for the backward (memory).
     """
-    if (keep_dtype and options.modulation is None and not options.cosine
-            and user_emb.dtype in (torch.float16, torch.bfloat16)):
-        return _prepare_low_precision_dot_scores(
-            user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset)
     dtype = torch.promote_types(user_emb.dtype, torch.float32)
     U, I, X, Y = (t.to(dtype) for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
     if options.modulation is not None:
@@ -121,40 +114,6 @@ def prepare_scores(
         own_C=torch.einsum("kpd,kd->kp", own_Y, U) * inv_tau,  # f(u_k, Y_own)
         own_E=torch.einsum("kpd,kd->kp", own_X, I) * inv_tau,  # f(i_k, X_own)
     )
-
-
-def _prepare_low_precision_dot_scores(U, I, X, Y, options: LossOptions, row_offset: int) -> Scores:
-    """:func:`prepare_scores` with ``keep_dtype`` for bf16/fp16 dot: fp32 scores, no fp32 copies."""
-    inv_tau = 1.0 / options.temperature
-    rows = slice(row_offset, row_offset + U.shape[0])
-    own_X, own_Y = X[rows], Y[rows]  # [M, P, d]
-    u, i = U[:, None, :], I[:, None, :]
-    return Scores(
-        U, I, X, Y,
-        s=_Fp32RowDot.apply(U, I) * inv_tau,
-        own_A=_Fp32RowDot.apply(own_X, u) * inv_tau,
-        own_B=_Fp32RowDot.apply(own_Y, i) * inv_tau,
-        own_C=_Fp32RowDot.apply(own_Y, u) * inv_tau,
-        own_E=_Fp32RowDot.apply(own_X, i) * inv_tau,
-    )
-
-
-class _Fp32RowDot(torch.autograd.Function):
-    """Σ_d a·b in fp32 of low-precision a, b (broadcasting); saves a, b as they are, so the
-    backward holds no fp32 copy of the embeddings."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return (a.float() * b.float()).sum(-1)
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        g = g.float()[..., None]
-        da = (g * b.float()).sum_to_size(a.shape).to(a.dtype) if ctx.needs_input_grad[0] else None
-        db = (g * a.float()).sum_to_size(b.shape).to(b.dtype) if ctx.needs_input_grad[1] else None
-        return da, db
 
 
 def _prepare_modulated_scores(U, I, X, Y, options: LossOptions, row_offset: int) -> Scores:

@@ -1,25 +1,26 @@
 """The Triton backend: the fused kernels of ``hdccf_triton.kernels`` behind an autograd.Function.
 
-Only :func:`negative_statistics` (the per-row log-sum-exps over the true negatives, the one
-part of the loss that touches the M × N·P score matrices) runs in Triton; the scores of the
-diagonal and the own blocks (:func:`~hdccf_triton.terms.prepare_scores`) and the per-row
-combination (:func:`~hdccf_triton.terms.combine_terms`) are the reference's, so the two
-backends differ only in how the log-sums are computed. Nothing of shape [M, N·P] is ever
-allocated: the forward keeps online max-shifted sums per row, the backward recomputes the
-score tiles (flash-attention style) in a row-parallel pass (dU, dI) and a column-parallel pass
-(dX, dY), without atomics, so gradients are bit-identical run to run.
+:func:`fused_scores` computes in the kernels every score of the loss: the per-row log-sum-exps
+over the true negatives (the one part that touches the M × N·P score matrices), the positive
+scores s and the rows' own-block scores. Only the per-row combination
+(:func:`~hdccf_triton.terms.combine_terms`, O(M·P) work) is the reference's, so the two
+backends differ only in how the scores are computed. Nothing of shape [M, N·P], and no
+temporary of shape [N, P, d], is ever allocated: the forward keeps online max-shifted sums per
+row, the backward recomputes the score tiles (flash-attention style) in a row-parallel pass
+(dU, dI) and a column-parallel pass (dX, dY), without atomics, so gradients are bit-identical
+run to run, and the gradients of s and of the own-block scores are added inside those passes.
 
 Precision: the kernels read the embeddings in their own dtype (bf16/fp16 go to the tensor
 cores as they are; fp32 uses IEEE fp32 products, never TF32; fp64 runs in fp64) and
 accumulate in fp32 (fp64 for fp64). For cosine similarity the embeddings are normalised in
-fp32 by ``prepare_scores`` and cast back to the input dtype for the kernels. Under
+fp32 (:func:`kernel_inputs`) and cast back to the input dtype for the kernels. Under
 ``torch.autocast`` fp32 embeddings are fed to the kernels in the autocast dtype (the loss is a
-matmul-like op); the own-block scores and the combination stay in fp32 either way.
+matmul-like op); the scores and the combination stay in fp32 either way.
 
-Memory: the kernels allocate only O(M + N·P·d) outputs and partial sums. For bf16/fp16 dot
-inputs ``prepare_scores(keep_dtype=True)`` scores the own blocks in fp32 without keeping fp32
-copies of the embeddings; the rest of the peak above the inputs is the gradients themselves
-(and, for cosine, the fp32 normalised copies).
+Memory above the inputs (``"dot"``): the gradients themselves, O(M·P) statistics, and the
+backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds those of
+the row pass by the pool gradients the column pass allocates anyway). For ``"cosine"`` add the
+normalised copies and what autograd keeps for the normalisation.
 
 Triton is imported lazily, so ``import hdccf_triton`` works where it is absent. The kernels
 are (re)loaded for the current ``TRITON_INTERPRET`` setting, so interpreter tests on CPU
@@ -38,13 +39,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .interactions import InteractionIndex
 from .options import LossOptions
-from .terms import NegativeStats, combine_terms, prepare_scores, resolve_similarity
+from .terms import NegativeStats, Scores, combine_terms, resolve_similarity
 
-__all__ = ["unavailable_reason", "per_row_loss", "negative_statistics", "LaunchConfig", "KernelLaunch",
-           "launch_config", "interaction_bitmap"]
+__all__ = ["unavailable_reason", "per_row_loss", "kernel_inputs", "fused_scores", "negative_statistics",
+           "LaunchConfig", "KernelLaunch", "launch_config", "interaction_bitmap"]
 
 #: Largest dense bitmap of D, in bits (256 MiB); larger id spaces use the sorted-keys search.
 BITMAP_MAX_BITS = 1 << 31
@@ -113,19 +115,20 @@ def per_row_loss(
             user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
             pool_users, interactions, options, row_offset,
         )
-    scores = prepare_scores(
-        user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset, keep_dtype=True
-    )
-    kernel_dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
-    if kernel_dtype == user_emb.dtype and not options.cosine:
-        # the embeddings as given (for bf16/fp16 no fp32 copy; for fp32 the same tensors)
-        U, I, X, Y = user_emb, item_emb, pool_item_emb, pool_user_emb
-    else:  # normalised in fp32 by prepare_scores, or the autocast dtype: cast for the kernels
-        U, I, X, Y = (t.to(kernel_dtype) for t in (scores.U, scores.I, scores.X, scores.Y))
-    stats = negative_statistics(
-        U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset
-    )
+    U, I, X, Y = kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb, options)
+    scores, stats = fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
     return combine_terms(scores, stats, options)
+
+
+def kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions):
+    """The embeddings as the kernels read them: in the input dtype (the autocast dtype for fp32
+    under autocast), normalised first (in fp32, or fp64) for ``"cosine"``."""
+    dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
+    tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb)
+    if not options.cosine:
+        return tuple(t.to(dtype) for t in tensors)  # no copy unless autocast asks for one
+    acc = torch.promote_types(user_emb.dtype, torch.float32)
+    return tuple(F.normalize(t.to(acc), dim=-1, eps=1e-12).to(dtype) for t in tensors)
 
 
 def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -138,29 +141,41 @@ def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def negative_statistics(
     U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
 ) -> NegativeStats:
-    """:func:`hdccf_triton.reference.negative_statistics` in fused Triton kernels.
+    """:func:`hdccf_triton.reference.negative_statistics` in the fused Triton kernels.
+
+    The statistics part of :func:`fused_scores` (same arguments).
+    """
+    return fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)[1]
+
+
+def fused_scores(
+    U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
+) -> tuple[Scores, NegativeStats]:
+    """Every score the loss needs, from the fused kernels, differentiable in U, I, X, Y.
 
     Args:
         U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools (N ≥ M blocks), all of one dtype among
-            fp64, fp32, bf16, fp16 (normalised already for cosine); users, items: ``[M]``;
-            pool_items, pool_users: ``[N, P]`` int64; row k's own block is ``row_offset + k``.
+            fp64, fp32, bf16, fp16 (normalised already for cosine: the kernels take dot
+            products); users, items: ``[M]``; pool_items, pool_users: ``[N, P]`` int64;
+            row k's own block is ``row_offset + k``.
 
     Returns:
-        :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64 inputs),
-        differentiable with respect to U, I, X, Y; counts int64.
+        ``(scores, stats)``: :class:`~hdccf_triton.terms.Scores` (s ``[M]``, own_A .. own_E
+        ``[M, P]``, and U, I, X, Y as given) and :class:`~hdccf_triton.terms.NegativeStats`
+        (lse fields ``[M]``; counts int64); floats in fp32 (fp64 for fp64 inputs).
     """
     if not _WITHOUT_DYNAMO:
-        _WITHOUT_DYNAMO.append(torch.compiler.disable(_negative_statistics))
+        _WITHOUT_DYNAMO.append(torch.compiler.disable(_fused_scores))
     return _WITHOUT_DYNAMO[0](U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
 
 
-#: :func:`_negative_statistics` behind ``torch.compiler.disable`` (under torch.compile: a graph
+#: :func:`_fused_scores` behind ``torch.compiler.disable`` (under torch.compile: a graph
 #: break around the kernel launches), made on first use: ``torch.compiler.disable`` imports
 #: torch._dynamo, which imports triton, and importing hdccf_triton must not.
 _WITHOUT_DYNAMO: list = []
 
 
-def _negative_statistics(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
+def _fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
     M, d = U.shape
     N, P, _ = X.shape
     if not 0 <= row_offset <= N - M:
@@ -178,8 +193,11 @@ def _negative_statistics(U, I, X, Y, users, items, pool_items, pool_users, inter
     )
     X2 = X.reshape(N * P, d)
     Y2 = Y.reshape(N * P, d)
-    outs = _NegativeStatistics.apply(U.contiguous(), I.contiguous(), X2.contiguous(), Y2.contiguous(), setup)
-    return NegativeStats(*outs)
+    lse_a, lse_b, lse_c, lse_e, n_item, n_user, s, own = _FusedScores.apply(
+        U.contiguous(), I.contiguous(), X2.contiguous(), Y2.contiguous(), setup
+    )
+    scores = Scores(U, I, X, Y, s, *own.unbind(0))
+    return scores, NegativeStats(lse_a, lse_b, lse_c, lse_e, n_item, n_user)
 
 
 @dataclass(frozen=True)
@@ -194,32 +212,38 @@ class _Setup:
     config: "LaunchConfig"
 
 
-class _NegativeStatistics(torch.autograd.Function):
-    """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E, n_item, n_user); counts not differentiable."""
+class _FusedScores(torch.autograd.Function):
+    """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E, n_item, n_user, s, own); counts not
+    differentiable; own ``[4, M, P]`` stacks own_A, own_B, own_C, own_E."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, U, I, X, Y, setup: _Setup):
         with torch.autocast(U.device.type, enabled=False):
-            lse, counts = _forward(U, I, X, Y, setup)
+            lse, counts, s, own = _forward(U, I, X, Y, setup)
         ctx.setup = setup
         ctx.save_for_backward(U, I, X, Y, lse)
         # independent [M] outputs (O(M) copies), so that no output is a view of another
         lse_a, lse_b, lse_c, lse_e = (t.clone() for t in lse)
         n_item, n_user = (t.clone() for t in counts)
         ctx.mark_non_differentiable(n_item, n_user)
-        return lse_a, lse_b, lse_c, lse_e, n_item, n_user
+        return lse_a, lse_b, lse_c, lse_e, n_item, n_user, s, own
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user):
+    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user, g_s, g_own):
         U, I, X, Y, lse = ctx.saved_tensors
         need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_cols = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        grads = [g if g is not None else torch.zeros_like(lse[0]) for g in (g_a, g_b, g_c, g_e)]
+        M, P = U.shape[0], ctx.setup.P
         with torch.autocast(U.device.type, enabled=False):
+            grads = [g if g is not None else torch.zeros_like(lse[0]) for g in (g_a, g_b, g_c, g_e)]
             G = torch.stack(grads).to(lse.dtype).contiguous()  # [4, M]
-            dU, dI, dX, dY = _backward(U, I, X, Y, lse, G, ctx.setup, need_rows, need_cols)
+            GS = (g_s if g_s is not None else torch.zeros_like(lse[0])).to(lse.dtype).contiguous()  # [M]
+            if g_own is None:
+                g_own = torch.zeros((4, M, P), dtype=lse.dtype, device=lse.device)
+            GOWN = g_own.to(lse.dtype).contiguous()  # [4, M, P]
+            dU, dI, dX, dY = _backward(U, I, X, Y, lse, G, GS, GOWN, ctx.setup, need_rows, need_cols)
         return dU, dI, dX, dY, None
 
 
@@ -299,8 +323,11 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
       with programs = row blocks (forward, row pass) or column blocks (column pass), at most
       the number of blocks along the swept dimension, and at most 16 for the forward (its
       partials are [splits, 4, M]) and :data:`_MAX_GRAD_SPLITS` for the backward (its fp32
-      partial gradients are [splits, rows, d]: memory). The split count depends only on the
-      shape and the GPU model, so results are bit-identical run to run.
+      partial gradients are [splits, rows, d]: memory). The row pass is further held to
+      ``splits ≤ N·P·e / (a·M)`` (e, a: bytes per input and per accumulator element), so that
+      its partials, freed before the column pass, never outgrow the pool gradients that pass
+      allocates: splitting never raises the peak memory. The split count depends only on the
+      shape, the dtype and the GPU model, so results are bit-identical run to run.
     * Interpreter: 16×16 tiles, one split (its programs run one after another anyway).
 
     Test hooks (``_OVERRIDES``): ``block_m``, ``block_n``, ``num_warps`` set all three
@@ -321,10 +348,12 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
             blocks = -(-swept // (bn if along_rows else bm))
             return KernelLaunch(bm, bn, warps, max(1, min(blocks, cap, -(-n_sm // programs))))
 
+        elt = torch.empty((), dtype=dtype or torch.float32).element_size()
+        row_cap = NP * elt // ((8 if dtype == torch.float64 else 4) * M)
         config = LaunchConfig(
             block_d, 2, maxnreg,
             fwd=launch(tiles[0], M, NP, True, cap=16),
-            rows=launch(tiles[1], M, NP, True, cap=_MAX_GRAD_SPLITS),
+            rows=launch(tiles[1], M, NP, True, cap=max(1, min(_MAX_GRAD_SPLITS, row_cap))),
             cols=launch(tiles[2], NP, M, False, cap=_MAX_GRAD_SPLITS),
         )
     else:
@@ -384,7 +413,8 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
 
 
 def _forward(U, I, X, Y, setup: _Setup):
-    """lse ``[4, M]`` (A, B, C, E) in the accumulation dtype and counts ``[2, M]`` int64."""
+    """lse ``[4, M]`` (A, B, C, E) and s ``[M]``, own ``[4, M, P]`` in the accumulation dtype;
+    counts ``[2, M]`` int64."""
     kernels = _kernels()
     M, d = U.shape
     NP = X.shape[0]
@@ -393,18 +423,20 @@ def _forward(U, I, X, Y, setup: _Setup):
     cols_per_split, splits = _split_size(NP, k.splits, k.block_n)
     lse_parts = _empty((splits, 4, M), acc, U.device)
     cnt_parts = _empty((splits, 2, M), torch.int32, U.device)
+    s = _empty((M,), acc, U.device)
+    own = _empty((4, M, setup.P), acc, U.device)
     kernels.fwd.negative_stats_fwd_kernel[(triton_cdiv(M, k.block_m), splits)](
-        *_common_args(U, I, X, Y, setup, acc), lse_parts, cnt_parts,
+        *_common_args(U, I, X, Y, setup, acc), lse_parts, cnt_parts, s, own,
         M, NP, d, setup.P, setup.row_offset, cols_per_split,
         **_constexprs(U, setup, k),
     )
     if splits == 1:
-        return lse_parts[0], cnt_parts[0].to(torch.int64)
+        return lse_parts[0], cnt_parts[0].to(torch.int64), s, own
     # merge the splits in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf)
-    return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0)
+    return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0), s, own
 
 
-def _backward(U, I, X, Y, lse, G, setup: _Setup, need_rows: bool, need_cols: bool):
+def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need_cols: bool):
     kernels = _kernels()
     M, d = U.shape
     NP = X.shape[0]
@@ -420,7 +452,7 @@ def _backward(U, I, X, Y, lse, G, setup: _Setup, need_rows: bool, need_cols: boo
         dU_parts = _empty((splits, M, d), dtype, U.device)
         dI_parts = _empty((splits, M, d), dtype, U.device)
         kernels.bwd.negative_stats_bwd_rows_kernel[(triton_cdiv(M, k.block_m), splits)](
-            *args, lse, G, dU_parts, dI_parts,
+            *args, lse, G, GS, GOWN, dU_parts, dI_parts,
             M, NP, d, setup.P, setup.row_offset, cols_per_split, **_constexprs(U, setup, k),
         )
         dU, dI = _merge(dU_parts, U.dtype), _merge(dI_parts, I.dtype)
@@ -432,7 +464,7 @@ def _backward(U, I, X, Y, lse, G, setup: _Setup, need_rows: bool, need_cols: boo
         dX_parts = _empty((splits, NP, d), dtype, U.device)
         dY_parts = _empty((splits, NP, d), dtype, U.device)
         kernels.bwd.negative_stats_bwd_cols_kernel[(triton_cdiv(NP, k.block_n), splits)](
-            *args, lse, G, dX_parts, dY_parts,
+            *args, lse, G, GS, GOWN, dX_parts, dY_parts,
             M, NP, d, setup.P, setup.row_offset, rows_per_split, **_constexprs(U, setup, k),
         )
         dX, dY = _merge(dX_parts, X.dtype), _merge(dY_parts, Y.dtype)

@@ -12,6 +12,18 @@ the gradients of lse = log Σ exp(score) are
     dX[j] = (1/τ) Σ_k ( g_A[k] p_A[k, j] U_k + g_E[k] p_E[k, j] I_k )
     dY[j] = (1/τ) Σ_k ( g_B[k] p_B[k, j] I_k + g_C[k] p_C[k, j] U_k )
 
+The diagonal and own-block scores of the forward (s = U_k·I_k/τ, own_A[k, p] = U_k·X_o/τ, …
+with o = o(k, p) the own columns of row k) add, with their upstream gradients g_s, g_own:
+
+    dU[k] += (1/τ) ( g_s[k] I_k + Σ_p g_ownA[k, p] X_o + g_ownC[k, p] Y_o )
+    dI[k] += (1/τ) ( g_s[k] U_k + Σ_p g_ownB[k, p] Y_o + g_ownE[k, p] X_o )
+    dX[o] += (1/τ) ( g_ownA[k, p] U_k + g_ownE[k, p] I_k )
+    dY[o] += (1/τ) ( g_ownB[k, p] I_k + g_ownC[k, p] U_k )
+
+added in fp32 (fp64) to the accumulators before the single store: the row pass's split 0
+adds the first two, the column pass (whose split owns row k) the last two; each own column
+belongs to one row, so this needs no atomics either.
+
 Two kernels, no atomics (bit-identical results run to run): a row-parallel one for dU, dI
 (each program owns BLOCK_M rows and sweeps the columns) and a column-parallel one for dX, dY
 (each program owns BLOCK_N columns and sweeps the rows). Both recompute the score tiles and
@@ -30,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .membership import true_negative_masks
-from .negative_stats_fwd import score_dot
+from .negative_stats_fwd import load_own_block, score_dot
 
 __all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights"]
 
@@ -52,6 +64,8 @@ def negative_stats_bwd_rows_kernel(
     scale,  # [1] 1/τ in the accumulation dtype
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients (accumulation dtype)
+    GS,  # [M] upstream gradient of s (accumulation dtype)
+    GOWN,  # [4, M, P] upstream gradients of own_A, own_B, own_C, own_E (accumulation dtype)
     DU, DI,  # [S, M, D] out: partial dU, dI per column split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, cols_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -122,6 +136,22 @@ def negative_stats_bwd_rows_kernel(
         b_di += score_dot(b_w_b.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
         b_di += score_dot(b_w_e.to(b_x.dtype), b_x, UPCAST)
 
+    if i_s == 0:  # the diagonal and the own blocks, once (in split 0)
+        # dU += g_s I + Σ_p g_ownA X_o + g_ownC Y_o;  dI += g_s U + Σ_p g_ownB Y_o + g_ownE X_o
+        b_gs = tl.load(GS + o_m, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
+        b_du += b_gs * b_i.to(b_du.dtype)
+        b_di += b_gs * b_u.to(b_di.dtype)
+        MP = M * P
+        for p in range(0, P):
+            b_xo, b_yo = load_own_block(X, Y, b_block, p, P, D, o_d, m_row, b_du.dtype)  # [BLOCK_M, BLOCK_D]
+            p_g = GOWN + o_m.to(tl.int64) * P + p  # [BLOCK_M]
+            b_go_a = tl.load(p_g, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
+            b_go_b = tl.load(p_g + MP, mask=m_m, other=0.0)[:, None]
+            b_go_c = tl.load(p_g + 2 * MP, mask=m_m, other=0.0)[:, None]
+            b_go_e = tl.load(p_g + 3 * MP, mask=m_m, other=0.0)[:, None]
+            b_du += b_go_a * b_xo + b_go_c * b_yo
+            b_di += b_go_b * b_yo + b_go_e * b_xo
+
     # dU, dI = (1/τ)·(accumulated sums), into this split's slice
     p_out = i_s.to(tl.int64) * M * D + p_row
     tl.store(DU + p_out, b_du * inv_tau, mask=m_row)
@@ -138,6 +168,8 @@ def negative_stats_bwd_cols_kernel(
     scale,  # [1] 1/τ in the accumulation dtype
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients (accumulation dtype)
+    GS,  # [M] upstream gradient of s (unused here: s depends on U and I only)
+    GOWN,  # [4, M, P] upstream gradients of own_A, own_B, own_C, own_E (accumulation dtype)
     DX, DY,  # [S, NP, D] out: partial dX, dY per row split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, rows_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -211,6 +243,24 @@ def negative_stats_bwd_cols_kernel(
         # dY += w_Bᵀ I + w_Cᵀ U
         b_dy += score_dot(tl.trans(b_w_b.to(b_i.dtype)), b_i, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dy += score_dot(tl.trans(b_w_c.to(b_u.dtype)), b_u, UPCAST)
+
+    # the own-block columns: column j is own column p = j mod P of row k = j // P − row_offset,
+    # added by the split whose rows hold k
+    # dX[j] += g_ownA[k, p] U_k + g_ownE[k, p] I_k;  dY[j] += g_ownB[k, p] I_k + g_ownC[k, p] U_k
+    o_k = b_owner - row_offset  # [BLOCK_N]
+    m_k = m_n & (o_k >= row_start) & (o_k < row_end)
+    p_k = o_k.to(tl.int64)[:, None] * D + o_d[None, :]
+    m_kd = m_k[:, None] & m_d[None, :]
+    b_uk = tl.load(U + p_k, mask=m_kd, other=0.0).to(b_dx.dtype)  # [BLOCK_N, BLOCK_D]
+    b_ik = tl.load(I + p_k, mask=m_kd, other=0.0).to(b_dx.dtype)  # [BLOCK_N, BLOCK_D]
+    p_g = GOWN + (o_n.to(tl.int64) - row_offset * P)  # [BLOCK_N]: k·P + p
+    MP = M * P
+    b_go_a = tl.load(p_g, mask=m_k, other=0.0)[:, None]  # [BLOCK_N, 1]
+    b_go_b = tl.load(p_g + MP, mask=m_k, other=0.0)[:, None]
+    b_go_c = tl.load(p_g + 2 * MP, mask=m_k, other=0.0)[:, None]
+    b_go_e = tl.load(p_g + 3 * MP, mask=m_k, other=0.0)[:, None]
+    b_dx += b_go_a * b_uk + b_go_e * b_ik
+    b_dy += b_go_b * b_ik + b_go_c * b_uk
 
     # dX, dY = (1/τ)·(accumulated sums), into this split's slice
     p_out = i_s.to(tl.int64) * NP * D + p_col

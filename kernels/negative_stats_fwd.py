@@ -1,4 +1,5 @@
-"""Forward: per-row log-sum-exp of the four score matrices over the true negatives, fused.
+"""Forward: every score the loss needs, fused: the per-row log-sum-exps of the four score
+matrices over the true negatives, and the scores of the diagonal and of the rows' own blocks.
 
 For row k (own block row_offset + k) and the flattened pools j in [0, N·P):
 
@@ -7,7 +8,14 @@ For row k (own block row_offset + k) and the flattened pools j in [0, N·P):
     lse_B[k] = log Σ_{j ∈ Tᵁ_k} exp B[k, j]      lse_C likewise over Tᵁ_k
     n_item[k] = |Tᴵ_k|,  n_user[k] = |Tᵁ_k|
 
-(−inf for an empty set; Tᴵ, Tᵁ from :func:`membership.true_negative_masks`). Each program
+(−inf for an empty set; Tᴵ, Tᵁ from :func:`membership.true_negative_masks`), and, with
+o(k, p) = (row_offset + k)·P + p the columns of row k's own block,
+
+    s[k] = U_k·I_k / τ
+    own_A[k, p] = A[k, o(k, p)]   own_B[k, p] = B[k, o(k, p)]   own_C, own_E likewise
+
+(the own-block scores enter the debiasing and the user–user and item–item terms; computing
+them here keeps the Triton path free of any [M, P, d] temporary). Each program
 owns BLOCK_M rows and streams over the column blocks of its split of the columns, keeping a
 running max m and a running sum l per row and matrix (online softmax, as in flash attention):
 nothing of shape [M, N·P] exists in memory. The columns may be cut into ``grid[1]`` splits of
@@ -23,7 +31,7 @@ import triton.language as tl
 
 from .membership import true_negative_masks
 
-__all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse"]
+__all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "load_own_block"]
 
 # The kernels use Triton builtins only. tl.sum, tl.max and tl.zeros are themselves @triton.jit
 # functions of Triton's standard library, decorated when triton is imported; if that import
@@ -75,6 +83,15 @@ def finish_lse(b_m, b_l):
 
 
 @triton.jit
+def load_own_block(X, Y, b_block, p, P, D, o_d, m_row, dtype: tl.constexpr):
+    """Pool column ``b_block·P + p`` of X and of Y for each row, in ``dtype``: two [rows, BLOCK_D]."""
+    p_own = (b_block.to(tl.int64) * P + p)[:, None] * D + o_d[None, :]
+    b_xo = tl.load(X + p_own, mask=m_row, other=0.0).to(dtype)  # [rows, BLOCK_D]
+    b_yo = tl.load(Y + p_own, mask=m_row, other=0.0).to(dtype)  # [rows, BLOCK_D]
+    return b_xo, b_yo
+
+
+@triton.jit
 def negative_stats_fwd_kernel(
     U, I,  # [M, D] user and item embeddings of the rows
     X, Y,  # [NP, D] flattened pool items and pool users
@@ -84,6 +101,8 @@ def negative_stats_fwd_kernel(
     scale,  # [1] 1/τ in the accumulation dtype
     LSE,  # [S, 4, M] out: partial log-sums of A, B, C, E per split
     CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split
+    SC,  # [M] out: s (accumulation dtype), written by split 0
+    OWN,  # [4, M, P] out: own_A, own_B, own_C, own_E (accumulation dtype), written by split 0
     M, NP, D, P, row_offset, cols_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -165,3 +184,17 @@ def negative_stats_fwd_kernel(
     p_cnt = CNT + i_s.to(tl.int64) * 2 * M + o_m
     tl.store(p_cnt, b_n_item, mask=m_m)
     tl.store(p_cnt + M, b_n_user, mask=m_m)
+
+    if i_s == 0:
+        # s = Σ_d U·I / τ, and the own blocks' scores, elementwise in the accumulation dtype
+        b_uf = b_u.to(inv_tau.dtype)  # [BLOCK_M, BLOCK_D]
+        b_if = b_i.to(inv_tau.dtype)  # [BLOCK_M, BLOCK_D]
+        tl.store(SC + o_m, tl.reduce(b_uf * b_if, 1, _add) * inv_tau, mask=m_m)
+        MP = M * P
+        for p in range(0, P):
+            b_xo, b_yo = load_own_block(X, Y, b_block, p, P, D, o_d, m_row, inv_tau.dtype)
+            p_own = OWN + o_m.to(tl.int64) * P + p  # [BLOCK_M]
+            tl.store(p_own, tl.reduce(b_uf * b_xo, 1, _add) * inv_tau, mask=m_m)  # own_A
+            tl.store(p_own + MP, tl.reduce(b_if * b_yo, 1, _add) * inv_tau, mask=m_m)  # own_B
+            tl.store(p_own + 2 * MP, tl.reduce(b_uf * b_yo, 1, _add) * inv_tau, mask=m_m)  # own_C
+            tl.store(p_own + 3 * MP, tl.reduce(b_if * b_xo, 1, _add) * inv_tau, mask=m_m)  # own_E
