@@ -131,6 +131,27 @@ class LiveBytes:
         return _LiveBytes()
 
 
+def spill_ops(sass: str) -> tuple[int, int]:
+    """Local-memory loads/stores (register spills) in the SASS: (inside the first loop, the
+    kernel's sweep over the score tiles; everywhere else). A loop is a backward branch."""
+    import re
+
+    ops, loops = [], []
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", line)
+        if not m:
+            continue
+        addr, ins = int(m.group(1), 16), m.group(2)
+        target = re.search(r"BRA[^0-9]*0x([0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+        if "LDL" in ins or "STL" in ins:
+            ops.append(addr)
+    first = loops[0] if loops else (1, 0)
+    inside = sum(first[0] <= a <= first[1] for a in ops)
+    return inside, len(ops) - inside
+
+
 def compile_and_report(src, target, options: dict, head: str) -> int:
     """Compile a kernel for ``target`` without a GPU and print its shared memory, registers,
     stack and local (spill) bytes (from the cuobjdump shipped with Triton, when present).
@@ -156,7 +177,9 @@ def compile_and_report(src, target, options: dict, head: str) -> int:
             f.flush()
             text = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
                                   capture_output=True, text=True).stdout
+            sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True).stdout
         usage = " ".join(w for line in text.splitlines() if "REG" in line
                          for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL"))
+        usage += " spill-ops(main loop/elsewhere)={}/{}".format(*spill_ops(sass))
     print(f"{head} smem={c.metadata.shared} {usage} ({time.perf_counter() - t:.1f} s)", flush=True)
     return 0

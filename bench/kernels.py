@@ -385,6 +385,11 @@ def compile_only(arch: int) -> int:
                 if maxnreg:
                     options["maxnreg"] = maxnreg
                 status |= compile_and_report(src, target, options, head)
+            fn = kernels.fwd.own_scores_kernel
+            constexprs = dict(BLOCK_M=tb._OWN_BLOCK_M, BLOCK_D=block_d)
+            src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
+            head = f"own   {dtype} block_d={block_d:<4} tile={tb._OWN_BLOCK_M}x{block_d} warps=4"
+            status |= compile_and_report(src, target, dict(num_warps=4, num_stages=2), head)
     return status
 
 
@@ -396,7 +401,7 @@ def _signature(fn, dtype: str) -> dict:
             types[name] = "*" + dtype
         elif name in ("users", "items", "x_ids", "y_ids", "index", "CNT"):
             types[name] = "*i32"
-        elif name in ("scale", "LSE", "G", "DU", "DI", "DX", "DY"):
+        elif name in ("scale", "LSE", "G", "SC", "OWN", "GS", "GOWN", "DU", "DI", "DX", "DY"):
             types[name] = "*fp32"
         elif name.isupper() and name not in ("M", "NP", "D", "P"):
             types[name] = "constexpr"

@@ -295,9 +295,10 @@ class LaunchConfig:
 
 
 #: GPU tiles (block_m, block_n, num_warps) of (forward, row pass, column pass) by block_d:
-#: the largest tiles that ptxas compiles without register spills for sm_90 with bf16 inputs
-#: and the bitmap index (``python bench/kernels.py --compile-only`` prints the resource
-#: usage; tune with ``bench/kernels.py`` on the GPU).
+#: the largest tiles whose sweep over the score tiles ptxas compiles without register spills
+#: for sm_90 with bf16 inputs and the bitmap index (``python bench/kernels.py --compile-only``
+#: prints the resource usage and the spill instructions inside and outside that loop; tune
+#: with ``bench/kernels.py`` on the GPU).
 _GPU_TILES = {
     64: ((64, 32, 4), (64, 32, 8), (64, 32, 8)),
     128: ((64, 32, 8), (32, 32, 8), (32, 32, 8)),
@@ -412,6 +413,10 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     )
 
 
+#: rows per program of the own-block scores (a light, memory-bound kernel)
+_OWN_BLOCK_M = 16
+
+
 def _forward(U, I, X, Y, setup: _Setup):
     """lse ``[4, M]`` (A, B, C, E) and s ``[M]``, own ``[4, M, P]`` in the accumulation dtype;
     counts ``[2, M]`` int64."""
@@ -425,10 +430,16 @@ def _forward(U, I, X, Y, setup: _Setup):
     cnt_parts = _empty((splits, 2, M), torch.int32, U.device)
     s = _empty((M,), acc, U.device)
     own = _empty((4, M, setup.P), acc, U.device)
+    args = _common_args(U, I, X, Y, setup, acc)
     kernels.fwd.negative_stats_fwd_kernel[(triton_cdiv(M, k.block_m), splits)](
-        *_common_args(U, I, X, Y, setup, acc), lse_parts, cnt_parts, s, own,
+        *args, lse_parts, cnt_parts,
         M, NP, d, setup.P, setup.row_offset, cols_per_split,
         **_constexprs(U, setup, k),
+    )
+    scale = args[-1]
+    kernels.fwd.own_scores_kernel[(triton_cdiv(M, _OWN_BLOCK_M),)](
+        U, I, X, Y, scale, s, own, M, d, setup.P, setup.row_offset,
+        BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
     if splits == 1:
         return lse_parts[0], cnt_parts[0].to(torch.int64), s, own

@@ -15,7 +15,9 @@ o(k, p) = (row_offset + k)·P + p the columns of row k's own block,
     own_A[k, p] = A[k, o(k, p)]   own_B[k, p] = B[k, o(k, p)]   own_C, own_E likewise
 
 (the own-block scores enter the debiasing and the user–user and item–item terms; computing
-them here keeps the Triton path free of any [M, P, d] temporary). Each program
+them in :func:`own_scores_kernel` keeps the Triton path free of any [M, P, d] temporary).
+
+In :func:`negative_stats_fwd_kernel` each program
 owns BLOCK_M rows and streams over the column blocks of its split of the columns, keeping a
 running max m and a running sum l per row and matrix (online softmax, as in flash attention):
 nothing of shape [M, N·P] exists in memory. The columns may be cut into ``grid[1]`` splits of
@@ -31,7 +33,8 @@ import triton.language as tl
 
 from .membership import true_negative_masks
 
-__all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "load_own_block"]
+__all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "load_own_block",
+           "own_scores_kernel"]
 
 # The kernels use Triton builtins only. tl.sum, tl.max and tl.zeros are themselves @triton.jit
 # functions of Triton's standard library, decorated when triton is imported; if that import
@@ -101,8 +104,6 @@ def negative_stats_fwd_kernel(
     scale,  # [1] 1/τ in the accumulation dtype
     LSE,  # [S, 4, M] out: partial log-sums of A, B, C, E per split
     CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split
-    SC,  # [M] out: s (accumulation dtype), written by split 0
-    OWN,  # [4, M, P] out: own_A, own_B, own_C, own_E (accumulation dtype), written by split 0
     M, NP, D, P, row_offset, cols_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -185,16 +186,37 @@ def negative_stats_fwd_kernel(
     tl.store(p_cnt, b_n_item, mask=m_m)
     tl.store(p_cnt + M, b_n_user, mask=m_m)
 
-    if i_s == 0:
-        # s = Σ_d U·I / τ, and the own blocks' scores, elementwise in the accumulation dtype
-        b_uf = b_u.to(inv_tau.dtype)  # [BLOCK_M, BLOCK_D]
-        b_if = b_i.to(inv_tau.dtype)  # [BLOCK_M, BLOCK_D]
-        tl.store(SC + o_m, tl.reduce(b_uf * b_if, 1, _add) * inv_tau, mask=m_m)
-        MP = M * P
-        for p in range(0, P):
-            b_xo, b_yo = load_own_block(X, Y, b_block, p, P, D, o_d, m_row, inv_tau.dtype)
-            p_own = OWN + o_m.to(tl.int64) * P + p  # [BLOCK_M]
-            tl.store(p_own, tl.reduce(b_uf * b_xo, 1, _add) * inv_tau, mask=m_m)  # own_A
-            tl.store(p_own + MP, tl.reduce(b_if * b_yo, 1, _add) * inv_tau, mask=m_m)  # own_B
-            tl.store(p_own + 2 * MP, tl.reduce(b_uf * b_yo, 1, _add) * inv_tau, mask=m_m)  # own_C
-            tl.store(p_own + 3 * MP, tl.reduce(b_if * b_xo, 1, _add) * inv_tau, mask=m_m)  # own_E
+
+
+@triton.jit
+def own_scores_kernel(
+    U, I,  # [M, D] user and item embeddings of the rows
+    X, Y,  # [NP, D] flattened pool items and pool users
+    scale,  # [1] 1/τ in the accumulation dtype
+    SC,  # [M] out: s (accumulation dtype)
+    OWN,  # [4, M, P] out: own_A, own_B, own_C, own_E (accumulation dtype)
+    M, D, P, row_offset,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """s and the own-block scores, elementwise in the accumulation dtype (a kernel of its own,
+    so that the register pressure of the sweep above stays as it is)."""
+    i_m = tl.program_id(0)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_m = o_m < M
+    m_row = m_m[:, None] & (o_d < D)[None, :]
+    inv_tau = tl.load(scale)
+    p_row = o_m.to(tl.int64)[:, None] * D + o_d[None, :]
+    b_u = tl.load(U + p_row, mask=m_row, other=0.0).to(inv_tau.dtype)  # [BLOCK_M, BLOCK_D]
+    b_i = tl.load(I + p_row, mask=m_row, other=0.0).to(inv_tau.dtype)  # [BLOCK_M, BLOCK_D]
+    # s[k] = U_k·I_k / τ
+    tl.store(SC + o_m, tl.reduce(b_u * b_i, 1, _add) * inv_tau, mask=m_m)
+    MP = M * P
+    for p in range(0, P):
+        # own_A = U·X_o / τ, own_B = I·Y_o / τ, own_C = U·Y_o / τ, own_E = I·X_o / τ
+        b_xo, b_yo = load_own_block(X, Y, row_offset + o_m, p, P, D, o_d, m_row, inv_tau.dtype)
+        p_own = OWN + o_m.to(tl.int64) * P + p  # [BLOCK_M]
+        tl.store(p_own, tl.reduce(b_u * b_xo, 1, _add) * inv_tau, mask=m_m)
+        tl.store(p_own + MP, tl.reduce(b_i * b_yo, 1, _add) * inv_tau, mask=m_m)
+        tl.store(p_own + 2 * MP, tl.reduce(b_u * b_yo, 1, _add) * inv_tau, mask=m_m)
+        tl.store(p_own + 3 * MP, tl.reduce(b_i * b_xo, 1, _add) * inv_tau, mask=m_m)
