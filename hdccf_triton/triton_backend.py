@@ -39,7 +39,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .interactions import InteractionIndex
 from .options import LossOptions
@@ -127,8 +126,52 @@ def kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb, options: Los
     tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb)
     if not options.cosine:
         return tuple(t.to(dtype) for t in tensors)  # no copy unless autocast asks for one
-    acc = torch.promote_types(user_emb.dtype, torch.float32)
-    return tuple(F.normalize(t.to(acc), dim=-1, eps=1e-12).to(dtype) for t in tensors)
+    return tuple(_NormalizedCopy.apply(t, dtype) for t in tensors)
+
+
+class _NormalizedCopy(torch.autograd.Function):
+    """x ↦ x / max(‖x‖, ε) (``F.normalize``, ε = 1e-12) computed in fp32 (fp64 for fp64) and
+    stored in ``dtype``. For memory it keeps only x (an input anyway) and the norms for the
+    backward, and works through the rows in chunks, so that no fp32 copy of a pool exists:
+
+        dx = (g − y·(y·g)) / ‖x‖  where ‖x‖ > ε,   g / ε  elsewhere,   y = x / ‖x‖.
+    """
+
+    EPS = 1e-12
+    #: rows per chunk: at most 2**18 elements (1 MiB in fp32) of temporaries at a time
+    CHUNK_ELEMENTS = 1 << 18
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        flat = x.reshape(-1, x.shape[-1])
+        norm = torch.empty((flat.shape[0], 1), dtype=acc, device=x.device)
+        out = torch.empty(flat.shape, dtype=dtype, device=x.device)
+        for rows in _NormalizedCopy._chunks(flat):
+            xf = flat[rows].to(acc)
+            norm[rows] = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+            out[rows] = xf / norm[rows].clamp_min(_NormalizedCopy.EPS)
+        ctx.save_for_backward(x, norm)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, norm = ctx.saved_tensors
+        flat, g_flat = x.reshape(-1, x.shape[-1]), g.reshape(-1, x.shape[-1])
+        dx = torch.empty_like(flat)
+        for rows in _NormalizedCopy._chunks(flat):
+            n = norm[rows]
+            xf, gf = flat[rows].to(n.dtype), g_flat[rows].to(n.dtype)
+            big = n > _NormalizedCopy.EPS
+            y = xf / n.clamp_min(_NormalizedCopy.EPS)
+            projected = (gf - y * (y * gf).sum(-1, keepdim=True)) / n.clamp_min(_NormalizedCopy.EPS)
+            dx[rows] = torch.where(big, projected, gf / _NormalizedCopy.EPS)
+        return dx.view(x.shape), None
+
+    @staticmethod
+    def _chunks(flat):
+        step = max(1, _NormalizedCopy.CHUNK_ELEMENTS // max(1, flat.shape[-1]))
+        return [slice(r, r + step) for r in range(0, flat.shape[0], step)]
 
 
 def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

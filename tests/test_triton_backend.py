@@ -292,6 +292,27 @@ def test_peak_memory_is_the_gradients():
     assert M * P * d * 4 > M * per_row
 
 
+def test_normalized_copy_is_f_normalize(monkeypatch):
+    # chunked (3 rows a chunk here), in fp64 against F.normalize: values and gradients,
+    # a zero row (the ε branch) included; and the cast to a low-precision dtype
+    monkeypatch.setattr(tb._NormalizedCopy, "CHUNK_ELEMENTS", 3 * 5)
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
+    x[1, 0] = 0.0
+    upstream = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = tb._NormalizedCopy.apply(x1, torch.float64)
+    want = torch.nn.functional.normalize(x2, dim=-1, eps=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+    (dgot,) = torch.autograd.grad(got, x1, upstream)
+    (dwant,) = torch.autograd.grad(want, x2, upstream)
+    torch.testing.assert_close(dgot, dwant, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: tb._NormalizedCopy.apply(t, torch.float64), (x[2:].clone().requires_grad_(),))
+    low = tb._NormalizedCopy.apply(x.float(), torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), want.detach(), rtol=0, atol=2**-8)
+
+
 def _bench_harness():
     import importlib.util
     from pathlib import Path
