@@ -44,7 +44,7 @@ import triton.language as tl
 from .membership import true_negative_masks
 from .negative_stats_fwd import load_own_block, score_dot
 
-__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights"]
+__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights", "load_own_grads"]
 
 
 @triton.jit
@@ -52,6 +52,17 @@ def grad_weights(b_s, b_lse, b_g, m_s):
     """g · exp(s − lse) on the mask, 0 off it (lse, g broadcast along the tile's other axis)."""
     # the where comes first: off the mask s − lse may be +inf (lse = −inf on an empty row)
     return tl.exp(tl.where(m_s, b_s - b_lse, float("-inf"))) * b_g
+
+
+@triton.jit
+def load_own_grads(p_g, MP, m_g):
+    """g_ownA, g_ownB, g_ownC, g_ownE at the offsets ``p_g`` of GOWN ``[4, M, P]`` (MP = M·P),
+    0 off the mask: four ``[n, 1]`` tiles."""
+    b_go_a = tl.load(p_g, mask=m_g, other=0.0)[:, None]
+    b_go_b = tl.load(p_g + MP, mask=m_g, other=0.0)[:, None]
+    b_go_c = tl.load(p_g + 2 * MP, mask=m_g, other=0.0)[:, None]
+    b_go_e = tl.load(p_g + 3 * MP, mask=m_g, other=0.0)[:, None]
+    return b_go_a, b_go_b, b_go_c, b_go_e
 
 
 @triton.jit
@@ -144,11 +155,7 @@ def negative_stats_bwd_rows_kernel(
         MP = M * P
         for p in range(0, P):
             b_xo, b_yo = load_own_block(X, Y, b_block, p, P, D, o_d, m_row, b_du.dtype)  # [BLOCK_M, BLOCK_D]
-            p_g = GOWN + o_m.to(tl.int64) * P + p  # [BLOCK_M]
-            b_go_a = tl.load(p_g, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
-            b_go_b = tl.load(p_g + MP, mask=m_m, other=0.0)[:, None]
-            b_go_c = tl.load(p_g + 2 * MP, mask=m_m, other=0.0)[:, None]
-            b_go_e = tl.load(p_g + 3 * MP, mask=m_m, other=0.0)[:, None]
+            b_go_a, b_go_b, b_go_c, b_go_e = load_own_grads(GOWN + o_m.to(tl.int64) * P + p, MP, m_m)
             b_du += b_go_a * b_xo + b_go_c * b_yo
             b_di += b_go_b * b_yo + b_go_e * b_xo
 
@@ -253,12 +260,8 @@ def negative_stats_bwd_cols_kernel(
     m_kd = m_k[:, None] & m_d[None, :]
     b_uk = tl.load(U + p_k, mask=m_kd, other=0.0).to(b_dx.dtype)  # [BLOCK_N, BLOCK_D]
     b_ik = tl.load(I + p_k, mask=m_kd, other=0.0).to(b_dx.dtype)  # [BLOCK_N, BLOCK_D]
-    p_g = GOWN + (o_n.to(tl.int64) - row_offset * P)  # [BLOCK_N]: k·P + p
-    MP = M * P
-    b_go_a = tl.load(p_g, mask=m_k, other=0.0)[:, None]  # [BLOCK_N, 1]
-    b_go_b = tl.load(p_g + MP, mask=m_k, other=0.0)[:, None]
-    b_go_c = tl.load(p_g + 2 * MP, mask=m_k, other=0.0)[:, None]
-    b_go_e = tl.load(p_g + 3 * MP, mask=m_k, other=0.0)[:, None]
+    # GOWN entry k·P + p of column j is j − row_offset·P
+    b_go_a, b_go_b, b_go_c, b_go_e = load_own_grads(GOWN + (o_n.to(tl.int64) - row_offset * P), M * P, m_k)
     b_dx += b_go_a * b_uk + b_go_e * b_ik
     b_dy += b_go_b * b_ik + b_go_c * b_uk
 
