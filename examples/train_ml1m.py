@@ -16,6 +16,12 @@ every item); training stops early when validation NDCG@10 stops improving, the b
 checkpoint is reloaded and evaluated on the test split, and the results are written as JSON
 to --out and printed as the last line. Ctrl-C stops training and still evaluates the best
 checkpoint.
+
+Models trained with in-batch negatives (hdccf, softmax) score items at inference with the
+log-frequency prior τ·log q(i) added (--item-prior auto; see hdccf_triton.models): their
+negatives are drawn in proportion to item frequency, so their raw scores rank items by how
+much more than their popularity a user likes them. The results JSON also holds the metrics
+without the prior ("valid_without_prior", "test_without_prior").
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from hdccf_triton import InteractionIndex
 from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.metrics import Evaluator
-from hdccf_triton.models import BPRObjective, EmbeddingModel, HDCCFObjective
+from hdccf_triton.models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior
 from hdccf_triton.sampling import InBatchSampler
 from hdccf_triton.similarity import ModulatedSimilarity
 
@@ -92,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--distributed", action="store_true",
                        help="DDP under torchrun: negatives gathered across ranks, evaluation on rank 0")
 
-    out = p.add_argument_group("output")
+    out = p.add_argument_group("evaluation and output")
+    out.add_argument("--item-prior", default="auto", choices=["auto", "log-frequency", "none"],
+                     help="added to the inference scores: tau*log(item frequency), which undoes the "
+                     "popularity bias of in-batch negatives; auto = log-frequency for hdccf/softmax, none for bpr")
     out.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="cut-offs K of HR@K and NDCG@K")
     out.add_argument("--select-protocol", default="sampled", choices=["sampled", "full"],
                      help="protocol whose validation NDCG@10 selects the best epoch")
@@ -105,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if 10 not in args.ks:
         p.error("--ks must include 10 (early stopping uses NDCG@10)")
+    if args.item_prior == "auto":
+        args.item_prior = "none" if args.loss == "bpr" else "log-frequency"
     return args
 
 
@@ -186,6 +197,10 @@ def main(argv=None) -> dict:
     if similarity == "modulated":
         similarity = ModulatedSimilarity(args.dim, normalize=args.normalize)
     model = EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity).to(device)
+    prior = None
+    if args.item_prior == "log-frequency":
+        prior = log_frequency_prior(ds.train_items, ds.num_items, args.temperature).to(device)
+    model.set_item_prior(prior)
     objective = build_objective(args, model, index).to(device)
     train_step = objective
     if world > 1:
@@ -262,6 +277,7 @@ def main(argv=None) -> dict:
             interrupted=interrupted,
             valid=evaluator.evaluate(model, "valid", ks=args.ks),
             test=evaluator.evaluate(model, "test", ks=args.ks),
+            **without_prior(model, evaluator, args.ks, prior),
             history=history,
             wall_seconds=round(time.time() - t_start, 1),
             device=device_name(device),
@@ -277,6 +293,18 @@ def main(argv=None) -> dict:
 
         dist.destroy_process_group()
     return result
+
+
+def without_prior(model, evaluator, ks, prior) -> dict:
+    """The validation and test metrics of the raw scores, when a prior was added (else {})."""
+    if prior is None:
+        return {}
+    model.set_item_prior(None)
+    try:
+        return dict(valid_without_prior=evaluator.evaluate(model, "valid", ks=ks),
+                    test_without_prior=evaluator.evaluate(model, "test", ks=ks))
+    finally:
+        model.set_item_prior(prior)
 
 
 def progress(iterable, total, desc, disable):

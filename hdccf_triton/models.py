@@ -8,7 +8,15 @@ One model (user and item tables, a similarity) serves every objective:
   item per observed pair drawn uniformly among the items the user did not interact with.
 
 The model exposes ``score(users [B], items [B, C])`` and ``score_all(users [B])`` for
-:class:`~hdccf_triton.metrics.Evaluator`.
+:class:`~hdccf_triton.metrics.Evaluator`, plus an optional per-item prior added to every
+score at inference (:meth:`EmbeddingModel.set_item_prior`, :func:`log_frequency_prior`).
+
+Why a prior: the in-batch negatives of the HDCCF sampler are drawn in proportion to item
+frequency (Proposition 1 of the paper), and a softmax over negatives drawn from q learns
+logits f(u, i)/τ ≈ log p(i | u) − log q(i) + c_u (the sampling bias of sampled softmax): the
+scores rank items by how much more than their popularity the user likes them. Adding
+τ·log q(i) back at inference (the logQ correction, applied at scoring time) ranks by
+p(i | u) again. BPR's uniform negatives need no such prior.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
 from .similarity import ModulatedSimilarity
 
-__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective"]
+__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior"]
 
 
 class EmbeddingModel(nn.Module):
@@ -34,6 +42,11 @@ class EmbeddingModel(nn.Module):
         similarity: ``"dot"``, ``"cosine"`` or a :class:`ModulatedSimilarity` (registered as
             a submodule, so its parameters train with the tables).
         init_std: standard deviation of the normal initialisation of the tables.
+
+    Buffers:
+        item_prior: ``[num_items]``, added to every score of :meth:`score` and
+            :meth:`score_all` (zeros unless :meth:`set_item_prior` sets it; saved in the
+            state dict). Training never reads it.
     """
 
     def __init__(self, num_users: int, num_items: int, dim: int, similarity="dot", init_std: float = 0.1):
@@ -52,6 +65,19 @@ class EmbeddingModel(nn.Module):
         self.item_table = nn.Embedding(num_items, width)
         nn.init.normal_(self.user_table.weight, std=init_std)
         nn.init.normal_(self.item_table.weight, std=init_std)
+        self.register_buffer("item_prior", torch.zeros(num_items))
+
+    def set_item_prior(self, prior: torch.Tensor | None) -> None:
+        """Add ``prior [num_items]`` to the inference scores (None: no prior)."""
+        if prior is None:
+            self.item_prior.zero_()
+            return
+        if not isinstance(prior, torch.Tensor) or prior.shape != self.item_prior.shape:
+            raise ValueError(f"prior: expected a tensor of shape {tuple(self.item_prior.shape)}, "
+                             f"got {getattr(prior, 'shape', type(prior).__name__)}")
+        if not torch.isfinite(prior).all():
+            raise ValueError("prior: expected finite values")
+        self.item_prior.copy_(prior)
 
     @property
     def num_items(self) -> int:
@@ -67,19 +93,32 @@ class EmbeddingModel(nn.Module):
 
     @torch.no_grad()
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``users [B]``, ``items [B, C]`` → ``[B, C]`` scores f(u, i)."""
-        return self.pair_scores(self.user_table(users)[:, None, :], self.item_table(items))
+        """``users [B]``, ``items [B, C]`` → ``[B, C]`` scores f(u, i) + prior(i)."""
+        return self.pair_scores(self.user_table(users)[:, None, :], self.item_table(items)) + self.item_prior[items]
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """``users [B]`` → ``[B, num_items]`` scores against every item."""
+        """``users [B]`` → ``[B, num_items]`` scores f(u, i) + prior(i) against every item."""
         U, items = self.user_table(users), self.item_table.weight
         if not isinstance(self.similarity, ModulatedSimilarity):
             if self.similarity == "cosine":
                 U, items = F.normalize(U, dim=-1), F.normalize(items, dim=-1)
-            return U @ items.T
+            return U @ items.T + self.item_prior
         # pairwise modulation: [chunk, num_items, d] at a time
-        return torch.cat([self.pair_scores(u[:, None, :], items[None]) for u in U.split(chunk)])
+        scores = torch.cat([self.pair_scores(u[:, None, :], items[None]) for u in U.split(chunk)])
+        return scores + self.item_prior
+
+
+def log_frequency_prior(train_items: torch.Tensor, num_items: int, temperature: float) -> torch.Tensor:
+    """τ·log(frequency) of each item in the training pairs (frequency ≥ 1), ``[num_items]`` float32.
+
+    The prior that restores p(i | u) ranking for a model trained with in-batch negatives at
+    temperature τ (see the module docstring); the constant log of the total cancels in ranking.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    counts = torch.bincount(train_items.reshape(-1).cpu(), minlength=num_items)[:num_items]
+    return temperature * torch.log(counts.clamp(min=1).to(torch.float32))
 
 
 class HDCCFObjective(nn.Module):

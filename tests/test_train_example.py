@@ -34,7 +34,12 @@ def run_script(tmp_path, *flags):
 
 
 def check_result(last, full):
-    for split in ("valid", "test"):
+    # in-batch losses are scored with the log-frequency prior, and also reported without it
+    prior = full["config"]["loss"] != "bpr"
+    assert full["config"]["item_prior"] == ("log-frequency" if prior else "none")
+    splits = ("valid", "test", "valid_without_prior", "test_without_prior") if prior else ("valid", "test")
+    assert ("test_without_prior" in full) == prior
+    for split in splits:
         for protocol in ("sampled", "full"):
             metrics = full[split][protocol]
             assert set(metrics) == {"HR@10", "NDCG@10", "HR@50", "NDCG@50"}
