@@ -8,7 +8,7 @@ from .data import Dataset, DownloadError, load_dataset
 from .interactions import InteractionIndex
 from .loss import BackendUnavailableError, DebiasedContrastiveLoss, debiased_contrastive_loss
 from .metrics import Evaluator, format_results
-from .models import BPRObjective, EmbeddingModel, HDCCFObjective
+from .models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior
 from .options import LossOptions
 from .sampling import Batch, InBatchSampler
 from .similarity import ModulatedSimilarity
@@ -32,4 +32,5 @@ __all__ = [
     "debiased_contrastive_loss",
     "format_results",
     "load_dataset",
+    "log_frequency_prior",
 ]
