@@ -367,28 +367,29 @@ def compile_only(arch: int) -> int:
     print(f"target sm_{arch}; triton {triton.__version__}")
     status = 0
     for block_d in sorted(tb._GPU_TILES):
-        for dtype in ("bf16", "fp32"):
+        for dtype, cosine in (("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)):
             if dtype == "bf16":
                 tiles, maxnreg = tb._GPU_TILES[block_d], None
             else:
                 tiles, maxnreg = tb._GPU_TILES_FMA[64 if block_d <= 64 else 128], 255
+            sim = "cos" if cosine else "dot"
             for name, tile in zip(("fwd", "rows", "cols"), tiles):
                 fn = {"fwd": kernels.fwd.negative_stats_fwd_kernel,
                       "rows": kernels.bwd.negative_stats_bwd_rows_kernel,
                       "cols": kernels.bwd.negative_stats_bwd_cols_kernel}[name]
                 block_m, block_n, warps = tile
-                constexprs = dict(DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1, UPCAST=False,
+                constexprs = dict(DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1, UPCAST=False, COSINE=cosine,
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
                 src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-                head = f"{name:<5} {dtype} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
+                head = f"{name:<5} {dtype} {sim} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
                 options = dict(num_warps=warps, num_stages=2)
                 if maxnreg:
                     options["maxnreg"] = maxnreg
                 status |= compile_and_report(src, target, options, head)
             fn = kernels.fwd.own_scores_kernel
-            constexprs = dict(BLOCK_M=tb._OWN_BLOCK_M, BLOCK_D=block_d)
+            constexprs = dict(COSINE=cosine, BLOCK_M=tb._OWN_BLOCK_M, BLOCK_D=block_d)
             src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-            head = f"own   {dtype} block_d={block_d:<4} tile={tb._OWN_BLOCK_M}x{block_d} warps=4"
+            head = f"own   {dtype} {sim} block_d={block_d:<4} tile={tb._OWN_BLOCK_M}x{block_d} warps=4"
             status |= compile_and_report(src, target, dict(num_warps=4, num_stages=2), head)
     return status
 
@@ -401,7 +402,7 @@ def _signature(fn, dtype: str) -> dict:
             types[name] = "*" + dtype
         elif name in ("users", "items", "x_ids", "y_ids", "index", "CNT"):
             types[name] = "*i32"
-        elif name in ("scale", "LSE", "G", "SC", "OWN", "GS", "GOWN", "DU", "DI", "DX", "DY"):
+        elif name in ("scale", "RU", "RI", "RX", "RY", "LSE", "G", "SC", "OWN", "GS", "GOWN", "DU", "DI", "DX", "DY"):
             types[name] = "*fp32"
         elif name.isupper() and name not in ("M", "NP", "D", "P"):
             types[name] = "constexpr"

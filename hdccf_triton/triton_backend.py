@@ -12,15 +12,15 @@ run to run, and the gradients of s and of the own-block scores are added inside 
 
 Precision: the kernels read the embeddings in their own dtype (bf16/fp16 go to the tensor
 cores as they are; fp32 uses IEEE fp32 products, never TF32; fp64 runs in fp64) and
-accumulate in fp32 (fp64 for fp64). For cosine similarity the embeddings are normalised in
-fp32 (:func:`kernel_inputs`) and cast back to the input dtype for the kernels. Under
+accumulate in fp32 (fp64 for fp64). For cosine similarity they read the raw embeddings and
+their inverse norms (:func:`inverse_norms`, fp32) and scale each dot product by both, so no
+normalised copy exists; the backward maps the gradients back through the normalisation. Under
 ``torch.autocast`` fp32 embeddings are fed to the kernels in the autocast dtype (the loss is a
 matmul-like op); the scores and the combination stay in fp32 either way.
 
-Memory above the inputs (``"dot"``): the gradients themselves, O(M·P) statistics, and the
-backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds those of
-the row pass by the pool gradients the column pass allocates anyway). For ``"cosine"`` add the
-normalised copies and what autograd keeps for the normalisation.
+Memory above the inputs: the gradients themselves, O(M + N·P) statistics (and inverse norms),
+and the backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds
+those of the row pass by the pool gradients the column pass allocates anyway).
 
 Triton is imported lazily, so ``import hdccf_triton`` works where it is absent. The kernels
 are (re)loaded for the current ``TRITON_INTERPRET`` setting, so interpreter tests on CPU
@@ -44,7 +44,8 @@ from .interactions import InteractionIndex
 from .options import LossOptions
 from .terms import NegativeStats, Scores, combine_terms, resolve_similarity
 
-__all__ = ["unavailable_reason", "per_row_loss", "kernel_inputs", "fused_scores", "negative_statistics",
+__all__ = ["unavailable_reason", "per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores",
+           "negative_statistics",
            "LaunchConfig", "KernelLaunch", "launch_config", "interaction_bitmap"]
 
 #: Largest dense bitmap of D, in bits (256 MiB); larger id spaces use the sorted-keys search.
@@ -120,58 +121,31 @@ def per_row_loss(
 
 
 def kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions):
-    """The embeddings as the kernels read them: in the input dtype (the autocast dtype for fp32
-    under autocast), normalised first (in fp32, or fp64) for ``"cosine"``."""
+    """The embeddings as the kernels read them: in the input dtype, or the autocast dtype for
+    fp32 under autocast (raw for ``"cosine"`` too: the kernels normalise on the fly)."""
     dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
-    tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb)
-    if not options.cosine:
-        return tuple(t.to(dtype) for t in tensors)  # no copy unless autocast asks for one
-    return tuple(_NormalizedCopy.apply(t, dtype) for t in tensors)
+    return tuple(t.to(dtype) for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
 
 
-class _NormalizedCopy(torch.autograd.Function):
-    """x ↦ x / max(‖x‖, ε) (``F.normalize``, ε = 1e-12) computed in fp32 (fp64 for fp64) and
-    stored in ``dtype``. For memory it keeps only x (an input anyway) and the norms for the
-    backward, and works through the rows in chunks, so that no fp32 copy of a pool exists:
+#: ε of the cosine normalisation e / max(‖e‖, ε), as ``F.normalize`` and the reference
+COSINE_EPS = 1e-12
+#: rows per chunk of :func:`inverse_norms`: at most 2**18 elements of fp32 temporaries
+_NORM_CHUNK_ELEMENTS = 1 << 18
 
-        dx = (g − y·(y·g)) / ‖x‖  where ‖x‖ > ε,   g / ε  elsewhere,   y = x / ‖x‖.
-    """
 
-    EPS = 1e-12
-    #: rows per chunk: at most 2**18 elements (1 MiB in fp32) of temporaries at a time
-    CHUNK_ELEMENTS = 1 << 18
-
-    @staticmethod
-    def forward(ctx, x, dtype):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        flat = x.reshape(-1, x.shape[-1])
-        norm = torch.empty((flat.shape[0], 1), dtype=acc, device=x.device)
-        out = torch.empty(flat.shape, dtype=dtype, device=x.device)
-        for rows in _NormalizedCopy._chunks(flat):
-            xf = flat[rows].to(acc)
-            norm[rows] = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-            out[rows] = xf / norm[rows].clamp_min(_NormalizedCopy.EPS)
-        ctx.save_for_backward(x, norm)
-        return out.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, norm = ctx.saved_tensors
-        flat, g_flat = x.reshape(-1, x.shape[-1]), g.reshape(-1, x.shape[-1])
-        dx = torch.empty_like(flat)
-        for rows in _NormalizedCopy._chunks(flat):
-            n = norm[rows]
-            xf, gf = flat[rows].to(n.dtype), g_flat[rows].to(n.dtype)
-            big = n > _NormalizedCopy.EPS
-            y = xf / n.clamp_min(_NormalizedCopy.EPS)
-            projected = (gf - y * (y * gf).sum(-1, keepdim=True)) / n.clamp_min(_NormalizedCopy.EPS)
-            dx[rows] = torch.where(big, projected, gf / _NormalizedCopy.EPS)
-        return dx.view(x.shape), None
-
-    @staticmethod
-    def _chunks(flat):
-        step = max(1, _NormalizedCopy.CHUNK_ELEMENTS // max(1, flat.shape[-1]))
-        return [slice(r, r + step) for r in range(0, flat.shape[0], step)]
+def inverse_norms(e: torch.Tensor) -> torch.Tensor:
+    """``[n, d]`` → ``[n]`` 1/max(‖e‖, ε) in the accumulation dtype, negated where ‖e‖ ≤ ε
+    (the kernels then take e/ε with the gradient g/ε, as ``F.normalize``). In chunks of rows,
+    so that no fp32 copy of a pool exists; not differentiable (the kernels' backward
+    accounts for the norms)."""
+    acc = _accumulation_dtype(e.dtype)
+    out = torch.empty(e.shape[0], dtype=acc, device=e.device)
+    step = max(1, _NORM_CHUNK_ELEMENTS // max(1, e.shape[-1]))
+    with torch.no_grad():
+        for start in range(0, e.shape[0], step):
+            norm = torch.linalg.vector_norm(e[start:start + step].to(acc), dim=-1)
+            out[start:start + step] = torch.where(norm > COSINE_EPS, 1.0 / norm, -1.0 / COSINE_EPS)
+    return out
 
 
 def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -228,6 +202,7 @@ def _fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions
     id_dtype = torch.int32 if narrow else torch.int64
     setup = _Setup(
         ids=tuple(t.reshape(-1).to(id_dtype).contiguous() for t in (users, items, pool_items, pool_users)),
+        inv_norms=tuple(inverse_norms(t.reshape(-1, d)) for t in (U, I, X, Y)) if options.cosine else None,
         index=_index_layout(interactions, options, U.device),
         options=options,
         row_offset=int(row_offset),
@@ -248,6 +223,7 @@ class _Setup:
     """Everything about one call that is not a differentiable tensor."""
 
     ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
+    inv_norms: tuple | None  # cosine: inverse norms of U [M], I [M], X [NP], Y [NP]; else None
     index: "_IndexLayout"
     options: LossOptions
     row_offset: int
@@ -438,9 +414,11 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
+    """The kernels' leading arguments, up to ``scale, RU, RI, RX, RY`` (the last five)."""
     layout = setup.index
     scale = torch.full((1,), 1.0 / setup.options.temperature, dtype=acc_dtype, device=U.device)
-    return (U, I, X, Y, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
+    norms = setup.inv_norms or (scale,) * 4  # never read without COSINE
+    return (U, I, X, Y, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale, *norms)
 
 
 def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
@@ -450,6 +428,7 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
         SEARCH_STEPS=setup.index.search_steps,
         # the interpreter cannot multiply bf16 tiles (triton-lang/triton#11584)
         UPCAST=_interpreting() and U.dtype == torch.bfloat16,
+        COSINE=setup.options.cosine,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=setup.config.block_d,
         num_warps=launch.num_warps, num_stages=setup.config.num_stages,
         **({"maxnreg": setup.config.maxnreg} if setup.config.maxnreg else {}),
@@ -479,10 +458,9 @@ def _forward(U, I, X, Y, setup: _Setup):
         M, NP, d, setup.P, setup.row_offset, cols_per_split,
         **_constexprs(U, setup, k),
     )
-    scale = args[-1]
     kernels.fwd.own_scores_kernel[(triton_cdiv(M, _OWN_BLOCK_M),)](
-        U, I, X, Y, scale, s, own, M, d, setup.P, setup.row_offset,
-        BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
+        U, I, X, Y, *args[-5:], s, own, M, d, setup.P, setup.row_offset,
+        COSINE=setup.options.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
     if splits == 1:
         return lse_parts[0], cnt_parts[0].to(torch.int64), s, own

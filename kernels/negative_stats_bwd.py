@@ -24,6 +24,12 @@ added in fp32 (fp64) to the accumulators before the single store: the row pass's
 adds the first two, the column pass (whose split owns row k) the last two; each own column
 belongs to one row, so this needs no atomics either.
 
+For cosine similarity (``COSINE``) the kernels read the raw embeddings and their inverse norms
+r = 1/max(‖e‖, ε): score tiles are dot·r_row·r_col/τ, the weights carry the other side's r so
+that the sums above are the gradients of the normalised embeddings ê, and each program maps
+its rows' (columns') gradients back to the raw embeddings at the end
+(:func:`unnormalized_grad`): nothing normalised is stored.
+
 Two kernels, no atomics (bit-identical results run to run): a row-parallel one for dU, dI
 (each program owns BLOCK_M rows and sweeps the columns) and a column-parallel one for dX, dY
 (each program owns BLOCK_N columns and sweeps the rows). Both recompute the score tiles and
@@ -42,9 +48,12 @@ import triton
 import triton.language as tl
 
 from .membership import true_negative_masks
-from .negative_stats_fwd import load_own_block, score_dot
+from .negative_stats_fwd import inv_norms, load_own_block, normalized, scale_tile, score_dot
 
-__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights", "load_own_grads"]
+_add = tl.standard._sum_combine  # tl.sum's combine function (see negative_stats_fwd.py)
+
+__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights", "load_own_grads",
+           "scale_weights", "unnormalized_grad"]
 
 
 @triton.jit
@@ -52,6 +61,32 @@ def grad_weights(b_s, b_lse, b_g, m_s):
     """g · exp(s − lse) on the mask, 0 off it (lse, g broadcast along the tile's other axis)."""
     # the where comes first: off the mask s − lse may be +inf (lse = −inf on an empty row)
     return tl.exp(tl.where(m_s, b_s - b_lse, float("-inf"))) * b_g
+
+
+@triton.jit
+def scale_weights(b_w, b_r, AXIS: tl.constexpr, COSINE: tl.constexpr):
+    """For cosine, the weights times the inverse norms along the tile's columns (AXIS = 1) or
+    rows (AXIS = 0): they then multiply the raw embeddings as they would the normalised ones."""
+    if COSINE:
+        if AXIS == 1:
+            b_w = b_w * b_r[None, :]
+        else:
+            b_w = b_w * b_r[:, None]
+    return b_w
+
+
+@triton.jit
+def unnormalized_grad(b_g, b_e, R, o, m, COSINE: tl.constexpr):
+    """For cosine, the gradient of raw embeddings e from that of ê = e / max(‖e‖, ε):
+
+        de = r·(dê − (ê·dê)·ê),  r = 1/‖e‖,   or  dê / ε  for a clamped row (R < 0 marks it).
+
+    Linear in dê, so it applies to each split's partial sum alike."""
+    if COSINE:
+        b_r = tl.load(R + o, mask=m, other=1.0)  # [n]
+        b_eh = b_e.to(b_g.dtype) * tl.where(b_r > 0, b_r, 0.0)[:, None]  # [n, BLOCK_D] ê (0 if clamped)
+        b_g = (b_g - tl.reduce(b_eh * b_g, 1, _add)[:, None] * b_eh) * tl.abs(b_r)[:, None]
+    return b_g
 
 
 @triton.jit
@@ -73,6 +108,7 @@ def negative_stats_bwd_rows_kernel(
     x_ids, y_ids,  # [NP] int64 pool ids
     index, n_keys, num_items,  # D (see membership.py)
     scale,  # [1] 1/τ in the accumulation dtype
+    RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (accumulation dtype)
@@ -80,7 +116,7 @@ def negative_stats_bwd_rows_kernel(
     DU, DI,  # [S, M, D] out: partial dU, dI per column split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, cols_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -98,6 +134,10 @@ def negative_stats_bwd_rows_kernel(
     b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
     b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
     b_block = row_offset + o_m  # [BLOCK_M]
+    b_ru = inv_norms(RU, o_m, m_m, COSINE)  # [BLOCK_M] (1 without COSINE)
+    b_ri = inv_norms(RI, o_m, m_m, COSINE)  # [BLOCK_M]
+    b_su = b_ru * inv_tau  # per-row factors of the score tiles, as in the forward
+    b_si = b_ri * inv_tau
     # row statistics; rows out of range get lse = −inf and g = 0 (all their weights are 0)
     b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))  # [BLOCK_M]
     b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))
@@ -122,6 +162,8 @@ def negative_stats_bwd_rows_kernel(
         b_y = tl.load(Y + p_col, mask=m_col, other=0.0)  # [BLOCK_N, BLOCK_D]
         b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+        b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N]
+        b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
         m_item, m_user = true_negative_masks(
             b_user[:, None], b_item[:, None], b_block[:, None],
             b_xid[None, :], b_yid[None, :], (o_n // P)[None, :],
@@ -130,19 +172,19 @@ def negative_stats_bwd_rows_kernel(
         )  # [BLOCK_M, BLOCK_N] each
 
         # w_A = g_A·p_A with A = U Xᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
-        b_s = score_dot(b_u, tl.trans(b_x), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_a = grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item)
-        b_s = score_dot(b_u, tl.trans(b_y), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_c = grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user)
-        # dU += w_A X + w_C Y
+        b_s = scale_tile(score_dot(b_u, tl.trans(b_x), UPCAST), b_su, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_a = scale_weights(grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item), b_rx, 1, COSINE)
+        b_s = scale_tile(score_dot(b_u, tl.trans(b_y), UPCAST), b_su, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_c = scale_weights(grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user), b_ry, 1, COSINE)
+        # dU += w_A X + w_C Y   (for cosine: dÛ, the weights carry the columns' inverse norms)
         b_du += score_dot(b_w_a.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
         b_du += score_dot(b_w_c.to(b_y.dtype), b_y, UPCAST)
 
         # w_B = g_B·p_B with B = I Yᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ
-        b_s = score_dot(b_i, tl.trans(b_y), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_b = grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user)
-        b_s = score_dot(b_i, tl.trans(b_x), UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_e = grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item)
+        b_s = scale_tile(score_dot(b_i, tl.trans(b_y), UPCAST), b_si, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_b = scale_weights(grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user), b_ry, 1, COSINE)
+        b_s = scale_tile(score_dot(b_i, tl.trans(b_x), UPCAST), b_si, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_e = scale_weights(grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item), b_rx, 1, COSINE)
         # dI += w_B Y + w_E X
         b_di += score_dot(b_w_b.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
         b_di += score_dot(b_w_e.to(b_x.dtype), b_x, UPCAST)
@@ -150,14 +192,21 @@ def negative_stats_bwd_rows_kernel(
     if i_s == 0:  # the diagonal and the own blocks, once (in split 0)
         # dU += g_s I + Σ_p g_ownA X_o + g_ownC Y_o;  dI += g_s U + Σ_p g_ownB Y_o + g_ownE X_o
         b_gs = tl.load(GS + o_m, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
-        b_du += b_gs * b_i.to(b_du.dtype)
-        b_di += b_gs * b_u.to(b_di.dtype)
+        b_du += b_gs * normalized(b_i, b_ri, b_du.dtype, COSINE)
+        b_di += b_gs * normalized(b_u, b_ru, b_di.dtype, COSINE)
         MP = M * P
         for p in range(0, P):
             b_xo, b_yo = load_own_block(X, Y, b_block, p, P, D, o_d, m_row, b_du.dtype)  # [BLOCK_M, BLOCK_D]
+            o_own = b_block * P + p  # [BLOCK_M] own columns
+            b_xo = normalized(b_xo, inv_norms(RX, o_own, m_m, COSINE), b_du.dtype, COSINE)
+            b_yo = normalized(b_yo, inv_norms(RY, o_own, m_m, COSINE), b_du.dtype, COSINE)
             b_go_a, b_go_b, b_go_c, b_go_e = load_own_grads(GOWN + o_m.to(tl.int64) * P + p, MP, m_m)
             b_du += b_go_a * b_xo + b_go_c * b_yo
             b_di += b_go_b * b_yo + b_go_e * b_xo
+
+    # cosine: from the normalised rows' gradients to the raw ones
+    b_du = unnormalized_grad(b_du, b_u, RU, o_m, m_m, COSINE)
+    b_di = unnormalized_grad(b_di, b_i, RI, o_m, m_m, COSINE)
 
     # dU, dI = (1/τ)·(accumulated sums), into this split's slice
     p_out = i_s.to(tl.int64) * M * D + p_row
@@ -173,6 +222,7 @@ def negative_stats_bwd_cols_kernel(
     x_ids, y_ids,  # [NP] int64 pool ids
     index, n_keys, num_items,  # D (see membership.py)
     scale,  # [1] 1/τ in the accumulation dtype
+    RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (unused here: s depends on U and I only)
@@ -180,7 +230,7 @@ def negative_stats_bwd_cols_kernel(
     DX, DY,  # [S, NP, D] out: partial dX, dY per row split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, rows_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -199,6 +249,8 @@ def negative_stats_bwd_cols_kernel(
     b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
     b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
     b_owner = o_n // P  # [BLOCK_N]
+    b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N] (1 without COSINE)
+    b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
     b_xt = tl.trans(b_x)  # [BLOCK_D, BLOCK_N]
     b_yt = tl.trans(b_y)  # [BLOCK_D, BLOCK_N]
 
@@ -224,6 +276,10 @@ def negative_stats_bwd_cols_kernel(
         b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)
         b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)
         b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)
+        b_ru = inv_norms(RU, o_m, m_m, COSINE)  # [BLOCK_M]
+        b_ri = inv_norms(RI, o_m, m_m, COSINE)  # [BLOCK_M]
+        b_su = b_ru * inv_tau  # per-row factors of the score tiles, as in the forward
+        b_si = b_ri * inv_tau
         # the tiles in the forward's orientation [rows, columns], so that the recomputed
         # scores are the forward's to the bit and p sums to 1 with the forward's lse
         m_item, m_user = true_negative_masks(
@@ -234,19 +290,19 @@ def negative_stats_bwd_cols_kernel(
         )  # [BLOCK_M, BLOCK_N] each
 
         # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ
-        b_s = score_dot(b_u, b_xt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_a = grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item)
-        b_s = score_dot(b_i, b_xt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_e = grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item)
-        # dX += w_Aᵀ U + w_Eᵀ I
+        b_s = scale_tile(score_dot(b_u, b_xt, UPCAST), b_su, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_a = scale_weights(grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item), b_ru, 0, COSINE)
+        b_s = scale_tile(score_dot(b_i, b_xt, UPCAST), b_si, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_e = scale_weights(grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item), b_ri, 0, COSINE)
+        # dX += w_Aᵀ U + w_Eᵀ I   (for cosine: dX̂, the weights carry the rows' inverse norms)
         b_dx += score_dot(tl.trans(b_w_a.to(b_u.dtype)), b_u, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dx += score_dot(tl.trans(b_w_e.to(b_i.dtype)), b_i, UPCAST)
 
         # w_B = g_B·p_B with B = I Yᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
-        b_s = score_dot(b_i, b_yt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_b = grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user)
-        b_s = score_dot(b_u, b_yt, UPCAST) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w_c = grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user)
+        b_s = scale_tile(score_dot(b_i, b_yt, UPCAST), b_si, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_b = scale_weights(grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user), b_ri, 0, COSINE)
+        b_s = scale_tile(score_dot(b_u, b_yt, UPCAST), b_su, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_c = scale_weights(grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user), b_ru, 0, COSINE)
         # dY += w_Bᵀ I + w_Cᵀ U
         b_dy += score_dot(tl.trans(b_w_b.to(b_i.dtype)), b_i, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dy += score_dot(tl.trans(b_w_c.to(b_u.dtype)), b_u, UPCAST)
@@ -258,12 +314,18 @@ def negative_stats_bwd_cols_kernel(
     m_k = m_n & (o_k >= row_start) & (o_k < row_end)
     p_k = o_k.to(tl.int64)[:, None] * D + o_d[None, :]
     m_kd = m_k[:, None] & m_d[None, :]
-    b_uk = tl.load(U + p_k, mask=m_kd, other=0.0).to(b_dx.dtype)  # [BLOCK_N, BLOCK_D]
-    b_ik = tl.load(I + p_k, mask=m_kd, other=0.0).to(b_dx.dtype)  # [BLOCK_N, BLOCK_D]
+    b_uk = tl.load(U + p_k, mask=m_kd, other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_ik = tl.load(I + p_k, mask=m_kd, other=0.0)  # [BLOCK_N, BLOCK_D]
+    b_uk = normalized(b_uk, inv_norms(RU, o_k, m_k, COSINE), b_dx.dtype, COSINE)
+    b_ik = normalized(b_ik, inv_norms(RI, o_k, m_k, COSINE), b_dx.dtype, COSINE)
     # GOWN entry k·P + p of column j is j − row_offset·P
     b_go_a, b_go_b, b_go_c, b_go_e = load_own_grads(GOWN + (o_n.to(tl.int64) - row_offset * P), M * P, m_k)
     b_dx += b_go_a * b_uk + b_go_e * b_ik
     b_dy += b_go_b * b_ik + b_go_c * b_uk
+
+    # cosine: from the normalised columns' gradients to the raw ones
+    b_dx = unnormalized_grad(b_dx, b_x, RX, o_n, m_n, COSINE)
+    b_dy = unnormalized_grad(b_dy, b_y, RY, o_n, m_n, COSINE)
 
     # dX, dY = (1/τ)·(accumulated sums), into this split's slice
     p_out = i_s.to(tl.int64) * NP * D + p_col

@@ -67,11 +67,10 @@ def _compare_float64(case: Case, options, index_mode, *, seed=0, rtol=1e-10):
 
     # the scores and statistics themselves (lse −inf where a row has no true negative; exact counts)
     with torch.no_grad():
-        inputs = tb.kernel_inputs(*case.embeddings, options)
-        args = (*inputs, *case.ids, index, options, case.row_offset)
-        got_scores, got = tb.fused_scores(*args)
-        want = reference.negative_statistics(*args)
+        rest = (*case.ids, index, options, case.row_offset)
+        got_scores, got = tb.fused_scores(*tb.kernel_inputs(*case.embeddings, options), *rest)
         want_scores = reference.prepare_scores(*case.embeddings, options, case.row_offset)
+        want = reference.negative_statistics(*want_scores[:4], *rest)  # normalised for cosine
     for name in ("s", "own_A", "own_B", "own_C", "own_E"):
         a, b = getattr(got_scores, name), getattr(want_scores, name)
         assert a.dtype == torch.float64 and a.shape == b.shape, name
@@ -292,25 +291,12 @@ def test_peak_memory_is_the_gradients():
     assert M * P * d * 4 > M * per_row
 
 
-def test_normalized_copy_is_f_normalize(monkeypatch):
-    # chunked (3 rows a chunk here), in fp64 against F.normalize: values and gradients,
-    # a zero row (the ε branch) included; and the cast to a low-precision dtype
-    monkeypatch.setattr(tb._NormalizedCopy, "CHUNK_ELEMENTS", 3 * 5)
-    g = torch.Generator().manual_seed(18)
-    x = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
-    x[1, 0] = 0.0
-    upstream = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    got = tb._NormalizedCopy.apply(x1, torch.float64)
-    want = torch.nn.functional.normalize(x2, dim=-1, eps=1e-12)
-    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
-    (dgot,) = torch.autograd.grad(got, x1, upstream)
-    (dwant,) = torch.autograd.grad(want, x2, upstream)
-    torch.testing.assert_close(dgot, dwant, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: tb._NormalizedCopy.apply(t, torch.float64), (x[2:].clone().requires_grad_(),))
-    low = tb._NormalizedCopy.apply(x.float(), torch.bfloat16)
-    assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.double(), want.detach(), rtol=0, atol=2**-8)
+def test_cosine_with_a_zero_embedding():
+    # the kernels normalise on the fly: e / max(‖e‖, ε), whose gradient is g/ε for a zero row
+    case = make_case(20, 2, 8, seed=18, scale=0.6)
+    for t, row in zip(case.embeddings, (3, 5, 7, 11)):
+        t.view(-1, 8)[row] = 0.0
+    _compare_float64(case, _options("cosine"), 1)
 
 
 def _bench_harness():
