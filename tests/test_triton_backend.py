@@ -273,8 +273,9 @@ def test_no_score_matrix_is_materialised():
     assert probe_ref.largest >= M * M * P
 
 
-def test_peak_memory_is_the_gradients():
-    # bf16 dot, in the interpreter: above the inputs, the Triton path holds the gradients (as
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_peak_memory_is_the_gradients(similarity):
+    # bf16, in the interpreter: above the inputs, the Triton path holds the gradients (as
     # large as the inputs) and O(M·P) scores and statistics, nothing of shape [N, P, d] more
     harness = _bench_harness()
     M, P, d = 40, 4, 32
@@ -283,9 +284,11 @@ def test_peak_memory_is_the_gradients():
     tb.interaction_bitmap(case.index)  # built once, outside the measurement
     inputs = sum(e.numel() * e.element_size() for e in leaves)
     with harness.LiveBytes(preexisting=[*leaves, *case.ids], ignore=(torch.uint8,)) as probe:
-        loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(), 0)
+        loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(similarity), 0)
         torch.autograd.grad(loss.sum(), leaves)
     per_row = 8 * (4 * P + 8)  # 8 bytes per row for each of the [4, M, P] scores and [8, M] statistics
+    if similarity == "cosine":
+        per_row += 4 * (2 + 2 * P)  # fp32 inverse norms of U, I, X, Y
     assert probe.peak <= inputs + M * per_row, (probe.peak, inputs, M * per_row)
     # one fp32 [N, P, d] temporary (what the own-block scores cost in PyTorch) would not fit
     assert M * P * d * 4 > M * per_row
