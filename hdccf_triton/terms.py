@@ -34,9 +34,10 @@ class Scores(NamedTuple):
     """Embeddings as the similarity sees them, and the scores of each row's own block.
 
     U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools of N ≥ M blocks (N = M in one process; the
-    pools of all ranks under ``torch.distributed``), normalised for cosine, at least float32
-    (from :func:`prepare_scores`; the Triton backend passes them in the dtype its kernels read)
-    (for a ModulatedSimilarity: the ``[.., 2·dim]`` inputs ``[p ‖ e]``, cast, not normalised);
+    pools of all ranks under ``torch.distributed``): from :func:`prepare_scores` normalised for
+    cosine and at least float32 (for a ModulatedSimilarity: the ``[.., 2·dim]`` inputs
+    ``[p ‖ e]``, cast, not normalised); the Triton backend passes them as its kernels read
+    them (raw, in the kernels' dtype). :func:`combine_terms` reads only their shapes;
     s: ``[M]`` positive scores s_k; own_A, own_B, own_C, own_E: ``[M, P]`` the own-block
     columns of A, B, C, E (already divided by τ).
     """
