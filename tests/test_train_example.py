@@ -96,3 +96,22 @@ def test_distributed_training_with_two_gloo_processes(tmp_path):
     full = json.loads(out.read_text())
     assert full["world_size"] == 2 and full["config"]["distributed"]
     check_result(json.loads(proc.stdout.strip().splitlines()[-1]), full)
+
+
+def test_summarize_results_groups_seeds(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", REPO / "examples" / "summarize_results.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    metrics = lambda v: {p: {m: v for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}  # noqa: E731
+    paths = []
+    for seed, value in ((0, 0.5), (1, 0.7), (0, 0.1)):
+        loss = "bpr" if value == 0.1 else "hdccf"
+        result = {"config": {"loss": loss, "seed": seed, "out": f"r{seed}{loss}.json"}, "test": metrics(value)}
+        paths.append(tmp_path / f"{loss}{seed}.json")
+        paths[-1].write_text(json.dumps(result))
+    table = summarize.summarize(paths).splitlines()
+    assert len(table) == 4  # header, rule, two methods
+    assert table[2].startswith("| hdccf, dot, auto split | 2 | 0.6000 ± 0.1414 |")
+    assert table[3].startswith("| bpr, auto split | 1 | 0.1000 ± 0.0000 |")
