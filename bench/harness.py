@@ -131,6 +131,27 @@ class LiveBytes:
         return _LiveBytes()
 
 
+#: int32 pointers of every kernel here: ids, the bitmap of D, counts
+_INT32_POINTERS = ("users", "items", "x_ids", "y_ids", "index", "CNT")
+
+
+def kernel_signature(fn, pointers: dict) -> dict:
+    """Argument types of a kernel for ``triton.compile``: ``pointers`` maps argument names to
+    their pointer type (``"*fp32"``, ``"*bf16"``), the ids and bitmap are ``*i32``, the other
+    upper-case arguments constexpr (except the sizes M, NP, D, P), the rest i32."""
+    types = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            types[name] = pointers[name]
+        elif name in _INT32_POINTERS:
+            types[name] = "*i32"
+        elif name.isupper() and name not in ("M", "NP", "D", "P"):
+            types[name] = "constexpr"
+        else:
+            types[name] = "i32"
+    return types
+
+
 def spill_ops(sass: str) -> tuple[int, int]:
     """Local-memory loads/stores (register spills) in the SASS: (inside the first loop, the
     kernel's sweep over the score tiles; everywhere else). A loop is a backward branch."""

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench, compile_and_report, compile_baseline, peak_extra_memory, realistic_index
+from harness import bench, compile_and_report, compile_baseline, kernel_signature, peak_extra_memory, realistic_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -396,19 +396,8 @@ def compile_only(arch: int) -> int:
 
 def _signature(fn, dtype: str) -> dict:
     """Argument types of a negative-statistics kernel for bf16/fp32 inputs and int32 ids."""
-    types = {}
-    for name in fn.arg_names:
-        if name in ("U", "I", "X", "Y"):
-            types[name] = "*" + dtype
-        elif name in ("users", "items", "x_ids", "y_ids", "index", "CNT"):
-            types[name] = "*i32"
-        elif name in ("scale", "RU", "RI", "RX", "RY", "LSE", "G", "SC", "OWN", "GS", "GOWN", "DU", "DI", "DX", "DY"):
-            types[name] = "*fp32"
-        elif name.isupper() and name not in ("M", "NP", "D", "P"):
-            types[name] = "constexpr"
-        else:
-            types[name] = "i32"
-    return types
+    fp32 = ("scale", "RU", "RI", "RX", "RY", "LSE", "G", "SC", "OWN", "GS", "GOWN", "DU", "DI", "DX", "DY")
+    return kernel_signature(fn, {**{n: "*fp32" for n in fp32}, **{n: "*" + dtype for n in "UIXY"}})
 
 
 if __name__ == "__main__":

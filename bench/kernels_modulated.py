@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench, compile_and_report, compile_baseline, peak_extra_memory, realistic_index
+from harness import bench, compile_and_report, compile_baseline, kernel_signature, peak_extra_memory, realistic_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -235,17 +235,7 @@ def compile_only(arch: int, d: int, normalize: bool) -> int:
 
 def _signature(fn) -> dict:
     """Argument types of a modulated kernel: fp32 operands and buffers, int32 ids and bitmap."""
-    types = {}
-    for name in fn.arg_names:
-        if name in ("R", "C", "W3", "scale", "LSE", "G", "DR", "DW3", "DC"):
-            types[name] = "*fp32"
-        elif name in ("users", "items", "x_ids", "y_ids", "index", "CNT"):
-            types[name] = "*i32"
-        elif name.isupper() and name not in ("M", "NP", "D", "P"):
-            types[name] = "constexpr"
-        else:
-            types[name] = "i32"
-    return types
+    return kernel_signature(fn, {n: "*fp32" for n in ("R", "C", "W3", "scale", "LSE", "G", "DR", "DW3", "DC")})
 
 
 if __name__ == "__main__":
