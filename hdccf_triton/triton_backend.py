@@ -115,12 +115,12 @@ def per_row_loss(
             user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
             pool_users, interactions, options, row_offset,
         )
-    U, I, X, Y = kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb, options)
+    U, I, X, Y = kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb)
     scores, stats = fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
     return combine_terms(scores, stats, options)
 
 
-def kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions):
+def kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb):
     """The embeddings as the kernels read them: in the input dtype, or the autocast dtype for
     fp32 under autocast (raw for ``"cosine"`` too: the kernels normalise on the fly)."""
     dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
@@ -172,9 +172,9 @@ def fused_scores(
 
     Args:
         U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools (N ≥ M blocks), all of one dtype among
-            fp64, fp32, bf16, fp16 (normalised already for cosine: the kernels take dot
-            products); users, items: ``[M]``; pool_items, pool_users: ``[N, P]`` int64;
-            row k's own block is ``row_offset + k``.
+            fp64, fp32, bf16, fp16, as :func:`kernel_inputs` gives them (raw for cosine: the
+            kernels normalise on the fly); users, items: ``[M]``; pool_items, pool_users:
+            ``[N, P]`` int64; row k's own block is ``row_offset + k``.
 
     Returns:
         ``(scores, stats)``: :class:`~hdccf_triton.terms.Scores` (s ``[M]``, own_A .. own_E

@@ -68,7 +68,7 @@ def _compare_float64(case: Case, options, index_mode, *, seed=0, rtol=1e-10):
     # the scores and statistics themselves (lse −inf where a row has no true negative; exact counts)
     with torch.no_grad():
         rest = (*case.ids, index, options, case.row_offset)
-        got_scores, got = tb.fused_scores(*tb.kernel_inputs(*case.embeddings, options), *rest)
+        got_scores, got = tb.fused_scores(*tb.kernel_inputs(*case.embeddings), *rest)
         want_scores = reference.prepare_scores(*case.embeddings, options, case.row_offset)
         want = reference.negative_statistics(*want_scores[:4], *rest)  # normalised for cosine
     for name in ("s", "own_A", "own_B", "own_C", "own_E"):
