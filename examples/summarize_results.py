@@ -34,8 +34,11 @@ def describe(config: dict) -> str:
     elif loss == "softmax":
         parts.append(config.get("similarity", "dot"))
     parts.append(f"{config.get('split', 'auto')} split")
-    if config.get("item_prior", "none") not in ("none", None):
-        parts.append("prior")
+    prior = config.get("item_prior", "none")
+    if prior == "tune":
+        parts.append("prior tuned")
+    elif prior not in ("none", None):
+        parts.append("prior α=τ")
     return ", ".join(parts)
 
 

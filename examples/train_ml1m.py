@@ -17,11 +17,14 @@ checkpoint is reloaded and evaluated on the test split, and the results are writ
 to --out and printed as the last line. Ctrl-C stops training and still evaluates the best
 checkpoint.
 
-Models trained with in-batch negatives (hdccf, softmax) score items at inference with the
-log-frequency prior τ·log q(i) added (--item-prior auto; see hdccf_triton.models): their
-negatives are drawn in proportion to item frequency, so their raw scores rank items by how
-much more than their popularity a user likes them. The results JSON also holds the metrics
-without the prior ("valid_without_prior", "test_without_prior").
+Models trained with in-batch negatives (hdccf, softmax) draw their negatives in proportion to
+item frequency q(i), so their raw scores rank items by how much more than their popularity a
+user likes them; at inference a prior α·log q(i) is added to every score (see
+hdccf_triton.models). With --item-prior tune (the default) epochs are selected with α = τ
+(0 for bpr), and α is then chosen for every loss alike from --prior-grid on the validation
+split before the test evaluation. The results JSON holds α ("prior_strength"), the validation
+scan ("prior_scan") and the metrics without the prior ("valid_without_prior",
+"test_without_prior").
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ import torch
 from hdccf_triton import InteractionIndex
 from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.metrics import Evaluator
-from hdccf_triton.models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior
+from hdccf_triton.models import (BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior,
+                                 select_prior_strength)
 from hdccf_triton.sampling import InBatchSampler
 from hdccf_triton.similarity import ModulatedSimilarity
 
@@ -99,9 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="DDP under torchrun: negatives gathered across ranks, evaluation on rank 0")
 
     out = p.add_argument_group("evaluation and output")
-    out.add_argument("--item-prior", default="auto", choices=["auto", "log-frequency", "none"],
-                     help="added to the inference scores: tau*log(item frequency), which undoes the "
-                     "popularity bias of in-batch negatives; auto = log-frequency for hdccf/softmax, none for bpr")
+    out.add_argument("--item-prior", default="tune", choices=["tune", "log-frequency", "none"],
+                     help="alpha*log(item frequency) added to the inference scores, which undoes the popularity "
+                     "bias of in-batch negatives: tune = alpha chosen from --prior-grid on validation after "
+                     "training (epochs are selected with alpha = tau, 0 for bpr); log-frequency = alpha = tau")
+    out.add_argument("--prior-grid", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0],
+                     help="candidate alpha of --item-prior tune")
     out.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="cut-offs K of HR@K and NDCG@K")
     out.add_argument("--select-protocol", default="sampled", choices=["sampled", "full"],
                      help="protocol whose validation NDCG@10 selects the best epoch")
@@ -114,9 +121,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if 10 not in args.ks:
         p.error("--ks must include 10 (early stopping uses NDCG@10)")
-    if args.item_prior == "auto":
-        args.item_prior = "none" if args.loss == "bpr" else "log-frequency"
+    if args.item_prior == "tune" and not all(math.isfinite(a) for a in args.prior_grid):
+        p.error("--prior-grid: expected finite values")
     return args
+
+
+def training_prior_strength(args) -> float:
+    """α of the prior α·log q(i) that the per-epoch validation uses."""
+    if args.item_prior == "none" or (args.item_prior == "tune" and args.loss == "bpr"):
+        return 0.0
+    return args.temperature
 
 
 def setup_distributed(args):
@@ -136,6 +150,23 @@ def setup_distributed(args):
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def load_data(args, progress: bool = True):
+    """The data set of --dataset/--data-dir, split; exits with a hint when it is not found."""
+    try:
+        return load_dataset(args.dataset, args.data_dir, seed=args.seed, split=args.split,
+                            min_item_interactions=args.min_item_interactions, progress=progress)
+    except (FileNotFoundError, DownloadError) as err:
+        sys.exit(f"{err}\nPoint --data-dir (or $HDCCF_DATA_DIR) at a folder holding a copy of the data, "
+                 "e.g. --data-dir /path/to/ml-1m (ratings.dat) or a folder with ml-1m.zip.")
+
+
+def build_model(args, ds, device) -> EmbeddingModel:
+    similarity = args.similarity
+    if similarity == "modulated":
+        similarity = ModulatedSimilarity(args.dim, normalize=args.normalize)
+    return EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity).to(device)
 
 
 def build_objective(args, model, index):
@@ -179,12 +210,7 @@ def main(argv=None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # ---------------------------------------------------------------- data
-    try:
-        ds = load_dataset(args.dataset, args.data_dir, seed=args.seed, split=args.split,
-                          min_item_interactions=args.min_item_interactions, progress=rank == 0)
-    except (FileNotFoundError, DownloadError) as err:
-        sys.exit(f"{err}\nPoint --data-dir (or $HDCCF_DATA_DIR) at a folder holding a copy of the data, "
-                 "e.g. --data-dir /path/to/ml-1m (ratings.dat) or a folder with ml-1m.zip.")
+    ds = load_data(args, progress=rank == 0)
     log(ds.describe())
     sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
                              batch_size=args.batch_size, num_pool=args.pool, seed=args.seed, device=device,
@@ -193,14 +219,9 @@ def main(argv=None) -> dict:
     evaluator = Evaluator.from_dataset(ds, seed=args.seed, device=device) if rank == 0 else None
 
     # ---------------------------------------------------------------- model and objective
-    similarity = args.similarity
-    if similarity == "modulated":
-        similarity = ModulatedSimilarity(args.dim, normalize=args.normalize)
-    model = EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity).to(device)
-    prior = None
-    if args.item_prior == "log-frequency":
-        prior = log_frequency_prior(ds.train_items, ds.num_items, args.temperature).to(device)
-    model.set_item_prior(prior)
+    model = build_model(args, ds, device)
+    log_counts = log_frequency_prior(ds.train_items, ds.num_items, 1.0).to(device)
+    model.set_item_prior(training_prior_strength(args) * log_counts)
     objective = build_objective(args, model, index).to(device)
     train_step = objective
     if world > 1:
@@ -267,7 +288,6 @@ def main(argv=None) -> dict:
     if rank == 0:
         if checkpoint.exists():
             model.load_state_dict(torch.load(checkpoint, map_location=device)["model"])
-        model.eval()
         result = dict(
             config=vars(args),
             dataset=dict(name=ds.name, num_users=ds.num_users, num_items=ds.num_items,
@@ -275,9 +295,7 @@ def main(argv=None) -> dict:
             best_epoch=best_epoch,
             epochs_run=len(history),
             interrupted=interrupted,
-            valid=evaluator.evaluate(model, "valid", ks=args.ks),
-            test=evaluator.evaluate(model, "test", ks=args.ks),
-            **without_prior(model, evaluator, args.ks, prior),
+            **final_evaluation(args, model, evaluator, log_counts),
             history=history,
             wall_seconds=round(time.time() - t_start, 1),
             device=device_name(device),
@@ -295,16 +313,28 @@ def main(argv=None) -> dict:
     return result
 
 
-def without_prior(model, evaluator, ks, prior) -> dict:
-    """The validation and test metrics of the raw scores, when a prior was added (else {})."""
-    if prior is None:
-        return {}
-    model.set_item_prior(None)
-    try:
-        return dict(valid_without_prior=evaluator.evaluate(model, "valid", ks=ks),
-                    test_without_prior=evaluator.evaluate(model, "test", ks=ks))
-    finally:
-        model.set_item_prior(prior)
+def final_evaluation(args, model, evaluator, log_counts) -> dict:
+    """Validation and test metrics of the loaded checkpoint, with the prior of --item-prior.
+
+    Returns {valid, test, prior_strength[, prior_scan], valid_without_prior, test_without_prior}.
+    """
+    model.eval()
+    out = {}
+    if args.item_prior == "tune":
+        alpha, scan = select_prior_strength(model, evaluator, log_counts, args.prior_grid, split="valid",
+                                            protocol=args.select_protocol, ks=args.ks)
+        out["prior_scan"] = {str(a): v for a, v in scan.items()}
+    else:
+        alpha = training_prior_strength(args)
+    model.set_item_prior(alpha * log_counts)
+    out.update(valid=evaluator.evaluate(model, "valid", ks=args.ks),
+               test=evaluator.evaluate(model, "test", ks=args.ks), prior_strength=alpha)
+    if alpha:
+        model.set_item_prior(None)
+        out.update(valid_without_prior=evaluator.evaluate(model, "valid", ks=args.ks),
+                   test_without_prior=evaluator.evaluate(model, "test", ks=args.ks))
+        model.set_item_prior(alpha * log_counts)
+    return out
 
 
 def progress(iterable, total, desc, disable):

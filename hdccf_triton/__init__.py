@@ -8,7 +8,7 @@ from .data import Dataset, DownloadError, load_dataset
 from .interactions import InteractionIndex
 from .loss import BackendUnavailableError, DebiasedContrastiveLoss, debiased_contrastive_loss
 from .metrics import Evaluator, format_results
-from .models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior
+from .models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior, select_prior_strength
 from .options import LossOptions
 from .sampling import Batch, InBatchSampler
 from .similarity import ModulatedSimilarity
@@ -33,4 +33,5 @@ __all__ = [
     "format_results",
     "load_dataset",
     "log_frequency_prior",
+    "select_prior_strength",
 ]

@@ -17,9 +17,14 @@ logits f(u, i)/τ ≈ log p(i | u) − log q(i) + c_u (the sampling bias of samp
 scores rank items by how much more than their popularity the user likes them. Adding
 τ·log q(i) back at inference (the logQ correction, applied at scoring time) ranks by
 p(i | u) again. BPR's uniform negatives need no such prior.
+
+τ is the theory's strength; how much of log q(i) to add back is a ranking choice that
+:func:`select_prior_strength` makes on a validation split (a grid of α in α·log q(i)).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +34,7 @@ from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
 from .similarity import ModulatedSimilarity
 
-__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior"]
+__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "select_prior_strength"]
 
 
 class EmbeddingModel(nn.Module):
@@ -119,6 +124,36 @@ def log_frequency_prior(train_items: torch.Tensor, num_items: int, temperature: 
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     counts = torch.bincount(train_items.reshape(-1).cpu(), minlength=num_items)[:num_items]
     return temperature * torch.log(counts.clamp(min=1).to(torch.float32))
+
+
+@torch.no_grad()
+def select_prior_strength(model: EmbeddingModel, evaluator, log_counts: torch.Tensor, strengths, *,
+                          split: str = "valid", protocol: str = "sampled", metric: str = "NDCG@10",
+                          ks=(10, 50)) -> tuple[float, dict[float, float]]:
+    """Choose α of the prior α·log_counts on a validation split, and leave it set on the model.
+
+    Args:
+        model: the model; its prior is overwritten.
+        evaluator: a :class:`~hdccf_triton.metrics.Evaluator`.
+        log_counts: ``[num_items]`` log item frequencies, e.g. ``log_frequency_prior(items, n, 1.0)``.
+        strengths: the candidate α (at least one, finite).
+        split, protocol, metric: what is maximised (never the test split).
+
+    Returns:
+        (the best α, {α: its metric}); ties go to the first candidate.
+    """
+    strengths = [float(a) for a in strengths]
+    if not strengths or not all(math.isfinite(a) for a in strengths):
+        raise ValueError(f"strengths: expected at least one finite value, got {strengths!r}")
+    if split == "test":
+        raise ValueError("split: the prior strength must be chosen on a validation split, not 'test'")
+    scan = {}
+    for alpha in strengths:
+        model.set_item_prior(alpha * log_counts)
+        scan[alpha] = evaluator.evaluate(model, split, ks=ks)[protocol][metric]
+    best = max(scan, key=lambda a: (scan[a], -strengths.index(a)))
+    model.set_item_prior(best * log_counts)
+    return best, scan
 
 
 class HDCCFObjective(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hdccf_triton import ModulatedSimilarity
-from hdccf_triton.models import EmbeddingModel, log_frequency_prior
+from hdccf_triton.models import EmbeddingModel, log_frequency_prior, select_prior_strength
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine", "modulated"])
@@ -41,3 +41,38 @@ def test_bad_priors_are_refused():
         model.set_item_prior(torch.tensor([0.0, math.inf, 0.0]))
     with pytest.raises(ValueError, match="temperature"):
         log_frequency_prior(torch.tensor([0]), 3, temperature=0.0)
+
+
+class _PriorProbe:
+    """An evaluator whose validation metric peaks where the model's prior equals `target`."""
+
+    def __init__(self, target):
+        self.target, self.splits = target, []
+
+    def evaluate(self, model, split, ks):
+        self.splits.append(split)
+        gap = float((model.item_prior - self.target).abs().sum())
+        return {"sampled": {"NDCG@10": 1.0 / (1.0 + gap)}, "full": {"NDCG@10": 0.0}}
+
+
+def test_select_prior_strength_picks_the_best_validation_alpha_and_sets_it():
+    model = EmbeddingModel(2, 3, 4)
+    log_counts = torch.tensor([0.0, 1.0, 2.0])
+    probe = _PriorProbe(0.5 * log_counts)
+    alpha, scan = select_prior_strength(model, probe, log_counts, [0.0, 0.25, 0.5, 1.0])
+    assert alpha == 0.5 and list(scan) == [0.0, 0.25, 0.5, 1.0] and scan[0.5] == 1.0
+    assert set(probe.splits) == {"valid"}
+    torch.testing.assert_close(model.item_prior, 0.5 * log_counts)
+    # ties go to the first candidate (the full protocol's metric is 0 everywhere)
+    alpha, _ = select_prior_strength(model, probe, log_counts, [0.3, 0.0], protocol="full")
+    assert alpha == 0.3
+
+
+def test_select_prior_strength_refuses_the_test_split_and_bad_grids():
+    model, probe, log_counts = EmbeddingModel(2, 3, 4), _PriorProbe(torch.zeros(3)), torch.zeros(3)
+    with pytest.raises(ValueError, match="split"):
+        select_prior_strength(model, probe, log_counts, [0.0], split="test")
+    with pytest.raises(ValueError, match="strengths"):
+        select_prior_strength(model, probe, log_counts, [])
+    with pytest.raises(ValueError, match="strengths"):
+        select_prior_strength(model, probe, log_counts, [math.nan])

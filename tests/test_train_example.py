@@ -34,11 +34,15 @@ def run_script(tmp_path, *flags):
 
 
 def check_result(last, full):
-    # in-batch losses are scored with the log-frequency prior, and also reported without it
-    prior = full["config"]["loss"] != "bpr"
-    assert full["config"]["item_prior"] == ("log-frequency" if prior else "none")
-    splits = ("valid", "test", "valid_without_prior", "test_without_prior") if prior else ("valid", "test")
-    assert ("test_without_prior" in full) == prior
+    # alpha of the prior alpha*log q(i) is chosen on validation from the grid, for every loss
+    assert full["config"]["item_prior"] == "tune"
+    grid = full["config"]["prior_grid"]
+    assert full["prior_strength"] in grid and set(full["prior_scan"]) == {str(a) for a in grid}
+    best = max(full["prior_scan"].values())
+    assert full["prior_scan"][str(full["prior_strength"])] == best == full["valid"]["sampled"]["NDCG@10"]
+    raw = full["prior_strength"] != 0  # the raw scores are reported beside when a prior was added
+    splits = ("valid", "test", "valid_without_prior", "test_without_prior") if raw else ("valid", "test")
+    assert ("test_without_prior" in full) == raw
     for split in splits:
         for protocol in ("sampled", "full"):
             metrics = full[split][protocol]
@@ -115,3 +119,22 @@ def test_summarize_results_groups_seeds(tmp_path):
     assert len(table) == 4  # header, rule, two methods
     assert table[2].startswith("| hdccf, dot, auto split | 2 | 0.6000 ± 0.1414 |")
     assert table[3].startswith("| bpr, auto split | 1 | 0.1000 ± 0.0000 |")
+
+
+def test_tune_prior_rescores_a_finished_run_the_same_way(tmp_path):
+    """examples/tune_prior.py reproduces the run's own final evaluation, and honours a new grid."""
+    data = synthetic_ratings(tmp_path / "ratings.tsv")
+    _, full = run_script(tmp_path, "--dataset", str(data), "--min-item-interactions", "1", "-M", "32",
+                         "-P", "2", "--prior-grid", "0", "0.5", "3")
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(full))
+    tool = [sys.executable, str(REPO / "examples" / "tune_prior.py"), str(copy)]
+    subprocess.run(tool, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True)
+    again = json.loads(copy.read_text())
+    for key in ("valid", "test", "prior_strength", "prior_scan", "history", "config"):
+        assert again[key] == full[key], key
+    subprocess.run(tool + ["--prior-grid", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                   check=True)
+    zero = json.loads(copy.read_text())
+    assert zero["prior_strength"] == 0 and "test_without_prior" not in zero
+    assert zero["config"]["prior_grid"] == [0.0]
