@@ -28,6 +28,8 @@ def describe(config: dict) -> str:
     if loss == "hdccf":
         if config.get("no_debias"):
             parts.append("no debias")
+        elif (config.get("omega_user", 0.05), config.get("omega_item", 0.05)) != (0.05, 0.05):
+            parts.append(f"ω={config['omega_user']:g}/{config['omega_item']:g}")
         if config.get("lambda_user") == 0 and config.get("lambda_item") == 0:
             parts.append("no aux")
         parts.append(config.get("similarity", "dot"))

@@ -102,12 +102,17 @@ def test_distributed_training_with_two_gloo_processes(tmp_path):
     check_result(json.loads(proc.stdout.strip().splitlines()[-1]), full)
 
 
-def test_summarize_results_groups_seeds(tmp_path):
+def load_summarize():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("summarize", REPO / "examples" / "summarize_results.py")
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
+    return summarize
+
+
+def test_summarize_results_groups_seeds(tmp_path):
+    summarize = load_summarize()
     metrics = lambda v: {p: {m: v for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}  # noqa: E731
     paths = []
     for seed, value in ((0, 0.5), (1, 0.7), (0, 0.1)):
@@ -138,3 +143,10 @@ def test_tune_prior_rescores_a_finished_run_the_same_way(tmp_path):
     zero = json.loads(copy.read_text())
     assert zero["prior_strength"] == 0 and "test_without_prior" not in zero
     assert zero["config"]["prior_grid"] == [0.0]
+
+
+def test_summarize_names_a_non_default_omega():
+    summarize = load_summarize()
+    assert summarize.describe({"loss": "hdccf", "omega_user": 0.0, "omega_item": 0.0}) == "hdccf, ω=0/0, dot, auto split"
+    assert summarize.describe({"loss": "hdccf", "omega_user": 0.05, "omega_item": 0.05}) == "hdccf, dot, auto split"
+    assert "ω" not in summarize.describe({"loss": "hdccf", "no_debias": True, "omega_user": 0.0, "omega_item": 0.0})
