@@ -1,0 +1,61 @@
+"""Seconds per training step of the HDCCF objective on the CPU, per similarity, on ML-1M batches.
+
+    python bench/train_step_cpu.py --data-dir ../shared/data                  # dot, cosine, modulated
+    python bench/train_step_cpu.py --data-dir ../shared/data --similarities dot modulated --threads 1
+
+One Adam step (forward, backward, update) of ``HDCCFObjective`` on the first batches of the
+sampler's epoch 0, at the example script's cpu preset (M = 512, P = 2, d = 64), after one
+warm-up step; prints ms per step and the implied minutes per ML-1M epoch. A wall-clock figure
+of this machine at the time: run it on an otherwise idle CPU to compare similarities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hdccf_triton import EmbeddingModel, HDCCFObjective, InBatchSampler, ModulatedSimilarity, load_dataset
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None, help="folder with the ML-1M copy")
+    p.add_argument("--similarities", nargs="+", default=["dot", "cosine", "modulated"],
+                   choices=["dot", "cosine", "modulated"])
+    p.add_argument("-M", "--batch-size", type=int, default=512)
+    p.add_argument("-P", "--pool", type=int, default=2)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per similarity")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ds = load_dataset("ml-1m", args.data_dir, seed=0, progress=False)
+    sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
+                             batch_size=args.batch_size, num_pool=args.pool, seed=0)
+    index = sampler.interaction_index()
+    epoch = sampler.epoch_batches(0)
+    batches = [next(epoch) for _ in range(args.steps + 1)]
+    print(f"threads {torch.get_num_threads()}, M = {args.batch_size}, P = {args.pool}, d = {args.dim}")
+    for name in args.similarities:
+        similarity = ModulatedSimilarity(args.dim) if name == "modulated" else name
+        model = EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity)
+        objective = HDCCFObjective(model, index, temperature=0.5, omega_user=0.05, omega_item=0.05)
+        optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
+        for i, batch in enumerate(batches):
+            if i == 1:  # after the warm-up step
+                start = time.perf_counter()
+            loss = objective(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        per_step = (time.perf_counter() - start) / args.steps
+        print(f"{name:>10}: {1000 * per_step:8.0f} ms/step  {per_step * len(sampler) / 60:7.1f} min/epoch "
+              f"({len(sampler)} steps)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
