@@ -50,7 +50,8 @@ def summarize(paths: list[Path], split: str = "test") -> str:
     for path in paths:
         result = json.loads(Path(path).read_text())
         config = {"item_prior": "none", **result["config"]}  # JSONs from before --item-prior
-        key = json.dumps({k: v for k, v in sorted(config.items()) if k not in IGNORED})
+        ignored = IGNORED | ({"temperature"} if config.get("loss") == "bpr" else set())  # BPR has no τ
+        key = json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored})
         groups.setdefault(key, []).append(result)
         names[key] = describe(config)
     header = ["method", "seeds"] + [f"{p} {m}" for p in ("sampled", "full") for m in METRICS]

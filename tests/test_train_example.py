@@ -150,3 +150,13 @@ def test_summarize_names_a_non_default_omega():
     assert summarize.describe({"loss": "hdccf", "omega_user": 0.0, "omega_item": 0.0}) == "hdccf, ω=0/0, dot, auto split"
     assert summarize.describe({"loss": "hdccf", "omega_user": 0.05, "omega_item": 0.05}) == "hdccf, dot, auto split"
     assert "ω" not in summarize.describe({"loss": "hdccf", "no_debias": True, "omega_user": 0.0, "omega_item": 0.0})
+
+
+def test_summarize_groups_bpr_runs_whatever_their_temperature(tmp_path):
+    summarize = load_summarize()
+    metrics = {p: {m: 0.5 for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}
+    paths = []
+    for seed, tau in ((0, 0.2), (1, 0.5)):
+        paths.append(tmp_path / f"bpr{seed}.json")
+        paths[-1].write_text(json.dumps({"config": {"loss": "bpr", "seed": seed, "temperature": tau}, "test": metrics}))
+    assert summarize.summarize(paths).splitlines()[2].startswith("| bpr, auto split | 2 |")
