@@ -44,7 +44,12 @@ def retune(path: Path, data_dir: str | None, prior_grid: list[float] | None, thr
     ds = load_data(args, progress=False)
     evaluator = Evaluator.from_dataset(ds, seed=args.seed)
     model = build_model(args, ds, "cpu")
-    model.load_state_dict(torch.load(result["checkpoint"], map_location="cpu")["model"], strict=False)
+    # checkpoints from before the prior buffer existed lack only "item_prior"
+    missing, unexpected = model.load_state_dict(torch.load(result["checkpoint"], map_location="cpu")["model"],
+                                                strict=False)
+    if set(missing) - {"item_prior"} or unexpected:
+        raise ValueError(f"{result['checkpoint']}: does not match the run's model "
+                         f"(missing {missing}, unexpected {unexpected})")
     log_counts = log_frequency_prior(ds.train_items, ds.num_items, 1.0)
     for key in ("valid_without_prior", "test_without_prior", "prior_scan"):
         result.pop(key, None)
