@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per similarity")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps: expected at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

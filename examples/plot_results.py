@@ -13,6 +13,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from summarize_results import non_default_omega
+
 
 def run_label(result: dict) -> str:
     c = result["config"]
@@ -21,8 +23,8 @@ def run_label(result: dict) -> str:
     parts = ["HDCCF"]
     if c.get("no_debias"):
         parts.append("w/o debias")
-    elif c.get("loss") == "hdccf" and (c.get("omega_user", 0.05), c.get("omega_item", 0.05)) != (0.05, 0.05):
-        parts.append(f"ω={c['omega_user']:g}")
+    elif non_default_omega(c):
+        parts.append(f"ω={non_default_omega(c)}")
     if c.get("lambda_user") == 0 and c.get("lambda_item") == 0:
         parts.append("w/o aux")
     if c.get("similarity") != "modulated":

@@ -21,6 +21,14 @@ METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed"}
 
 
+def non_default_omega(config: dict) -> str | None:
+    """"ω_u/ω_i" of a debiased HDCCF run whose ω differ from train_ml1m.py's 0.05, else None."""
+    omegas = (config.get("omega_user", 0.05), config.get("omega_item", 0.05))
+    if config.get("loss", "hdccf") != "hdccf" or config.get("no_debias") or omegas == (0.05, 0.05):
+        return None
+    return f"{omegas[0]:g}/{omegas[1]:g}"
+
+
 def describe(config: dict) -> str:
     """A short name of the method and its non-default settings."""
     loss = config.get("loss", "hdccf")
@@ -28,8 +36,8 @@ def describe(config: dict) -> str:
     if loss == "hdccf":
         if config.get("no_debias"):
             parts.append("no debias")
-        elif (config.get("omega_user", 0.05), config.get("omega_item", 0.05)) != (0.05, 0.05):
-            parts.append(f"ω={config['omega_user']:g}/{config['omega_item']:g}")
+        elif non_default_omega(config):
+            parts.append(f"ω={non_default_omega(config)}")
         if config.get("lambda_user") == 0 and config.get("lambda_item") == 0:
             parts.append("no aux")
         parts.append(config.get("similarity", "dot"))
