@@ -2,10 +2,13 @@
 
     python examples/summarize_results.py runs/*/results.json
     python examples/summarize_results.py examples/results/ml1m/*.json --split test
+    python examples/summarize_results.py examples/results/ml1m_tuning/*.json --per-run
 
 Runs are grouped by everything in their config except the seed and the output paths; each
 group gives one row with the number of seeds and, for HR@10, NDCG@10 and NDCG@50 under the
 sampled and the full protocol, the mean ± the sample standard deviation over its seeds.
+With `--per-run`, each run gives one row instead: its hyperparameters, epochs, the tuned prior
+strength and its validation sampled NDCG@10 (the selection criterion), best first: a tuning log.
 """
 
 from __future__ import annotations
@@ -52,6 +55,37 @@ def describe(config: dict) -> str:
     return ", ".join(parts)
 
 
+def hyperparameters(config: dict) -> str:
+    """The tunable settings of a run that apply to its loss, e.g. "lr 0.001, τ 0.5, wd 0, λ 1/1"."""
+    loss = config.get("loss", "hdccf")
+    parts = [f"lr {config.get('lr')}"]
+    if loss != "bpr":
+        parts.append(f"τ {config.get('temperature')}")
+    parts.append(f"wd {config.get('weight_decay', 0.0):g}")
+    if loss == "hdccf":
+        parts.append(f"λ {config.get('lambda_user'):g}/{config.get('lambda_item'):g}")
+        if not config.get("no_debias"):
+            parts.append(f"ω {config.get('omega_user'):g}/{config.get('omega_item'):g}")
+    return ", ".join(parts)
+
+
+def per_run(paths: list[Path]) -> str:
+    """One row per run, best validation sampled NDCG@10 first."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    results.sort(key=lambda r: -r["valid"]["sampled"]["NDCG@10"])
+    header = ["method", "hyperparameters", "seed", "best epoch / run", "α", "valid sampled NDCG@10",
+              "valid sampled HR@10", "wall (min)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        config = r["config"]
+        cells = [describe(config), hyperparameters(config), str(config.get("seed")),
+                 f"{r['best_epoch']}/{r['epochs_run']}", f"{r.get('prior_strength', 0):g}",
+                 f"{r['valid']['sampled']['NDCG@10']:.4f}", f"{r['valid']['sampled']['HR@10']:.4f}",
+                 f"{r['wall_seconds'] / 60:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(paths: list[Path], split: str = "test") -> str:
     groups: dict[str, list[dict]] = {}
     names: dict[str, str] = {}
@@ -79,8 +113,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="results JSON files")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
+    parser.add_argument("--per-run", action="store_true",
+                        help="one row per run with its hyperparameters and validation score (a tuning log)")
     args = parser.parse_args(argv)
-    print(summarize(args.results, args.split))
+    print(per_run(args.results) if args.per_run else summarize(args.results, args.split))
     return 0
 
 

@@ -160,3 +160,19 @@ def test_summarize_groups_bpr_runs_whatever_their_temperature(tmp_path):
         paths.append(tmp_path / f"bpr{seed}.json")
         paths[-1].write_text(json.dumps({"config": {"loss": "bpr", "seed": seed, "temperature": tau}, "test": metrics}))
     assert summarize.summarize(paths).splitlines()[2].startswith("| bpr, auto split | 2 |")
+
+
+def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
+    summarize = load_summarize()
+    paths = []
+    for name, config, ndcg in (("bpr", {"loss": "bpr", "lr": 0.001, "weight_decay": 0.001, "temperature": 0.2}, 0.40),
+                               ("hd", {"loss": "hdccf", "lr": 0.001, "temperature": 0.5, "lambda_user": 2.0,
+                                       "lambda_item": 2.0, "omega_user": 0.0, "omega_item": 0.0}, 0.42)):
+        result = {"config": {"seed": 0, **config}, "best_epoch": 3, "epochs_run": 5, "prior_strength": 0.3,
+                  "wall_seconds": 120.0, "valid": {"sampled": {"NDCG@10": ndcg, "HR@10": 0.6}}}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(result))
+    rows = summarize.per_run(paths).splitlines()
+    assert len(rows) == 4
+    assert rows[2].startswith("| hdccf, ω=0/0, dot, auto split | lr 0.001, τ 0.5, wd 0, λ 2/2, ω 0/0 | 0 | 3/5 | 0.3 | 0.4200 |")
+    assert rows[3].startswith("| bpr, auto split | lr 0.001, wd 0.001 | 0 | 3/5 | 0.3 | 0.4000 |")  # no τ for BPR
