@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from summarize_results import non_default_omega
+from summarize_results import non_default_lambda, non_default_omega
 
 
 def run_label(result: dict) -> str:
@@ -27,6 +27,8 @@ def run_label(result: dict) -> str:
         parts.append(f"ω={non_default_omega(c)}")
     if c.get("lambda_user") == 0 and c.get("lambda_item") == 0:
         parts.append("w/o aux")
+    elif non_default_lambda(c):
+        parts.append(f"λ={non_default_lambda(c)}")
     if c.get("similarity") != "modulated":
         parts.append(f"({c.get('similarity')})")
     return " ".join(parts)

@@ -32,6 +32,14 @@ def non_default_omega(config: dict) -> str | None:
     return f"{omegas[0]:g}/{omegas[1]:g}"
 
 
+def non_default_lambda(config: dict) -> str | None:
+    """"λ_u/λ_i" of an HDCCF run whose auxiliary weights are neither the default 1 nor 0 (no aux), else None."""
+    lambdas = (config.get("lambda_user", 1.0), config.get("lambda_item", 1.0))
+    if config.get("loss", "hdccf") != "hdccf" or lambdas in ((1.0, 1.0), (0.0, 0.0)):
+        return None
+    return f"{lambdas[0]:g}/{lambdas[1]:g}"
+
+
 def describe(config: dict) -> str:
     """A short name of the method and its non-default settings."""
     loss = config.get("loss", "hdccf")
@@ -43,6 +51,8 @@ def describe(config: dict) -> str:
             parts.append(f"ω={non_default_omega(config)}")
         if config.get("lambda_user") == 0 and config.get("lambda_item") == 0:
             parts.append("no aux")
+        elif non_default_lambda(config):
+            parts.append(f"λ={non_default_lambda(config)}")
         parts.append(config.get("similarity", "dot"))
     elif loss == "softmax":
         parts.append(config.get("similarity", "dot"))

@@ -152,6 +152,13 @@ def test_summarize_names_a_non_default_omega():
     assert "ω" not in summarize.describe({"loss": "hdccf", "no_debias": True, "omega_user": 0.0, "omega_item": 0.0})
 
 
+def test_summarize_names_a_non_default_lambda():
+    summarize = load_summarize()
+    assert summarize.describe({"loss": "hdccf", "lambda_user": 0.5, "lambda_item": 0.5}) == "hdccf, λ=0.5/0.5, dot, auto split"
+    assert summarize.describe({"loss": "hdccf", "lambda_user": 0.0, "lambda_item": 0.0}) == "hdccf, no aux, dot, auto split"
+    assert summarize.describe({"loss": "hdccf", "lambda_user": 1.0, "lambda_item": 1.0}) == "hdccf, dot, auto split"
+
+
 def test_summarize_groups_bpr_runs_whatever_their_temperature(tmp_path):
     summarize = load_summarize()
     metrics = {p: {m: 0.5 for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}
@@ -174,5 +181,21 @@ def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
         paths[-1].write_text(json.dumps(result))
     rows = summarize.per_run(paths).splitlines()
     assert len(rows) == 4
-    assert rows[2].startswith("| hdccf, ω=0/0, dot, auto split | lr 0.001, τ 0.5, wd 0, λ 2/2, ω 0/0 | 0 | 3/5 | 0.3 | 0.4200 |")
+    assert rows[2].startswith("| hdccf, ω=0/0, λ=2/2, dot, auto split | lr 0.001, τ 0.5, wd 0, λ 2/2, ω 0/0 | 0 | 3/5 | 0.3 | 0.4200 |")
     assert rows[3].startswith("| bpr, auto split | lr 0.001, wd 0.001 | 0 | 3/5 | 0.3 | 0.4000 |")  # no τ for BPR
+
+
+def test_plot_labels_name_the_settings_that_tell_runs_apart():
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "examples"))  # plot_results imports summarize_results
+    try:
+        spec = importlib.util.spec_from_file_location("plot_results", REPO / "examples" / "plot_results.py")
+        plot = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plot)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    base = {"loss": "hdccf", "similarity": "dot", "omega_user": 0.0, "omega_item": 0.0}
+    assert plot.run_label({"config": {**base, "lambda_user": 0.5, "lambda_item": 0.5}}) == "HDCCF ω=0/0 λ=0.5/0.5 (dot)"
+    assert plot.run_label({"config": {**base, "lambda_user": 1.0, "lambda_item": 1.0}}) == "HDCCF ω=0/0 (dot)"
+    assert plot.run_label({"config": {**base, "lambda_user": 0.0, "lambda_item": 0.0}}) == "HDCCF ω=0/0 w/o aux (dot)"
