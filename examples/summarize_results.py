@@ -73,9 +73,9 @@ def hyperparameters(config: dict) -> str:
         parts.append(f"τ {config.get('temperature')}")
     parts.append(f"wd {config.get('weight_decay', 0.0):g}")
     if loss == "hdccf":
-        parts.append(f"λ {config.get('lambda_user'):g}/{config.get('lambda_item'):g}")
+        parts.append(f"λ {config.get('lambda_user', 1.0):g}/{config.get('lambda_item', 1.0):g}")
         if not config.get("no_debias"):
-            parts.append(f"ω {config.get('omega_user'):g}/{config.get('omega_item'):g}")
+            parts.append(f"ω {config.get('omega_user', 0.05):g}/{config.get('omega_item', 0.05):g}")
     return ", ".join(parts)
 
 
