@@ -13,22 +13,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from summarize_results import non_default_lambda, non_default_omega
+from summarize_results import hdccf_variant
 
 
 def run_label(result: dict) -> str:
     c = result["config"]
     if c["loss"] != "hdccf":
         return {"bpr": "BPR", "softmax": "in-batch softmax"}[c["loss"]]
-    parts = ["HDCCF"]
-    if c.get("no_debias"):
-        parts.append("w/o debias")
-    elif non_default_omega(c):
-        parts.append(f"ω={non_default_omega(c)}")
-    if c.get("lambda_user") == 0 and c.get("lambda_item") == 0:
-        parts.append("w/o aux")
-    elif non_default_lambda(c):
-        parts.append(f"λ={non_default_lambda(c)}")
+    parts = ["HDCCF", *hdccf_variant(c, without="w/o")]
     if c.get("similarity") != "modulated":
         parts.append(f"({c.get('similarity')})")
     return " ".join(parts)

@@ -40,19 +40,26 @@ def non_default_lambda(config: dict) -> str | None:
     return f"{lambdas[0]:g}/{lambdas[1]:g}"
 
 
+def hdccf_variant(config: dict, without: str = "no") -> list[str]:
+    """How an HDCCF run departs from the default loss: e.g. ["ω=0/0", "no aux"] (``without="w/o"``: "w/o aux")."""
+    parts = []
+    if config.get("no_debias"):
+        parts.append(f"{without} debias")
+    elif non_default_omega(config):
+        parts.append(f"ω={non_default_omega(config)}")
+    if config.get("lambda_user") == 0 and config.get("lambda_item") == 0:
+        parts.append(f"{without} aux")
+    elif non_default_lambda(config):
+        parts.append(f"λ={non_default_lambda(config)}")
+    return parts
+
+
 def describe(config: dict) -> str:
     """A short name of the method and its non-default settings."""
     loss = config.get("loss", "hdccf")
     parts = [loss]
     if loss == "hdccf":
-        if config.get("no_debias"):
-            parts.append("no debias")
-        elif non_default_omega(config):
-            parts.append(f"ω={non_default_omega(config)}")
-        if config.get("lambda_user") == 0 and config.get("lambda_item") == 0:
-            parts.append("no aux")
-        elif non_default_lambda(config):
-            parts.append(f"λ={non_default_lambda(config)}")
+        parts += hdccf_variant(config)
         parts.append(config.get("similarity", "dot"))
     elif loss == "softmax":
         parts.append(config.get("similarity", "dot"))

@@ -102,13 +102,22 @@ def test_distributed_training_with_two_gloo_processes(tmp_path):
     check_result(json.loads(proc.stdout.strip().splitlines()[-1]), full)
 
 
-def load_summarize():
+def load_example(name: str):
+    """An examples/ script as a module; examples/ is on sys.path while it loads (for its own imports)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("summarize", REPO / "examples" / "summarize_results.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
-    return summarize
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    return module
+
+
+def load_summarize():
+    return load_example("summarize_results")
 
 
 def test_summarize_results_groups_seeds(tmp_path):
@@ -186,15 +195,7 @@ def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
 
 
 def test_plot_labels_name_the_settings_that_tell_runs_apart():
-    import importlib.util
-
-    sys.path.insert(0, str(REPO / "examples"))  # plot_results imports summarize_results
-    try:
-        spec = importlib.util.spec_from_file_location("plot_results", REPO / "examples" / "plot_results.py")
-        plot = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(plot)
-    finally:
-        sys.path.remove(str(REPO / "examples"))
+    plot = load_example("plot_results")
     base = {"loss": "hdccf", "similarity": "dot", "omega_user": 0.0, "omega_item": 0.0}
     assert plot.run_label({"config": {**base, "lambda_user": 0.5, "lambda_item": 0.5}}) == "HDCCF ω=0/0 λ=0.5/0.5 (dot)"
     assert plot.run_label({"config": {**base, "lambda_user": 1.0, "lambda_item": 1.0}}) == "HDCCF ω=0/0 (dot)"
