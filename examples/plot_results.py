@@ -18,10 +18,15 @@ from summarize_results import hdccf_variant
 
 def run_label(result: dict) -> str:
     c = result["config"]
-    if c["loss"] != "hdccf":
-        return {"bpr": "BPR", "softmax": "in-batch softmax"}[c["loss"]]
-    parts = ["HDCCF", *hdccf_variant(c, without="w/o")]
-    if c.get("similarity") != "modulated":
+    if c["loss"] == "bpr":
+        return "BPR"
+    if c["loss"] == "softmax":
+        parts = ["in-batch softmax"]
+    else:
+        parts = ["HDCCF", *hdccf_variant(c, without="w/o")]
+    if c.get("temperature") is not None:
+        parts.append(f"τ={c['temperature']:g}")
+    if c["loss"] == "hdccf" and c.get("similarity") != "modulated":
         parts.append(f"({c.get('similarity')})")
     return " ".join(parts)
 

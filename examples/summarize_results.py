@@ -24,12 +24,11 @@ METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed"}
 
 
-def non_default_omega(config: dict) -> str | None:
-    """"ω_u/ω_i" of a debiased HDCCF run whose ω differ from train_ml1m.py's 0.05, else None."""
-    omegas = (config.get("omega_user", 0.05), config.get("omega_item", 0.05))
-    if config.get("loss", "hdccf") != "hdccf" or config.get("no_debias") or omegas == (0.05, 0.05):
+def omegas(config: dict) -> str | None:
+    """"ω_u/ω_i" of a debiased HDCCF run, else None (the defaults differ between presets, so always named)."""
+    if config.get("loss", "hdccf") != "hdccf" or config.get("no_debias") or "omega_user" not in config:
         return None
-    return f"{omegas[0]:g}/{omegas[1]:g}"
+    return f"{config['omega_user']:g}/{config.get('omega_item', config['omega_user']):g}"
 
 
 def non_default_lambda(config: dict) -> str | None:
@@ -45,8 +44,8 @@ def hdccf_variant(config: dict, without: str = "no") -> list[str]:
     parts = []
     if config.get("no_debias"):
         parts.append(f"{without} debias")
-    elif non_default_omega(config):
-        parts.append(f"ω={non_default_omega(config)}")
+    elif omegas(config):
+        parts.append(f"ω={omegas(config)}")
     if config.get("lambda_user") == 0 and config.get("lambda_item") == 0:
         parts.append(f"{without} aux")
     elif non_default_lambda(config):
@@ -55,13 +54,14 @@ def hdccf_variant(config: dict, without: str = "no") -> list[str]:
 
 
 def describe(config: dict) -> str:
-    """A short name of the method and its non-default settings."""
+    """A short name of the method and the settings that tell its runs apart, e.g. "hdccf, ω=0/0, τ=0.7, dot"."""
     loss = config.get("loss", "hdccf")
     parts = [loss]
     if loss == "hdccf":
         parts += hdccf_variant(config)
-        parts.append(config.get("similarity", "dot"))
-    elif loss == "softmax":
+    if loss != "bpr":
+        if config.get("temperature") is not None:
+            parts.append(f"τ={config['temperature']:g}")
         parts.append(config.get("similarity", "dot"))
     parts.append(f"{config.get('split', 'auto')} split")
     prior = config.get("item_prior", "none")
@@ -81,8 +81,8 @@ def hyperparameters(config: dict) -> str:
     parts.append(f"wd {config.get('weight_decay', 0.0):g}")
     if loss == "hdccf":
         parts.append(f"λ {config.get('lambda_user', 1.0):g}/{config.get('lambda_item', 1.0):g}")
-        if not config.get("no_debias"):
-            parts.append(f"ω {config.get('omega_user', 0.05):g}/{config.get('omega_item', 0.05):g}")
+        if omegas(config):
+            parts.append(f"ω {omegas(config)}")
     return ", ".join(parts)
 
 

@@ -49,19 +49,32 @@ from hdccf_triton.similarity import ModulatedSimilarity
 
 # Settings that differ between presets; a flag given on the command line wins.
 PRESETS = {
-    # HDCCF's best setting on ML-1M validation; stops early after about 13 epochs, within 30 minutes
-    # on a 2-core CPU (README: "Reproducing the paper's ML-1M comparison")
-    "cpu": dict(batch_size=512, pool=2, dim=64, epochs=15, lr=1e-3, temperature=0.5, patience=2),
+    # HDCCF's best of six settings on ML-1M validation (examples/results/ml1m_tuning.md); stops early
+    # after about 13 epochs, within 30 minutes on a 2-core CPU
+    "cpu": dict(batch_size=512, pool=2, dim=64, epochs=15, lr=1e-3, temperature=0.7, patience=2,
+                omega_user=0.0, omega_item=0.0),
     # the paper-scale setting, for a GPU
-    "paper": dict(batch_size=2048, pool=4, dim=64, epochs=100, lr=1e-3, temperature=0.1, patience=10),
+    "paper": dict(batch_size=2048, pool=4, dim=64, epochs=100, lr=1e-3, temperature=0.1, patience=10,
+                  omega_user=0.05, omega_item=0.05),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each preset's value, e.g. "tau (preset: cpu 0.7, paper 0.1)", where argparse would say "None"."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if help_text.endswith("(preset)"):
+            shown = ", ".join(f"{name} {preset[action.dest]:g}" for name, preset in PRESETS.items())
+            return help_text[: -len("(preset)")] + f"(preset: {shown})"
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train an embedding model on implicit feedback with the HDCCF loss "
         "(IJCAI 2022) or a baseline, and report HR@K/NDCG@K under the sampled and full protocols.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="ml-1m",
@@ -81,14 +94,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     loss.add_argument("--similarity", default="dot", choices=["dot", "cosine", "modulated"],
                       help="f(u, i); modulated is the paper's neural modulation (eqs. 7-8)")
     loss.add_argument("--normalize", action="store_true", help="with modulated: cosine of the modulated vectors")
-    loss.add_argument("--omega-user", type=float, default=0.05, help="false-negative probability of negative users")
-    loss.add_argument("--omega-item", type=float, default=0.05, help="false-negative probability of negative items")
+    loss.add_argument("--omega-user", type=float, default=None,
+                      help="probability that an unobserved negative user is a false negative (preset)")
+    loss.add_argument("--omega-item", type=float, default=None,
+                      help="probability that an unobserved negative item is a false negative (preset)")
     loss.add_argument("--temperature", type=float, default=None, help="tau (preset)")
     loss.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                       help="loss backend: auto = Triton on a GPU, PyTorch elsewhere")
 
     train = p.add_argument_group("training")
-    train.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="defaults for the flags below")
+    train.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the defaults of the flags marked 'preset'")
     train.add_argument("-M", "--batch-size", type=int, default=None, help="observed pairs per batch (preset)")
     train.add_argument("-P", "--pool", type=int, default=None, help="positives sampled per user and item (preset)")
     train.add_argument("--dim", type=int, default=None, help="embedding dimension (preset)")

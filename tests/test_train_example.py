@@ -86,6 +86,15 @@ def test_help_explains_the_flags():
                          capture_output=True, text=True, timeout=120, check=True).stdout
     for flag in ("--loss", "--no-debias", "--similarity", "--omega-user", "--preset", "--distributed"):
         assert flag in out
+    assert "tau (preset: cpu 0.7, paper 0.1)" in " ".join(out.split())  # no "default: None" for preset flags
+
+
+def test_presets_fill_the_flags_not_given():
+    train = load_example("train_ml1m")
+    cpu = train.parse_args([])
+    assert (cpu.omega_user, cpu.omega_item, cpu.temperature, cpu.batch_size) == (0.0, 0.0, 0.7, 512)
+    paper = train.parse_args(["--preset", "paper", "--temperature", "0.3"])
+    assert (paper.omega_user, paper.temperature, paper.batch_size) == (0.05, 0.3, 2048)
 
 
 def test_distributed_training_with_two_gloo_processes(tmp_path):
@@ -154,11 +163,14 @@ def test_tune_prior_rescores_a_finished_run_the_same_way(tmp_path):
     assert zero["config"]["prior_grid"] == [0.0]
 
 
-def test_summarize_names_a_non_default_omega():
+def test_summarize_names_omega_and_temperature():
     summarize = load_summarize()
     assert summarize.describe({"loss": "hdccf", "omega_user": 0.0, "omega_item": 0.0}) == "hdccf, ω=0/0, dot, auto split"
-    assert summarize.describe({"loss": "hdccf", "omega_user": 0.05, "omega_item": 0.05}) == "hdccf, dot, auto split"
+    assert summarize.describe({"loss": "hdccf", "omega_user": 0.05, "omega_item": 0.05, "temperature": 0.5}) == \
+        "hdccf, ω=0.05/0.05, τ=0.5, dot, auto split"
     assert "ω" not in summarize.describe({"loss": "hdccf", "no_debias": True, "omega_user": 0.0, "omega_item": 0.0})
+    assert summarize.describe({"loss": "softmax", "temperature": 1.0, "omega_user": 0.05}) == "softmax, τ=1, dot, auto split"
+    assert summarize.describe({"loss": "bpr", "temperature": 0.5}) == "bpr, auto split"
 
 
 def test_summarize_names_a_non_default_lambda():
@@ -190,7 +202,8 @@ def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
         paths[-1].write_text(json.dumps(result))
     rows = summarize.per_run(paths).splitlines()
     assert len(rows) == 4
-    assert rows[2].startswith("| hdccf, ω=0/0, λ=2/2, dot, auto split | lr 0.001, τ 0.5, wd 0, λ 2/2, ω 0/0 | 0 | 3/5 | 0.3 | 0.4200 |")
+    assert rows[2].startswith("| hdccf, ω=0/0, λ=2/2, τ=0.5, dot, auto split | lr 0.001, τ 0.5, wd 0, λ 2/2, ω 0/0 | 0 | 3/5 "
+                              "| 0.3 | 0.4200 |")
     assert rows[3].startswith("| bpr, auto split | lr 0.001, wd 0.001 | 0 | 3/5 | 0.3 | 0.4000 |")  # no τ for BPR
 
 
@@ -200,3 +213,6 @@ def test_plot_labels_name_the_settings_that_tell_runs_apart():
     assert plot.run_label({"config": {**base, "lambda_user": 0.5, "lambda_item": 0.5}}) == "HDCCF ω=0/0 λ=0.5/0.5 (dot)"
     assert plot.run_label({"config": {**base, "lambda_user": 1.0, "lambda_item": 1.0}}) == "HDCCF ω=0/0 (dot)"
     assert plot.run_label({"config": {**base, "lambda_user": 0.0, "lambda_item": 0.0}}) == "HDCCF ω=0/0 w/o aux (dot)"
+    assert plot.run_label({"config": {**base, "temperature": 0.7}}) == "HDCCF ω=0/0 τ=0.7 (dot)"
+    assert plot.run_label({"config": {"loss": "softmax", "temperature": 1.0}}) == "in-batch softmax τ=1"
+    assert plot.run_label({"config": {"loss": "bpr", "temperature": 0.5}}) == "BPR"
