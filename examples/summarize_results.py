@@ -24,6 +24,19 @@ METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed"}
 
 
+def unused_settings(config: dict) -> set[str]:
+    """Config keys that the run's loss ignores (BPR has no τ; without debiasing ω has no effect)."""
+    loss = config.get("loss", "hdccf")
+    unused = set()
+    if loss == "bpr":
+        unused |= {"temperature", "no_debias", "lambda_user", "lambda_item", "omega_user", "omega_item"}
+    if loss == "softmax":
+        unused |= {"no_debias", "lambda_user", "lambda_item", "omega_user", "omega_item"}
+    if config.get("no_debias"):
+        unused |= {"omega_user", "omega_item"}
+    return unused
+
+
 def omegas(config: dict) -> str | None:
     """"ω_u/ω_i" of a debiased HDCCF run, else None (the defaults differ between presets, so always named)."""
     if config.get("loss", "hdccf") != "hdccf" or config.get("no_debias") or "omega_user" not in config:
@@ -109,7 +122,7 @@ def summarize(paths: list[Path], split: str = "test") -> str:
     for path in paths:
         result = json.loads(Path(path).read_text())
         config = {"item_prior": "none", **result["config"]}  # JSONs from before --item-prior
-        ignored = IGNORED | ({"temperature"} if config.get("loss") == "bpr" else set())  # BPR has no τ
+        ignored = IGNORED | unused_settings(config)
         key = json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored})
         groups.setdefault(key, []).append(result)
         names[key] = describe(config)

@@ -180,14 +180,19 @@ def test_summarize_names_a_non_default_lambda():
     assert summarize.describe({"loss": "hdccf", "lambda_user": 1.0, "lambda_item": 1.0}) == "hdccf, dot, auto split"
 
 
-def test_summarize_groups_bpr_runs_whatever_their_temperature(tmp_path):
+@pytest.mark.parametrize("loss, settings", [("bpr", ("temperature", 0.2, 0.5)),
+                                             ("softmax", ("omega_user", 0.05, 0.0)),
+                                             ("softmax", ("lambda_item", 1.0, 0.0))])
+def test_summarize_groups_runs_that_differ_only_in_settings_their_loss_ignores(tmp_path, loss, settings):
     summarize = load_summarize()
     metrics = {p: {m: 0.5 for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}
+    key, *values = settings
     paths = []
-    for seed, tau in ((0, 0.2), (1, 0.5)):
-        paths.append(tmp_path / f"bpr{seed}.json")
-        paths[-1].write_text(json.dumps({"config": {"loss": "bpr", "seed": seed, "temperature": tau}, "test": metrics}))
-    assert summarize.summarize(paths).splitlines()[2].startswith("| bpr, auto split | 2 |")
+    for seed, value in enumerate(values):
+        paths.append(tmp_path / f"{loss}{seed}.json")
+        paths[-1].write_text(json.dumps({"config": {"loss": loss, "seed": seed, key: value}, "test": metrics}))
+    header, rule, *rows = summarize.summarize(paths).splitlines()
+    assert len(rows) == 1 and rows[0].startswith(f"| {loss}, ") and "| 2 |" in rows[0]
 
 
 def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
