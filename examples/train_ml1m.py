@@ -14,8 +14,8 @@ downloaded from GroupLens. Every epoch ends with a validation of HR@K and NDCG@K
 protocols (sampled: the held-out item against 100 sampled items, the paper's; full: against
 every item); training stops early when validation NDCG@10 stops improving, the best
 checkpoint is reloaded and evaluated on the test split, and the results are written as JSON
-to --out and printed as the last line. Ctrl-C stops training and still evaluates the best
-checkpoint.
+to --out and printed as the last line. Ctrl-C (SIGINT), or SIGTERM in a single process, stops
+training and still evaluates the best checkpoint.
 
 Models trained with in-batch negatives (hdccf, softmax) draw their negatives in proportion to
 item frequency q(i), so their raw scores rank items by how much more than their popularity a
@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--split", default="auto", choices=["auto", "chronological", "random"],
                       help="leave-one-out split: latest items (chronological) or random ones")
     data.add_argument("--min-item-interactions", type=int, default=5, help="drop rarer items (paper: 5)")
+    data.add_argument("--save-data", metavar="PATH", default=None,
+                      help="write the loaded, split data set to PATH (.pt) and exit; --dataset PATH reads it "
+                      "back without parsing, e.g. on a GPU machine without polars")
 
     loss = p.add_argument_group("loss")
     loss.add_argument("--loss", default="hdccf", choices=["hdccf", "bpr", "softmax"],
@@ -228,6 +232,10 @@ def main(argv=None) -> dict:
     # ---------------------------------------------------------------- data
     ds = load_data(args, progress=rank == 0)
     log(ds.describe())
+    if args.save_data:
+        saved = ds.save(args.save_data) if rank == 0 else None
+        log(f"saved to {saved}; train on it with --dataset {saved}")
+        return {"saved_data": str(saved)}
     sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
                              batch_size=args.batch_size, num_pool=args.pool, seed=args.seed, device=device,
                              drop_last=world > 1)
@@ -254,6 +262,7 @@ def main(argv=None) -> dict:
 
     # ---------------------------------------------------------------- training
     interrupted = False
+    previous_handlers = stop_training_on_signals(world)
     try:
         for epoch in range(args.epochs):
             objective.train()
@@ -298,6 +307,8 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         interrupted = True
         log("\ninterrupted: evaluating the best checkpoint so far")
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)  # a second signal during the evaluation stops the script
 
     # ---------------------------------------------------------------- test the best checkpoint
     result = None
@@ -365,6 +376,21 @@ def l2_of_batch(model, batch):
     users, items, pool_items, pool_users = batch
     rows = [model.user_table(users), model.item_table(items)]
     return sum(r.pow(2).sum(-1).mean() for r in rows)
+
+
+def stop_training_on_signals(world: int) -> dict:
+    """Make SIGINT, and SIGTERM in a single process, stop training like Ctrl-C; returns the old handlers.
+
+    The best checkpoint is then still evaluated and the JSON written: `kill -INT`/`timeout` end a run
+    cleanly even where a shell started it with SIGINT ignored (a background job). Under torchrun SIGTERM
+    keeps its default, as a rank stopping alone would leave the others waiting in a collective.
+    """
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if world == 1 else [])
+    return {signum: signal.signal(signum, stop) for signum in signals}
 
 
 def should_stop(stop: bool, world: int, device) -> bool:

@@ -17,6 +17,8 @@ Formats (``format=`` forces one; otherwise it is guessed from the file name):
 ``"delimited"``  any delimited file (tab, ``,``, ``;``, ``::`` or space; optionally
                  ``.gz``) with user and item columns and optional rating and timestamp
                  columns, in that order unless a header names them.
+``"saved"``      a ``.pt`` file written by :meth:`Dataset.save`: the data set already
+                 filtered and split, read without parsing (:mod:`hdccf_triton.dataset_file`).
 
 Preprocessing (reproduces Table 2 of the paper: ML-1M gives 6,040 users, 3,416 items
 and 999,611 interactions):
@@ -290,6 +292,13 @@ class Dataset:
         users = torch.nonzero(per_user >= 0).flatten()
         return users, per_user[users]
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the split data set to ``path`` (a ``.pt`` file) that :func:`load_dataset` reads back
+        without parsing, e.g. on a machine without polars (see :mod:`hdccf_triton.dataset_file`)."""
+        from .dataset_file import save_dataset
+
+        return save_dataset(self, path)
+
     def describe(self) -> str:
         """A few lines of statistics (Table 2 style)."""
         s = self.stats
@@ -309,7 +318,7 @@ class Dataset:
 
 # --------------------------------------------------------------------------- parsing
 
-_FORMATS = ("ml-1m", "ml-100k", "sasrec", "lightgcn", "delimited")
+_FORMATS = ("ml-1m", "ml-100k", "sasrec", "lightgcn", "delimited", "saved")
 _ALIASES = {
     "user": {"user", "userid", "user_id", "uid", "users"},
     "item": {"item", "itemid", "item_id", "iid", "movieid", "movie_id", "movie", "items",
@@ -549,6 +558,8 @@ def _guess_format(path: Path) -> str:
         if (path / "train.txt").is_file() and (path / "test.txt").is_file():
             return "lightgcn"
         raise ValueError(f"{path}: a folder is read only in the LightGCN format (train.txt + test.txt)")
+    if path.suffix == ".pt":
+        return "saved"
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name == "ratings.dat":
         return "ml-1m"
@@ -711,7 +722,8 @@ def _filter(frame: Any, min_item: int, min_user: int, stats: dict) -> Any:
 def _build(raw: _Raw, name: str, *, seed: int, split: str, min_item: int, min_user: int) -> Dataset:
     """Filter, remap and split a parsed data set."""
     pl = _pl()
-    stats: dict[str, Any] = {"source": raw.label, "format": raw.fmt, "min_item_interactions": min_item}
+    stats: dict[str, Any] = {"source": raw.label, "format": raw.fmt, "min_item_interactions": min_item,
+                             "min_user_interactions": min_user}
     frame = raw.frame.drop("line")
     if raw.test is not None:  # pre-split: filter and remap over train and test together
         # Train rows first, so a pair in both files counts as training (duplicates keep the first).
@@ -751,6 +763,8 @@ def _build(raw: _Raw, name: str, *, seed: int, split: str, min_item: int, min_us
         test[su[from_end == 0]] = si[from_end == 0]
         train_u, train_i = su[from_end < 0], si[from_end < 0]
         split_counts = np.bincount(users, minlength=num_users)
+    if "random" in mode:
+        stats["split_seed"] = seed
     stats.update(
         split=mode,
         num_users=num_users,
@@ -807,7 +821,7 @@ def load_dataset(
         min_item_interactions: items with fewer interactions are removed (paper: 5).
         min_user_interactions: users with fewer interactions are removed afterwards.
         format: one of ``"ml-1m"``, ``"ml-100k"``, ``"sasrec"``, ``"lightgcn"``,
-            ``"delimited"``; guessed from the file name when None.
+            ``"delimited"``, ``"saved"``; guessed from the file name when None (``.pt``: saved).
         sep, columns, header: for ``"delimited"``: the separator (sniffed when None), the
             column names in file order (``user``, ``item``, ``rating``, ``timestamp``,
             anything else ignored) and whether line 1 is a header (detected when None).
@@ -847,6 +861,14 @@ def load_dataset(
             raise FileNotFoundError(f"name_or_path: {path} does not exist and is not one of {sorted(_LOCAL)}")
         label = str(path)
     fmt = format or _guess_format(path)
+    if fmt == "saved":
+        from .dataset_file import read_saved_dataset
+
+        ds = read_saved_dataset(path, split=split, seed=int(seed), min_item_interactions=int(min_item_interactions),
+                                min_user_interactions=int(min_user_interactions))
+        if verbose:
+            print(ds.describe())
+        return ds
     raw = _parse(path, fmt, sep=sep, columns=columns, header=header)
     ds = _build(raw, label, seed=int(seed), split=split,
                 min_item=int(min_item_interactions), min_user=int(min_user_interactions))

@@ -1,6 +1,8 @@
 """examples/train_ml1m.py runs end to end for one short epoch and writes a well-formed JSON."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,66 @@ def test_baselines_on_synthetic_data(tmp_path, flags):
                             "-P", "2", *flags)
     check_result(last, full)
     assert full["config"]["loss"] == (flags[1] if flags[0] == "--loss" else "hdccf")
+
+
+def test_training_on_a_saved_split_matches_training_on_its_source(tmp_path):
+    data = synthetic_ratings(tmp_path / "ratings.tsv")
+    saved = tmp_path / "split.pt"
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "train_ml1m.py"), "--dataset", str(data),
+                           "--min-item-interactions", "1", "--save-data", str(saved)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=True)
+    assert saved.exists() and "--dataset" in proc.stdout
+    flags = ("--min-item-interactions", "1", "-M", "32", "--seed", "3")
+    for folder in ("direct", "file"):
+        (tmp_path / folder).mkdir()
+    _, direct = run_script(tmp_path / "direct", "--dataset", str(data), *flags)
+    _, from_file = run_script(tmp_path / "file", "--dataset", str(saved), *flags)
+    assert from_file["dataset"]["stats"]["saved_file"] == str(saved)
+    for key in ("valid", "test", "prior_scan"):
+        assert from_file[key] == direct[key]
+    assert from_file["history"][0]["train_loss"] == direct["history"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_training_cleanly_with_results(tmp_path, signum):
+    # started as a background job is: SIGINT ignored, so Python would not raise KeyboardInterrupt itself
+    data = synthetic_ratings(tmp_path / "ratings.tsv")
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(REPO / "examples" / "train_ml1m.py"), "--dataset", str(data),
+           "--min-item-interactions", "1", "-M", "8", "--epochs", "100000", "--patience", "100000",
+           "--run-dir", str(tmp_path / "run"), "--out", str(out), "--no-progress", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    for line in proc.stdout:  # wait for a checkpoint
+        if line.startswith("epoch 1:"):
+            break
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["interrupted"] and result["best_epoch"] >= 1 and "interrupted" in stdout
+    assert json.loads(stdout.strip().splitlines()[-1])["test"] == result["test"]
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    data = synthetic_ratings(tmp_path / "ratings.tsv")
+    saved = tmp_path / "split.pt"
+    subprocess.run([sys.executable, str(REPO / "examples" / "train_ml1m.py"), "--dataset", str(data),
+                    "--min-item-interactions", "1", "--save-data", str(saved)],
+                   capture_output=True, text=True, timeout=300, check=True)
+    env = {**os.environ, "DATA": str(saved), "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "SEEDS": "0 1",
+           "EXTRA": "--min-item-interactions 1 --epochs 1 --max-batches 2 -M 16 --dim 8"}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "gpu_ml1m.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.json"))
+    assert names == ["hdccf_dot_gpu_s0.json", "hdccf_modulated_s0.json", "hdccf_modulated_s1.json"]
+    modulated = json.loads((tmp_path / "out" / "hdccf_modulated_s1.json").read_text())
+    assert modulated["config"]["similarity"] == "modulated" and modulated["config"]["seed"] == 1
+    assert not list((tmp_path / "out").glob("*/best.pt"))  # checkpoints are not sent back
+    missing = subprocess.run(["bash", str(REPO / "examples" / "gpu_ml1m.sh")], capture_output=True, text=True,
+                             env={**env, "DATA": str(tmp_path / "nope.pt")}, timeout=60)
+    assert missing.returncode == 2 and "--save-data" in missing.stderr
 
 
 def test_missing_data_says_how_to_point_at_a_copy(tmp_path):
