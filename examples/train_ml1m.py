@@ -294,7 +294,10 @@ def main(argv=None) -> dict:
                 improved = score > best
                 if improved:
                     best, best_epoch, stale = score, epoch + 1, 0
-                    torch.save({"model": model.state_dict(), "epoch": epoch + 1, "config": vars(args)}, checkpoint)
+                    # written aside, then renamed: a signal mid-write cannot leave a torn best checkpoint
+                    torch.save({"model": model.state_dict(), "epoch": epoch + 1, "config": vars(args)},
+                               checkpoint.with_suffix(".tmp"))
+                    os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
                 else:
                     stale += 1
                 log(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  valid {select} {score:.4f}"
@@ -308,7 +311,7 @@ def main(argv=None) -> dict:
         interrupted = True
         log("\ninterrupted: evaluating the best checkpoint so far")
     for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)  # a second signal during the evaluation stops the script
+        signal.signal(signum, handler)  # the evaluation runs under the handlers the script started with
 
     # ---------------------------------------------------------------- test the best checkpoint
     result = None
