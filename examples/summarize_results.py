@@ -21,7 +21,7 @@ from pathlib import Path
 
 METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 #: config keys that do not define a method
-IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed"}
+IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed", "save_data"}
 
 
 def unused_settings(config: dict) -> set[str]:
@@ -116,6 +116,20 @@ def per_run(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def disambiguate(names: dict[str, str]) -> dict[str, str]:
+    """Groups (keyed by their settings as JSON) whose names collide get the settings that differ appended."""
+    out = dict(names)
+    for name in set(names.values()):
+        keys = [k for k, n in names.items() if n == name]
+        if len(keys) < 2:
+            continue
+        settings = [json.loads(k) for k in keys]
+        differing = sorted({k for c in settings for k in c if any(c.get(k) != o.get(k) for o in settings)})
+        for key, config in zip(keys, settings):
+            out[key] = name + ", " + ", ".join(f"{k} {config.get(k, '-')}" for k in differing)
+    return out
+
+
 def summarize(paths: list[Path], split: str = "test") -> str:
     groups: dict[str, list[dict]] = {}
     names: dict[str, str] = {}
@@ -123,9 +137,11 @@ def summarize(paths: list[Path], split: str = "test") -> str:
         result = json.loads(Path(path).read_text())
         config = {"item_prior": "none", **result["config"]}  # JSONs from before --item-prior
         ignored = IGNORED | unused_settings(config)
-        key = json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored})
+        # a None setting is one the run did not use: JSONs from before a flag existed lack the key
+        key = json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored and v is not None})
         groups.setdefault(key, []).append(result)
         names[key] = describe(config)
+    names = disambiguate(names)
     header = ["method", "seeds"] + [f"{p} {m}" for p in ("sampled", "full") for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, results in groups.items():

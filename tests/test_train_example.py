@@ -244,7 +244,9 @@ def test_summarize_names_a_non_default_lambda():
 
 @pytest.mark.parametrize("loss, settings", [("bpr", ("temperature", 0.2, 0.5)),
                                              ("softmax", ("omega_user", 0.05, 0.0)),
-                                             ("softmax", ("lambda_item", 1.0, 0.0))])
+                                             ("softmax", ("lambda_item", 1.0, 0.0)),
+                                             ("hdccf", ("max_batches", None, "absent")),  # a flag added later
+                                             ("hdccf", ("save_data", None, "runs/x.pt"))])
 def test_summarize_groups_runs_that_differ_only_in_settings_their_loss_ignores(tmp_path, loss, settings):
     summarize = load_summarize()
     metrics = {p: {m: 0.5 for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}
@@ -252,9 +254,21 @@ def test_summarize_groups_runs_that_differ_only_in_settings_their_loss_ignores(t
     paths = []
     for seed, value in enumerate(values):
         paths.append(tmp_path / f"{loss}{seed}.json")
-        paths[-1].write_text(json.dumps({"config": {"loss": loss, "seed": seed, key: value}, "test": metrics}))
+        config = {"loss": loss, "seed": seed, **({} if value == "absent" else {key: value})}
+        paths[-1].write_text(json.dumps({"config": config, "test": metrics}))
     header, rule, *rows = summarize.summarize(paths).splitlines()
     assert len(rows) == 1 and rows[0].startswith(f"| {loss}, ") and "| 2 |" in rows[0]
+
+
+def test_summarize_names_the_setting_that_tells_two_same_named_groups_apart(tmp_path):
+    summarize = load_summarize()
+    metrics = {p: {m: 0.5 for m in ("HR@10", "NDCG@10", "NDCG@50")} for p in ("sampled", "full")}
+    paths = []
+    for seed, epochs in ((0, 15), (1, 30)):
+        paths.append(tmp_path / f"run{seed}.json")
+        paths[-1].write_text(json.dumps({"config": {"loss": "bpr", "seed": seed, "epochs": epochs}, "test": metrics}))
+    rows = summarize.summarize(paths).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| bpr, auto split, epochs 15", "| bpr, auto split, epochs 30"]
 
 
 def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
