@@ -686,8 +686,6 @@ def _random_key(n: int, seed: int) -> np.ndarray:
 
 def _split_mode(split: str, raw: _Raw) -> str:
     """Resolve ``split='auto'``; check that a chronological split is possible."""
-    if split not in ("auto", "chronological", "random"):
-        raise ValueError(f"split: expected 'auto', 'chronological' or 'random', got {split!r}")
     has_time = raw.ordered or "timestamp" in raw.frame.columns
     if split == "chronological" and not has_time:
         raise ValueError(f"split='chronological': {raw.label} has no timestamps and no time order; "
@@ -844,6 +842,8 @@ def load_dataset(
                        ("min_user_interactions", min_user_interactions)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise TypeError(f"{arg}: expected a non-negative int, got {value!r}")
+    if split not in ("auto", "chronological", "random"):
+        raise ValueError(f"split: expected 'auto', 'chronological' or 'random', got {split!r}")
     if format is not None and format not in _FORMATS:
         raise ValueError(f"format: expected one of {_FORMATS}, got {format!r}")
     root = Path(data_dir).expanduser() if data_dir is not None else None

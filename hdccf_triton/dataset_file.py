@@ -64,9 +64,7 @@ def save_dataset(ds: Dataset, path: str | os.PathLike) -> Path:
 def _check(path: Path, stats: dict, asked: dict[str, Any]) -> None:
     """ValueError when a setting asked for differs from the one the file was split with."""
     saved_split = stats.get("split", "?")
-    split = asked["split"]
-    if split not in ("auto", "chronological", "random"):
-        raise ValueError(f"split: expected 'auto', 'chronological' or 'random', got {split!r}")
+    split = asked["split"]  # one of the three modes: load_dataset checked it
     if split != "auto" and split != saved_split and not (split == "random" and "random" in saved_split):
         raise ValueError(f"split={split!r}: {path} holds a {saved_split!r} split; load the source data "
                          "to split it differently")
