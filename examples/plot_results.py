@@ -2,22 +2,22 @@
 
     python examples/plot_results.py runs/*/results.json --out docs/valid_ndcg.png
 
-Each results JSON is the one examples/train_ml1m.py writes; runs with the same label (the
-loss and ablation flags, by default) are averaged, with their spread shaded.
+Each results JSON is the one examples/train_ml1m.py writes. Runs that differ only in their seed
+are averaged, with their spread shaded; each curve is labelled by its loss and ablation flags,
+plus the settings that tell it apart from a same-named curve (e.g. "batch_size 128").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
-from summarize_results import hdccf_variant
+from summarize_results import group_runs, hdccf_variant
 
 
-def run_label(result: dict) -> str:
-    c = result["config"]
+def run_label(config: dict) -> str:
+    c = config
     if c["loss"] == "bpr":
         return "BPR"
     if c["loss"] == "softmax":
@@ -29,6 +29,13 @@ def run_label(result: dict) -> str:
     if c["loss"] == "hdccf" and c.get("similarity") != "modulated":
         parts.append(f"({c.get('similarity')})")
     return " ".join(parts)
+
+
+def validation_curves(results: list[dict], protocol: str = "sampled", metric: str = "NDCG@10") -> dict[str, list[list[float]]]:
+    """Label → one list of per-epoch validation values per seed."""
+    groups, names = group_runs(results, label=run_label)
+    return {names[key]: [[h["valid"][protocol][metric] for h in r["history"] if "valid" in h] for r in runs]
+            for key, runs in groups.items()}
 
 
 def main(argv=None):
@@ -45,11 +52,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    curves = defaultdict(list)
-    for path in args.results:
-        result = json.loads(Path(path).read_text())
-        values = [h["valid"][args.protocol][args.metric] for h in result["history"] if "valid" in h]
-        curves[run_label(result)].append(values)
+    curves = validation_curves([json.loads(Path(path).read_text()) for path in args.results],
+                               args.protocol, args.metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in sorted(curves.items()):
         n = min(len(r) for r in runs)

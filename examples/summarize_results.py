@@ -130,18 +130,29 @@ def disambiguate(names: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def summarize(paths: list[Path], split: str = "test") -> str:
+def group_key(config: dict) -> str:
+    """The settings that define a run's method, as JSON: runs with equal keys differ only in seed (or in
+    settings their loss ignores) and are averaged together."""
+    config = {"item_prior": "none", **config}  # JSONs from before --item-prior
+    ignored = IGNORED | unused_settings(config)
+    # a None setting is one the run did not use: JSONs from before a flag existed lack the key
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored and v is not None})
+
+
+def group_runs(results: list[dict], label=describe) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Results grouped by :func:`group_key`, and each group's ``label`` of its config, made unique by
+    :func:`disambiguate` (runs that differ only in, say, batch size get it appended)."""
     groups: dict[str, list[dict]] = {}
     names: dict[str, str] = {}
-    for path in paths:
-        result = json.loads(Path(path).read_text())
-        config = {"item_prior": "none", **result["config"]}  # JSONs from before --item-prior
-        ignored = IGNORED | unused_settings(config)
-        # a None setting is one the run did not use: JSONs from before a flag existed lack the key
-        key = json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored and v is not None})
+    for result in results:
+        key = group_key(result["config"])
         groups.setdefault(key, []).append(result)
-        names[key] = describe(config)
-    names = disambiguate(names)
+        names[key] = label(result["config"])
+    return groups, disambiguate(names)
+
+
+def summarize(paths: list[Path], split: str = "test") -> str:
+    groups, names = group_runs([json.loads(Path(path).read_text()) for path in paths])
     header = ["method", "seeds"] + [f"{p} {m}" for p in ("sampled", "full") for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, results in groups.items():

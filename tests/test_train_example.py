@@ -291,9 +291,23 @@ def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
 def test_plot_labels_name_the_settings_that_tell_runs_apart():
     plot = load_example("plot_results")
     base = {"loss": "hdccf", "similarity": "dot", "omega_user": 0.0, "omega_item": 0.0}
-    assert plot.run_label({"config": {**base, "lambda_user": 0.5, "lambda_item": 0.5}}) == "HDCCF ω=0/0 λ=0.5/0.5 (dot)"
-    assert plot.run_label({"config": {**base, "lambda_user": 1.0, "lambda_item": 1.0}}) == "HDCCF ω=0/0 (dot)"
-    assert plot.run_label({"config": {**base, "lambda_user": 0.0, "lambda_item": 0.0}}) == "HDCCF ω=0/0 w/o aux (dot)"
-    assert plot.run_label({"config": {**base, "temperature": 0.7}}) == "HDCCF ω=0/0 τ=0.7 (dot)"
-    assert plot.run_label({"config": {"loss": "softmax", "temperature": 1.0}}) == "in-batch softmax τ=1"
-    assert plot.run_label({"config": {"loss": "bpr", "temperature": 0.5}}) == "BPR"
+    assert plot.run_label({**base, "lambda_user": 0.5, "lambda_item": 0.5}) == "HDCCF ω=0/0 λ=0.5/0.5 (dot)"
+    assert plot.run_label({**base, "lambda_user": 1.0, "lambda_item": 1.0}) == "HDCCF ω=0/0 (dot)"
+    assert plot.run_label({**base, "lambda_user": 0.0, "lambda_item": 0.0}) == "HDCCF ω=0/0 w/o aux (dot)"
+    assert plot.run_label({**base, "temperature": 0.7}) == "HDCCF ω=0/0 τ=0.7 (dot)"
+    assert plot.run_label({"loss": "softmax", "temperature": 1.0}) == "in-batch softmax τ=1"
+    assert plot.run_label({"loss": "bpr", "temperature": 0.5}) == "BPR"
+
+def test_plot_draws_runs_that_differ_beyond_their_seed_as_separate_curves():
+    plot = load_example("plot_results")
+    history = lambda v: [{"valid": {"sampled": {"NDCG@10": v}}}, {"train_loss": 1.0}]  # noqa: E731
+    base = {"loss": "hdccf", "similarity": "dot", "omega_user": 0.0, "omega_item": 0.0, "temperature": 0.7}
+    results = [{"config": {**base, "batch_size": 512, "seed": 0}, "history": history(0.41)},
+               {"config": {**base, "batch_size": 512, "seed": 1}, "history": history(0.42)},
+               {"config": {**base, "batch_size": 128, "seed": 0}, "history": history(0.40)},
+               {"config": {**base, "batch_size": 128, "similarity": "modulated", "seed": 0}, "history": history(0.43)}]
+    assert plot.validation_curves(results) == {
+        "HDCCF ω=0/0 τ=0.7 (dot), batch_size 512": [[0.41], [0.42]],
+        "HDCCF ω=0/0 τ=0.7 (dot), batch_size 128": [[0.40]],
+        "HDCCF ω=0/0 τ=0.7": [[0.43]],
+    }
