@@ -16,8 +16,8 @@ from pathlib import Path
 from summarize_results import group_runs, hdccf_variant
 
 
-def run_label(config: dict) -> str:
-    c = config
+def run_label(c: dict) -> str:
+    """The curve's name from a run's config ``c``: the loss, its ablation flags and τ."""
     if c["loss"] == "bpr":
         return "BPR"
     if c["loss"] == "softmax":
