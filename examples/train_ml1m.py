@@ -189,6 +189,17 @@ def build_model(args, ds, device) -> EmbeddingModel:
     return EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity).to(device)
 
 
+def modulated_cost_note(args, device) -> str | None:
+    """A warning for --similarity modulated on a CPU at a batch where an epoch takes long, else None."""
+    pairs = args.batch_size * args.pool
+    if args.similarity != "modulated" or device.type != "cpu" or pairs <= 128:
+        return None
+    # measured with bench/train_step_cpu.py (README, "Training on MovieLens-1M")
+    return (f"note: --similarity modulated puts each of the M x P*M in-batch pairs through a d x d product, so "
+            f"on a CPU an epoch costs in proportion to M*P = {pairs}: on ML-1M with 2 cores about 33 min per "
+            "epoch at M 512, P 2, and about 6 min with -M 128 -P 1 on 1 thread. Use a GPU, or a smaller batch.")
+
+
 def build_objective(args, model, index):
     if args.loss == "bpr":
         return BPRObjective(model, index, seed=args.seed)
@@ -244,6 +255,9 @@ def main(argv=None) -> dict:
 
     # ---------------------------------------------------------------- model and objective
     model = build_model(args, ds, device)
+    note = modulated_cost_note(args, device)
+    if note:
+        log(note)
     log_counts = log_frequency_prior(ds.train_items, ds.num_items, 1.0).to(device)
     model.set_item_prior(training_prior_strength(args) * log_counts)
     objective = build_objective(args, model, index).to(device)

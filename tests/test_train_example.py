@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
@@ -185,6 +186,17 @@ def load_example(name: str):
     finally:
         sys.path.remove(str(REPO / "examples"))
     return module
+
+
+def test_modulated_training_on_a_cpu_warns_about_its_cost_at_large_batches():
+    train = load_example("train_ml1m")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    note = train.modulated_cost_note(train.parse_args(["--similarity", "modulated"]), cpu)
+    assert note and "M*P = 1024" in note and "-M 128 -P 1" in note
+    quiet = [(["--similarity", "modulated"], cuda), (["--similarity", "modulated", "-M", "128", "-P", "1"], cpu),
+             ([], cpu)]
+    for argv, device in quiet:
+        assert train.modulated_cost_note(train.parse_args(argv), device) is None, (argv, device)
 
 
 def load_summarize():
