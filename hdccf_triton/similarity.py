@@ -184,7 +184,8 @@ def modulated_score_matrix(
         rounding. Ranking every item for every user is the evaluator's full protocol, where the
         broadcast form spends most of its time creating and reading ``[U, I, d]`` temporaries;
         here one ``[rows, I, d]`` buffer per chunk is updated in place and reduced by batched
-        matrix-vector products (about 7× faster on one CPU thread at ML-1M's size).
+        matrix-vector products (about 5× faster on one CPU thread at ML-1M's size:
+        ``python bench/evaluation_time.py --similarity modulated --threads 1``).
     """
     num_items, d = q.shape
     rows = max(1, max_elements // max(1, num_items * d))
