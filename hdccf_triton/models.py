@@ -32,7 +32,7 @@ from torch import nn
 
 from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
-from .similarity import NORM_EPS, ModulatedSimilarity, modulated_score_matrix, modulated_scores
+from .similarity import ModulatedSimilarity, modulated_score_matrix, modulated_scores
 
 __all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "select_prior_strength"]
 
@@ -109,15 +109,13 @@ class EmbeddingModel(nn.Module):
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """``users [B]`` → ``[B, num_items]`` scores f(u, i) + prior(i) against every item."""
         U, items = self.user_table(users), self.item_table.weight
-        sim = self.similarity
+        sim, normalize = self.similarity, self.similarity == "cosine"
         if isinstance(sim, ModulatedSimilarity):
             (p, e_user), (q, e_item) = sim.split(U), sim.split(items)
             if sim.modulate:
                 return modulated_score_matrix(sim.parts(U.dtype), p, e_user, q, e_item, sim.normalize) + self.item_prior
-            U, items = p, q  # the all-ones modulation: f is the dot (cosine) of the halves
-            if sim.normalize:
-                U, items = F.normalize(U, dim=-1, eps=NORM_EPS), F.normalize(items, dim=-1, eps=NORM_EPS)
-        elif sim == "cosine":
+            U, items, normalize = p, q, sim.normalize  # the all-ones modulation: the dot (cosine) of the halves
+        if normalize:
             U, items = F.normalize(U, dim=-1), F.normalize(items, dim=-1)
         return U @ items.T + self.item_prior
 

@@ -65,7 +65,6 @@ def test_split_form_equals_the_literal_eq_8(normalize):
     torch.testing.assert_close(literal[1, 2], want, rtol=1e-13, atol=0)
 
 
-
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("max_elements", [1, 130, 1 << 22], ids=["row-by-row", "3-row-chunks", "one-chunk"])
 def test_inference_score_matrix_equals_the_literal_eq_8(normalize, max_elements):
@@ -81,6 +80,7 @@ def test_inference_score_matrix_equals_the_literal_eq_8(normalize, max_elements)
     assert got.shape == (7, 9) and not got.requires_grad
     torch.testing.assert_close(got, literal, rtol=1e-13, atol=1e-13)
     assert literal[2].abs().max() == 0 and literal[:, 4].abs().max() == 0
+
 
 def test_constructor_checks():
     with pytest.raises(ValueError, match="dim"):
