@@ -53,7 +53,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .validation import LossInputs
+from .terms import LossInputs
 
 __all__ = ["gather_pools", "shard_indices", "all_gather_with_grad"]
 

@@ -1,17 +1,29 @@
-"""The public loss: the functional form, the nn.Module, and the choice of backend."""
+"""The public loss: the functional form, the nn.Module, and the one choice of backend.
+
+Every call goes the same way: the options are validated (:class:`LossOptions`), the inputs
+are validated into one :class:`~hdccf_triton.terms.LossInputs`, the similarity is reduced to
+its simplest equal form (the all-ones modulation is the dot of the embedding halves), the
+pools are gathered across ranks when asked, and :func:`select_backend` picks one backend
+by device × similarity. The backend returns the per-row loss; :func:`reduce` reduces it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import reference, triton_backend
+from .backends import reference, triton_dot, triton_modulated
+from .backends._triton_runtime import unavailable_reason
 from .interactions import InteractionIndex
 from .options import LossOptions
-from .similarity import ModulatedSimilarity
-from .validation import LossInputs, validate_inputs
+from .similarity import Similarity, as_similarity
+from .terms import reduce_similarity
+from .validation import validate_inputs
 
-__all__ = ["debiased_contrastive_loss", "DebiasedContrastiveLoss", "BackendUnavailableError"]
+__all__ = ["debiased_contrastive_loss", "DebiasedContrastiveLoss", "BackendUnavailableError", "select_backend"]
+
+#: the Triton backend of each kernel family (``Similarity.kernel``)
+_TRITON_BACKENDS = {"dot": triton_dot, "modulated": triton_modulated}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -34,13 +46,13 @@ def debiased_contrastive_loss(
     omega_item: float = 0.0,
     lambda_user: float = 1.0,
     lambda_item: float = 1.0,
-    similarity: "str | ModulatedSimilarity" = "dot",
+    similarity: "str | Similarity" = "dot",
     debias: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
     gather_across_ranks: bool = False,
 ) -> torch.Tensor:
-    """The HDCCF loss (SPEC.md) of a batch of M observed pairs with in-batch negatives.
+    """The HDCCF loss (hdccf_triton/LOSS.md) of a batch of M observed pairs with in-batch negatives.
 
     Row k is the observed pair (users[k], items[k]); ``pool_items[k]`` are P items sampled from
     the other training items of users[k], ``pool_users[k]`` P users sampled from the other
@@ -98,28 +110,33 @@ def debiased_contrastive_loss(
 
 
 def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options: LossOptions) -> torch.Tensor:
-    """Validate, dispatch to a backend, reduce."""
+    """Validate, reduce the similarity, gather across ranks if asked, run one backend, reduce."""
     inputs = validate_inputs(tensors, interactions, options.similarity)
-    backend = select_backend(options.backend, inputs.user_emb.device)
+    inputs, options = reduce_similarity(inputs, options)
+    backend = select_backend(options.backend, inputs.user_emb.device, options.similarity)
     row_offset = 0
     if options.gather_across_ranks:
         from .distributed import gather_pools  # torch.distributed only when asked for
 
         inputs, row_offset = gather_pools(inputs)
-    losses = backend.per_row_loss(*inputs, interactions, options, row_offset)
+    losses = backend.per_row_loss(inputs, interactions, options, row_offset)
     return reduce(losses, options.reduction)
 
 
-def select_backend(name: str, device: torch.device):
-    """The backend module for ``name`` on ``device``; raises when "triton" cannot run there."""
+def select_backend(name: str, device: torch.device, similarity: "Similarity | str" = "dot"):
+    """The backend module for ``name`` (``"auto"``, ``"torch"``, ``"triton"``), tensors on
+    ``device`` and a (reduced) ``similarity``: the reference for ``"torch"``, and for
+    ``"auto"`` off CUDA; else the Triton backend of the similarity's kernel family. Raises
+    :class:`BackendUnavailableError` when ``"triton"`` cannot run there."""
     if name == "torch":
         return reference
-    reason = triton_backend.unavailable_reason(device)
+    kernel = as_similarity(similarity).kernel
+    reason = unavailable_reason(device)
     if name == "triton":
         if reason is not None:
             raise BackendUnavailableError(f'backend="triton" cannot run: {reason}')
-        return triton_backend
-    return triton_backend if reason is None and device.type == "cuda" else reference
+        return _TRITON_BACKENDS[kernel]
+    return _TRITON_BACKENDS[kernel] if reason is None and device.type == "cuda" else reference
 
 
 def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -134,10 +151,10 @@ class DebiasedContrastiveLoss(nn.Module):
     """The HDCCF loss as a module; see :func:`debiased_contrastive_loss` for the arguments.
 
     Options are validated once here. ``interactions`` follows the embeddings: the module moves
-    it to their device on first use (and keeps that copy). A
-    :class:`~hdccf_triton.ModulatedSimilarity` given as ``similarity=`` becomes the submodule
-    ``similarity``, so ``loss_fn.parameters()`` (and those of a model that holds ``loss_fn``)
-    include g's weight and bias, ``loss_fn.to(device)`` moves them and ``state_dict`` saves them.
+    it to their device on first use (and keeps that copy). The similarity becomes the
+    submodule ``similarity``: for a :class:`~hdccf_triton.ModulatedSimilarity`,
+    ``loss_fn.parameters()`` (and those of a model that holds ``loss_fn``) include g's weight
+    and bias, ``loss_fn.to(device)`` moves them and ``state_dict`` saves them.
 
     Example::
 
@@ -154,8 +171,7 @@ class DebiasedContrastiveLoss(nn.Module):
             )
         self.interactions = interactions
         self.options = LossOptions(**options)
-        if self.options.modulation is not None:
-            self.similarity = self.options.modulation  # registered: its parameters are found
+        self.similarity = self.options.similarity  # registered: its parameters are found
 
     def forward(
         self,
@@ -175,10 +191,6 @@ class DebiasedContrastiveLoss(nn.Module):
         return compute_loss(tensors, self.interactions, self.options)
 
     def extra_repr(self) -> str:
-        o = self.options
-
-        def show(k):  # the ModulatedSimilarity prints as the child module it is
-            return "<submodule similarity>" if k == "similarity" and o.modulation is not None else repr(getattr(o, k))
-
-        fields = ", ".join(f"{k}={show(k)}" for k in o.__dataclass_fields__)
+        o = self.options  # the similarity prints as the child module it is
+        fields = ", ".join(f"{k}={getattr(o, k)!r}" for k in o.__dataclass_fields__ if k != "similarity")
         return f"interactions={self.interactions!r}, {fields}"

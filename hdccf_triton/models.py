@@ -32,7 +32,7 @@ from torch import nn
 
 from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
-from .similarity import ModulatedSimilarity, modulated_score_matrix, modulated_scores
+from .similarity import Similarity, as_similarity
 
 __all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "select_prior_strength"]
 
@@ -44,8 +44,9 @@ class EmbeddingModel(nn.Module):
         num_users, num_items: table sizes.
         dim: d. With a :class:`ModulatedSimilarity` each row holds ``2·d`` entries
             ``[embedding ‖ modulation factor]`` and the similarity's ``dim`` must be d.
-        similarity: ``"dot"``, ``"cosine"`` or a :class:`ModulatedSimilarity` (registered as
-            a submodule, so its parameters train with the tables).
+        similarity: a :class:`~hdccf_triton.similarity.Similarity`, ``"dot"`` or ``"cosine"``
+            (registered as a submodule, so a ModulatedSimilarity's parameters train with the
+            tables).
         init_std: standard deviation of the normal initialisation of the tables.
 
     Buffers:
@@ -54,17 +55,11 @@ class EmbeddingModel(nn.Module):
             state dict). Training never reads it.
     """
 
-    def __init__(self, num_users: int, num_items: int, dim: int, similarity="dot", init_std: float = 0.1):
+    def __init__(self, num_users: int, num_items: int, dim: int, similarity: "Similarity | str" = "dot",
+                 init_std: float = 0.1):
         super().__init__()
-        if isinstance(similarity, ModulatedSimilarity):
-            if similarity.dim != dim:
-                raise ValueError(f"similarity.dim = {similarity.dim} must equal dim = {dim}")
-            width = 2 * dim
-        elif similarity in ("dot", "cosine"):
-            width = dim
-        else:
-            raise ValueError(f"similarity must be 'dot', 'cosine' or a ModulatedSimilarity, got {similarity!r}")
-        self.similarity = similarity
+        self.similarity = as_similarity(similarity)
+        width = self.similarity.width(dim)
         self.dim = dim
         self.user_table = nn.Embedding(num_users, width)
         self.item_table = nn.Embedding(num_items, width)
@@ -90,15 +85,7 @@ class EmbeddingModel(nn.Module):
 
     def pair_scores(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
         """f for broadcasting ``[..., width]`` user and item rows → ``[...]``."""
-        sim = self.similarity
-        if isinstance(sim, ModulatedSimilarity):
-            if not sim.modulate:
-                return sim(user_emb, item_emb)
-            (p, e_user), (q, e_item) = sim.split(user_emb), sim.split(item_emb)
-            return modulated_scores(sim.parts(user_emb.dtype), p, e_user, q, e_item, sim.normalize)
-        if sim == "cosine":
-            user_emb, item_emb = F.normalize(user_emb, dim=-1), F.normalize(item_emb, dim=-1)
-        return (user_emb * item_emb).sum(-1)
+        return self.similarity.pair_scores(user_emb, item_emb)
 
     @torch.no_grad()
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -108,16 +95,7 @@ class EmbeddingModel(nn.Module):
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """``users [B]`` → ``[B, num_items]`` scores f(u, i) + prior(i) against every item."""
-        U, items = self.user_table(users), self.item_table.weight
-        sim, normalize = self.similarity, self.similarity == "cosine"
-        if isinstance(sim, ModulatedSimilarity):
-            (p, e_user), (q, e_item) = sim.split(U), sim.split(items)
-            if sim.modulate:
-                return modulated_score_matrix(sim.parts(U.dtype), p, e_user, q, e_item, sim.normalize) + self.item_prior
-            U, items, normalize = p, q, sim.normalize  # the all-ones modulation: the dot (cosine) of the halves
-        if normalize:
-            U, items = F.normalize(U, dim=-1), F.normalize(items, dim=-1)
-        return U @ items.T + self.item_prior
+        return self.similarity.score_matrix(self.user_table(users), self.item_table.weight) + self.item_prior
 
 
 def log_frequency_prior(train_items: torch.Tensor, num_items: int, temperature: float) -> torch.Tensor:

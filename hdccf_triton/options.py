@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .similarity import ModulatedSimilarity
+from .similarity import Similarity, as_similarity
 
-__all__ = ["LossOptions", "SIMILARITIES", "REDUCTIONS", "BACKENDS"]
+__all__ = ["LossOptions", "REDUCTIONS", "BACKENDS"]
 
-SIMILARITIES = ("dot", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -25,15 +24,17 @@ def _real(name: str, value) -> float:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Everything that selects *which* function SPEC.md computes, and how.
+    """Everything that selects *which* function of hdccf_triton/LOSS.md is computed, and how.
 
     Attributes:
         temperature: τ > 0; scores are similarities divided by τ.
         omega_user, omega_item: ω_u, ω_i in [0, 1), the false-negative probabilities of the
             bias correction (eq. 25). Ignored when ``debias`` is False.
         lambda_user, lambda_item: λ_u, λ_i ≥ 0, weights of the user–user and item–item terms.
-        similarity: ``"dot"``, ``"cosine"``, or a :class:`~hdccf_triton.ModulatedSimilarity`
-            (eqs. 7-8; the embeddings then end in ``2·dim`` entries, see its docstring).
+        similarity: a :class:`~hdccf_triton.similarity.Similarity`: ``"dot"`` and ``"cosine"``
+            are accepted and stored as ``Dot()`` and ``Cosine()``; a
+            :class:`~hdccf_triton.ModulatedSimilarity` (eqs. 7-8) makes the embeddings end in
+            ``2·dim`` entries (see its docstring).
         debias: remove false negatives and apply the ω correction and floor (eqs. 14-17);
             False gives the biased loss of eqs. 1 and 5.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the per-row vector ``[M]``).
@@ -48,7 +49,7 @@ class LossOptions:
     omega_item: float = 0.0
     lambda_user: float = 1.0
     lambda_item: float = 1.0
-    similarity: "str | ModulatedSimilarity" = "dot"
+    similarity: "str | Similarity" = "dot"
     debias: bool = True
     reduction: str = "mean"
     backend: str = "auto"
@@ -73,29 +74,12 @@ class LossOptions:
         for name in ("debias", "gather_across_ranks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if not isinstance(self.similarity, (str, ModulatedSimilarity)):
-            raise TypeError(
-                f"similarity must be one of {', '.join(map(repr, SIMILARITIES))} or a "
-                f"ModulatedSimilarity, got {type(self.similarity).__name__}"
-            )
-        for name, allowed in (
-            ("similarity", None if isinstance(self.similarity, ModulatedSimilarity) else SIMILARITIES),
-            ("reduction", REDUCTIONS),
-            ("backend", BACKENDS),
-        ):
+        set_("similarity", as_similarity(self.similarity))
+        for name, allowed in (("reduction", REDUCTIONS), ("backend", BACKENDS)):
             value = getattr(self, name)
-            if allowed is None:
-                continue
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
-    @property
-    def cosine(self) -> bool:
-        """The ``"cosine"`` similarity (False for a ModulatedSimilarity, whatever its
-        ``normalize``: its f is not a function of normalised embeddings)."""
-        return isinstance(self.similarity, str) and self.similarity == "cosine"
-
-    @property
-    def modulation(self) -> ModulatedSimilarity | None:
-        """The :class:`~hdccf_triton.ModulatedSimilarity`, or None for ``"dot"``/``"cosine"``."""
-        return self.similarity if isinstance(self.similarity, ModulatedSimilarity) else None
+    def with_similarity(self, similarity: Similarity) -> "LossOptions":
+        """These options with another similarity."""
+        return replace(self, similarity=similarity)

@@ -1,4 +1,22 @@
-"""The neural modulated similarity of HDCCF (eqs. 7-8 of the paper).
+"""The similarities f of the loss, behind one small protocol: :class:`Dot`, :class:`Cosine`
+and the neural modulated similarity :class:`ModulatedSimilarity` (eqs. 7-8 of the paper).
+
+A :class:`Similarity` knows everything that depends on which f is used, so the loss, the
+backends and the models never ask which one they hold:
+
+* ``kernel``: the Triton kernel family that computes it (``"dot"`` or ``"modulated"``);
+  ``normalize``: whether f is a cosine;
+* :meth:`~Similarity.width`: the entries of an embedding row for a given ``dim``;
+  :meth:`~Similarity.check_inputs`: the layout checks of the loss's embeddings;
+* :meth:`~Similarity.reduce`: the simplest equal similarity (the all-ones modulation is the
+  dot, or cosine, of the embedding halves);
+* :meth:`~Similarity.own_scores` and :meth:`~Similarity.negative_scorer`: the scores the
+  PyTorch reference computes (hdccf_triton/LOSS.md, "Scores");
+* :meth:`~Similarity.pair_scores` and :meth:`~Similarity.score_matrix`: scoring for ranking.
+
+``"dot"`` and ``"cosine"`` are accepted wherever a similarity is (:func:`as_similarity`).
+
+The modulated similarity::
 
     m_ui   = sigmoid( g([e_i ; e_u ; e_i ⊙ e_u]) )        g = nn.Linear(3d, d)        (8)
     f(u,i) = (m_ui ⊙ p_u) · (m_ui ⊙ q_i) = Σ_c m_c² p_c q_c                          (7)
@@ -23,16 +41,153 @@ the e halves, and the loss it gives equals the ``"dot"`` loss of the p/q halves 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModulatedSimilarity", "ModulationParts", "modulated_scores", "modulated_score_matrix", "NORM_EPS"]
+__all__ = [
+    "Similarity", "Dot", "Cosine", "ModulatedSimilarity", "Modulated", "as_similarity", "ModulationParts",
+    "modulated_scores", "modulated_score_matrix", "NORM_EPS",
+]
 
-#: Lower clamp of the norms of m⊙p and m⊙q under ``normalize=True`` (as ``F.normalize``).
+#: Lower clamp of the norms under cosine similarities (as ``F.normalize``).
 NORM_EPS = 1e-12
+
+#: (rows, columns, inv_tau) ↦ the A, B, C, E score blocks ``[R, N·P]`` (see :meth:`Similarity.negative_scorer`)
+Scorer = Callable[[tuple, tuple, float], tuple]
+
+
+class Similarity(nn.Module):
+    """The protocol every similarity of the loss follows (see the module docstring).
+
+    Attributes:
+        kernel: the Triton kernel family that computes the loss with it: ``"dot"`` or
+            ``"modulated"``.
+        normalize: f is a cosine (scores in [−1, 1]).
+        pair_cost: entries of the reference's working set per (row, column) pair of a chunk.
+    """
+
+    kernel: str = "dot"
+    normalize: bool = False
+    pair_cost: int = 1
+
+    def width(self, dim: int) -> int:
+        """Entries of one embedding row when the embeddings have ``dim`` dimensions."""
+        return dim
+
+    def check_inputs(self, d: int, device: torch.device) -> None:
+        """Raise ValueError/TypeError unless embeddings of last dimension ``d`` on ``device`` fit."""
+
+    def reduce(self, embeddings: tuple) -> tuple["Similarity", tuple]:
+        """The simplest similarity equal to this one, and the embeddings it reads."""
+        return self, embeddings
+
+    def own_scores(self, U, I, X, Y, inv_tau: float, row_offset: int) -> tuple:
+        """The embeddings as the reference scores them, the positives and the own blocks.
+
+        Args:
+            U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools (at least float32); row k's own block
+                is pool block ``row_offset + k``.
+
+        Returns:
+            ``(U, I, X, Y, s [M], own_A, own_B, own_C, own_E [M, P])``, scores divided by τ.
+        """
+        raise NotImplementedError
+
+    def negative_scorer(self, U, I, X, Y) -> tuple[tuple, tuple, Scorer]:
+        """Row operands, column operands and the function scoring a chunk of rows against
+        every pool column: ``scorer(rows[r0:r1], cols, inv_tau) -> (A, B, C, E)`` ``[R, N·P]``.
+
+        Args:
+            U, I: ``[M, d]``; X, Y: ``[N·P, d]``, as :meth:`own_scores` returned them.
+        """
+        raise NotImplementedError
+
+    def pair_scores(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+        """f for broadcasting ``[..., width]`` user and item rows → ``[...]``."""
+        raise NotImplementedError
+
+    def score_matrix(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+        """f of ``[U, width]`` users against ``[I, width]`` items → ``[U, I]`` (for ranking)."""
+        raise NotImplementedError
+
+
+class Dot(Similarity):
+    """f(u, i) = p_u · q_i."""
+
+    def own_scores(self, U, I, X, Y, inv_tau, row_offset):
+        own_X = X[row_offset : row_offset + U.shape[0]]  # [M, P, d]
+        own_Y = Y[row_offset : row_offset + U.shape[0]]  # [M, P, d]
+        return (
+            U, I, X, Y,
+            (U * I).sum(-1) * inv_tau,  # s
+            torch.einsum("kpd,kd->kp", own_X, U) * inv_tau,  # own_A: f(u_k, X_own)
+            torch.einsum("kpd,kd->kp", own_Y, I) * inv_tau,  # own_B: f(Y_own, i_k)
+            torch.einsum("kpd,kd->kp", own_Y, U) * inv_tau,  # own_C: f(u_k, Y_own)
+            torch.einsum("kpd,kd->kp", own_X, I) * inv_tau,  # own_E: f(i_k, X_own)
+        )
+
+    def negative_scorer(self, U, I, X, Y):
+        return (U, I), (X, Y), _dot_blocks
+
+    def pair_scores(self, user_emb, item_emb):
+        return (user_emb * item_emb).sum(-1)
+
+    def score_matrix(self, user_emb, item_emb):
+        return user_emb @ item_emb.T
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class Cosine(Dot):
+    """f(u, i) = p_u · q_i / (‖p_u‖ ‖q_i‖), norms clamped below at 1e-12."""
+
+    normalize = True
+
+    def own_scores(self, U, I, X, Y, inv_tau, row_offset):
+        U, I, X, Y = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (U, I, X, Y))
+        return super().own_scores(U, I, X, Y, inv_tau, row_offset)
+
+    def pair_scores(self, user_emb, item_emb):
+        return super().pair_scores(F.normalize(user_emb, dim=-1), F.normalize(item_emb, dim=-1))
+
+    def score_matrix(self, user_emb, item_emb):
+        return super().score_matrix(F.normalize(user_emb, dim=-1), F.normalize(item_emb, dim=-1))
+
+
+def _dot_blocks(rows, cols, inv_tau):
+    """A, B, C, E ``[R, N·P]`` of the dot product of (cosine-normalised) embeddings."""
+    (U, I), (X, Y) = rows, cols
+    A = U @ X.T * inv_tau  # [R, NP]
+    B = I @ Y.T * inv_tau  # [R, NP]  (B[k, j] = f(Y_j, i_k))
+    C = U @ Y.T * inv_tau  # [R, NP]
+    E = I @ X.T * inv_tau  # [R, NP]
+    return A, B, C, E
+
+
+_NAMED = {"dot": Dot, "cosine": Cosine}
+
+
+def as_similarity(value) -> Similarity:
+    """``"dot"``, ``"cosine"`` or a :class:`Similarity` → a :class:`Similarity`.
+
+    Raises:
+        TypeError: neither a string nor a Similarity; ValueError: an unknown name.
+    """
+    if isinstance(value, Similarity):
+        return value
+    names = ", ".join(map(repr, _NAMED))
+    if not isinstance(value, str):
+        raise TypeError(f"similarity must be one of {names} or a ModulatedSimilarity, got {type(value).__name__}")
+    if value not in _NAMED:
+        raise ValueError(f"similarity must be one of {names}; got {value!r}")
+    return _NAMED[value]()
 
 
 class ModulationParts(NamedTuple):
@@ -48,7 +203,7 @@ class ModulationParts(NamedTuple):
     bias: torch.Tensor
 
 
-class ModulatedSimilarity(nn.Module):
+class ModulatedSimilarity(Similarity):
     """f(u, i) = Σ_c m_c² p_c q_c with m = sigmoid(g([e_i ; e_u ; e_i ⊙ e_u])) (eqs. 7-8).
 
     Pass it as ``similarity=`` to :func:`~hdccf_triton.debiased_contrastive_loss` or
@@ -57,7 +212,7 @@ class ModulatedSimilarity(nn.Module):
     ``item_emb [M, 2·dim] = [q_i ‖ e_i]``, ``pool_item_emb [M, P, 2·dim] = [q ‖ e]`` of the
     pool items, ``pool_user_emb [M, P, 2·dim] = [p ‖ e]`` of the pool users. The user–user
     and item–item terms compare the p halves (q halves) with the plain dot product (cosine
-    with ``normalize=True``), as SPEC.md decides.
+    with ``normalize=True``), as hdccf_triton/LOSS.md ("Scores") decides.
 
     Args:
         dim: d, the size of each of the two halves.
@@ -72,6 +227,8 @@ class ModulatedSimilarity(nn.Module):
             functional API, give ``similarity.parameters()`` to the optimizer yourself.
     """
 
+    kernel = "modulated"
+
     def __init__(self, dim: int, normalize: bool = False, *, modulate: bool = True):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
@@ -82,6 +239,8 @@ class ModulatedSimilarity(nn.Module):
         self.dim = dim
         self.normalize = normalize
         self.modulate = modulate
+        # the reference's chunks hold a few [rows, N·P, dim] modulation tensors
+        self.pair_cost = 2 * dim
         self.g = nn.Linear(3 * dim, dim) if modulate else None
 
     @classmethod
@@ -117,8 +276,8 @@ class ModulatedSimilarity(nn.Module):
 
     def forward(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
         """f(u, i) for broadcasting ``[..., 2·dim]`` user ``[p ‖ e]`` and item ``[q ‖ e]``
-        tensors → ``[...]`` (no temperature). For scoring and evaluation, e.g. users
-        ``[U, 1, 2d]`` against items ``[1, I, 2d]`` (memory ~ 4·U·I·d entries)."""
+        tensors → ``[...]`` (no temperature), eq. 8 literally. For scoring and evaluation,
+        e.g. users ``[U, 1, 2d]`` against items ``[1, I, 2d]`` (memory ~ 4·U·I·d entries)."""
         p, e_u = self.split(user_emb)
         q, e_i = self.split(item_emb)
         m = self.modulation(e_u, e_i)
@@ -128,8 +287,105 @@ class ModulatedSimilarity(nn.Module):
             mq = F.normalize(mq, dim=-1, eps=NORM_EPS)
         return (mp * mq).sum(-1)
 
+    # -- the protocol ---------------------------------------------------------------------
+
+    def width(self, dim: int) -> int:
+        if dim != self.dim:
+            raise ValueError(f"similarity.dim = {self.dim} must equal dim = {dim}")
+        return 2 * dim
+
+    def check_inputs(self, d: int, device: torch.device) -> None:
+        """The embeddings end in [vector ‖ factor] of 2·dim entries; g lives on their device."""
+        if d != 2 * self.dim:
+            raise ValueError(
+                f"with similarity=ModulatedSimilarity(dim={self.dim}) every embedding tensor ends in "
+                f"2·dim = {2 * self.dim} entries (user_emb [M, 2·dim] = [p_u ‖ e_u], item_emb "
+                f"[M, 2·dim] = [q_i ‖ e_i], pools [M, P, 2·dim]); got a last dimension of {d}"
+            )
+        for name, param in self.named_parameters():
+            if not param.dtype.is_floating_point:
+                raise TypeError(f"similarity.{name} must be floating-point, got dtype {param.dtype}")
+            if param.device != device:
+                raise ValueError(
+                    f"similarity.{name} is on {param.device} but the embeddings are on {device}: "
+                    f"move the ModulatedSimilarity with .to({str(device)!r})"
+                )
+
+    def reduce(self, embeddings: tuple) -> tuple[Similarity, tuple]:
+        """The all-ones modulation as what it is: the p/q halves with :class:`Dot`
+        (:class:`Cosine`). With m ≡ 1, f(u, i) = p_u·q_i, so the loss is the dot loss of the
+        halves, computed by the same code: equal to the bit, and the factor halves get zero
+        gradients. A genuine modulation is returned as it is."""
+        if self.modulate:
+            return self, embeddings
+        # contiguous, as plain inputs would be: the same kernels, the same rounding
+        halves = tuple(self.split(t)[0].contiguous() for t in embeddings)
+        return (Cosine() if self.normalize else Dot()), halves
+
+    def own_scores(self, U, I, X, Y, inv_tau, row_offset):
+        """s, A, B modulated (eqs. 7-8); C, E the dot (cosine with ``normalize``) of the p
+        halves and of the q halves. U, I, X, Y are returned as given (``[.., 2·dim]``)."""
+        if not self.modulate:
+            raise ValueError("the all-ones modulation must be reduced first (ModulatedSimilarity.reduce)")
+        parts = self.parts(U.dtype)
+        (p_u, e_u), (q_i, e_i) = self.split(U), self.split(I)
+        rows = slice(row_offset, row_offset + U.shape[0])
+        (q_x, e_x), (p_y, e_y) = self.split(X[rows]), self.split(Y[rows])  # own blocks [M, P, dim]
+        c_u, c_i, c_x, c_y = self._aux_halves(p_u, q_i, q_x, p_y)
+        row = lambda t: t[:, None, :]  # noqa: E731  [M, 1, dim] against the own block [M, P, dim]
+        norm = self.normalize
+        return (
+            U, I, X, Y,
+            modulated_scores(parts, p_u, e_u, q_i, e_i, norm) * inv_tau,  # s
+            modulated_scores(parts, row(p_u), row(e_u), q_x, e_x, norm) * inv_tau,  # own_A
+            modulated_scores(parts, p_y, e_y, row(q_i), row(e_i), norm) * inv_tau,  # own_B
+            torch.einsum("kpd,kd->kp", c_y, c_u) * inv_tau,  # own_C: f_uu(u_k, Y_own)
+            torch.einsum("kpd,kd->kp", c_x, c_i) * inv_tau,  # own_E: f_ii(i_k, X_own)
+        )
+
+    def negative_scorer(self, U, I, X, Y):
+        """Rows (p_u, e_u, q_i, e_i, c_u, c_i) and columns (q_x, e_x, p_y, e_y, c_x, c_y), c
+        the p/q halves as f_uu and f_ii see them; the chunk's modulation is an
+        [R, N·P, dim] tensor (the reference's chunk size bounds it)."""
+        (p_u, e_u), (q_i, e_i), (q_x, e_x), (p_y, e_y) = (self.split(t) for t in (U, I, X, Y))
+        c_u, c_i, c_x, c_y = self._aux_halves(p_u, q_i, q_x, p_y)
+        parts, norm = self.parts(U.dtype), self.normalize
+
+        def scorer(rows, cols, inv_tau):
+            (p_u, e_u, q_i, e_i, c_u, c_i), (q_x, e_x, p_y, e_y, c_x, c_y) = rows, cols
+            r, c = (lambda t: t[:, None, :]), (lambda t: t[None, :, :])  # noqa: E731
+            A = modulated_scores(parts, r(p_u), r(e_u), c(q_x), c(e_x), norm) * inv_tau  # f(u_k, X_j)
+            B = modulated_scores(parts, c(p_y), c(e_y), r(q_i), r(e_i), norm) * inv_tau  # f(Y_j, i_k)
+            C = c_u @ c_y.T * inv_tau  # f_uu(u_k, Y_j)
+            E = c_i @ c_x.T * inv_tau  # f_ii(i_k, X_j)
+            return A, B, C, E
+
+        return (p_u, e_u, q_i, e_i, c_u, c_i), (q_x, e_x, p_y, e_y, c_x, c_y), scorer
+
+    def _aux_halves(self, *halves):
+        """The p/q halves as f_uu and f_ii compare them (normalised with ``normalize``)."""
+        if self.normalize:
+            return tuple(F.normalize(t, dim=-1, eps=NORM_EPS) for t in halves)
+        return halves
+
+    def pair_scores(self, user_emb, item_emb):
+        if not self.modulate:
+            return self(user_emb, item_emb)
+        (p, e_user), (q, e_item) = self.split(user_emb), self.split(item_emb)
+        return modulated_scores(self.parts(user_emb.dtype), p, e_user, q, e_item, self.normalize)
+
+    def score_matrix(self, user_emb, item_emb):
+        (p, e_user), (q, e_item) = self.split(user_emb), self.split(item_emb)
+        if self.modulate:
+            return modulated_score_matrix(self.parts(user_emb.dtype), p, e_user, q, e_item, self.normalize)
+        return self.reduce(())[0].score_matrix(p, q)  # the dot (cosine) of the halves
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, normalize={self.normalize}, modulate={self.modulate}"
+
+
+#: The name the layout uses: ``Dot``, ``Cosine``, ``Modulated``.
+Modulated = ModulatedSimilarity
 
 
 def modulated_scores(

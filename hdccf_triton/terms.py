@@ -1,5 +1,6 @@
-"""The backend-independent parts of the loss: scores that need no M × M·P matrix, and the
-per-row combination of SPEC.md's terms from the log-sums over the negatives.
+"""The backend-independent parts of the loss: the data passed to and from the backends, the
+scores that need no M × M·P matrix, and the per-row combination of the terms of
+hdccf_triton/LOSS.md from the log-sums over the negatives.
 
 Every backend computes the same :class:`NegativeStats` (the reference with masked
 ``logsumexp``, the Triton backend in fused kernels) and hands them to :func:`combine_terms`,
@@ -16,18 +17,49 @@ no NaN can reach a gradient.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .options import LossOptions
-from .similarity import modulated_scores
 
-__all__ = ["Scores", "NegativeStats", "prepare_scores", "combine_terms", "resolve_similarity"]
+__all__ = ["LossInputs", "Scores", "NegativeStats", "reduce_similarity", "prepare_scores", "combine_terms"]
 
 _LN2 = math.log(2.0)
+
+
+class LossInputs(NamedTuple):
+    """The eight tensors of the loss, validated; ids int64. Every backend takes them as one
+    argument.
+
+    Shapes: user_emb, item_emb ``[M, d]``; pool_item_emb, pool_user_emb ``[N, P, d]``;
+    users, items ``[M]``; pool_items, pool_users ``[N, P]``. N = M in one process; under
+    ``gather_across_ranks`` the pools are those of all ranks and row k's own block is pool
+    block ``row_offset + k`` (hdccf_triton/LOSS.md, "Batch").
+    """
+
+    user_emb: torch.Tensor
+    item_emb: torch.Tensor
+    pool_item_emb: torch.Tensor
+    pool_user_emb: torch.Tensor
+    users: torch.Tensor
+    items: torch.Tensor
+    pool_items: torch.Tensor
+    pool_users: torch.Tensor
+
+    @property
+    def embeddings(self) -> tuple:
+        """(user_emb, item_emb, pool_item_emb, pool_user_emb)."""
+        return self[:4]
+
+    @property
+    def ids(self) -> tuple:
+        """(users, items, pool_items, pool_users)."""
+        return self[4:]
+
+    def with_embeddings(self, user_emb, item_emb, pool_item_emb, pool_user_emb) -> "LossInputs":
+        """These inputs with other embeddings (same ids)."""
+        return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *self.ids)
 
 
 class Scores(NamedTuple):
@@ -69,81 +101,32 @@ class NegativeStats(NamedTuple):
     n_user: torch.Tensor
 
 
-def resolve_similarity(user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions):
-    """The all-ones modulation as what it is: the p/q halves with ``"dot"`` (``"cosine"``).
-
-    With m ≡ 1, f(u, i) = p_u·q_i, so the loss is the ``"dot"`` loss of the embedding halves,
-    computed by the same code: equal to the bit, and the factor halves get zero gradients.
-    Every backend calls this first; any other options pass through unchanged.
-
-    Returns:
-        ``(user_emb, item_emb, pool_item_emb, pool_user_emb, options)``.
-    """
-    sim = options.modulation
-    if sim is None or sim.modulate:
-        return user_emb, item_emb, pool_item_emb, pool_user_emb, options
-    # contiguous, as the plain inputs would be: the same kernels, the same rounding
-    halves = tuple(sim.split(t)[0].contiguous() for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
-    return (*halves, replace(options, similarity="cosine" if sim.normalize else "dot"))
+def reduce_similarity(inputs: LossInputs, options: LossOptions) -> tuple[LossInputs, LossOptions]:
+    """The inputs and options with the simplest equal similarity (:meth:`Similarity.reduce`):
+    the all-ones modulation becomes ``Dot()`` (``Cosine()``) of the embedding halves, so that
+    it runs the dot kernels and code, equal to the bit. Other similarities pass unchanged."""
+    similarity, embeddings = options.similarity.reduce(inputs.embeddings)
+    if similarity is options.similarity:
+        return inputs, options
+    return inputs.with_embeddings(*embeddings), options.with_similarity(similarity)
 
 
-def prepare_scores(
-    user_emb, item_emb, pool_item_emb, pool_user_emb, options: LossOptions, row_offset: int = 0,
-) -> Scores:
-    """Cast to at least float32, normalise for cosine, and score the diagonal and own blocks.
+def prepare_scores(inputs: LossInputs, options: LossOptions, row_offset: int = 0) -> Scores:
+    """Cast to at least float32 and score the diagonal and the own blocks (normalised for a
+    cosine) with ``options.similarity`` (already reduced, :func:`reduce_similarity`).
 
     Args:
-        user_emb, item_emb: ``[M, d]``; pool_item_emb, pool_user_emb: ``[N, P, d]``
-            (``d = 2·dim``, ``[p ‖ e]`` / ``[q ‖ e]``, for a ModulatedSimilarity, whose
-            all-ones form must be resolved first by :func:`resolve_similarity`).
+        inputs: the embeddings ``[M, d]`` and pools ``[N, P, d]`` (``d = 2·dim``,
+            ``[p ‖ e]`` / ``[q ‖ e]``, for a ModulatedSimilarity); ids are not read.
         row_offset: row k's own block is pool block ``row_offset + k``.
     """
-    dtype = torch.promote_types(user_emb.dtype, torch.float32)
-    U, I, X, Y = (t.to(dtype) for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
-    if options.modulation is not None:
-        return _prepare_modulated_scores(U, I, X, Y, options, row_offset)
-    if options.cosine:
-        U, I, X, Y = (F.normalize(t, dim=-1, eps=1e-12) for t in (U, I, X, Y))
-    inv_tau = 1.0 / options.temperature
-    own_X = X[row_offset : row_offset + U.shape[0]]  # [M, P, d]
-    own_Y = Y[row_offset : row_offset + U.shape[0]]  # [M, P, d]
-    return Scores(
-        U, I, X, Y,
-        s=(U * I).sum(-1) * inv_tau,
-        own_A=torch.einsum("kpd,kd->kp", own_X, U) * inv_tau,  # f(u_k, X_own)
-        own_B=torch.einsum("kpd,kd->kp", own_Y, I) * inv_tau,  # f(Y_own, i_k)
-        own_C=torch.einsum("kpd,kd->kp", own_Y, U) * inv_tau,  # f(u_k, Y_own)
-        own_E=torch.einsum("kpd,kd->kp", own_X, I) * inv_tau,  # f(i_k, X_own)
-    )
-
-
-def _prepare_modulated_scores(U, I, X, Y, options: LossOptions, row_offset: int) -> Scores:
-    """:func:`prepare_scores` for a ModulatedSimilarity: s, A, B modulated (eqs. 7-8); C, E
-    the dot (cosine with ``normalize``) of the p halves and of the q halves."""
-    sim = options.modulation
-    if not sim.modulate:
-        raise ValueError("the all-ones modulation must go through resolve_similarity first")
-    parts = sim.parts(U.dtype)
-    inv_tau = 1.0 / options.temperature
-    (p_u, e_u), (q_i, e_i) = sim.split(U), sim.split(I)
-    rows = slice(row_offset, row_offset + U.shape[0])
-    (q_x, e_x), (p_y, e_y) = sim.split(X[rows]), sim.split(Y[rows])  # own blocks [M, P, dim]
-    c_u, c_i, c_x, c_y = p_u, q_i, q_x, p_y
-    if sim.normalize:
-        c_u, c_i, c_x, c_y = (F.normalize(t, dim=-1, eps=1e-12) for t in (c_u, c_i, c_x, c_y))
-    row = lambda t: t[:, None, :]  # noqa: E731  [M, 1, dim] against the own block [M, P, dim]
-    return Scores(
-        U, I, X, Y,
-        s=modulated_scores(parts, p_u, e_u, q_i, e_i, sim.normalize) * inv_tau,
-        own_A=modulated_scores(parts, row(p_u), row(e_u), q_x, e_x, sim.normalize) * inv_tau,
-        own_B=modulated_scores(parts, p_y, e_y, row(q_i), row(e_i), sim.normalize) * inv_tau,
-        own_C=torch.einsum("kpd,kd->kp", c_y, c_u) * inv_tau,  # f_uu(u_k, Y_own)
-        own_E=torch.einsum("kpd,kd->kp", c_x, c_i) * inv_tau,  # f_ii(i_k, X_own)
-    )
+    dtype = torch.promote_types(inputs.user_emb.dtype, torch.float32)
+    U, I, X, Y = (t.to(dtype) for t in inputs.embeddings)
+    return Scores(*options.similarity.own_scores(U, I, X, Y, 1.0 / options.temperature, row_offset))
 
 
 def combine_terms(scores: Scores, stats: NegativeStats, options: LossOptions) -> torch.Tensor:
-    """loss[k] = L_ui[k] + λ_u·L_uu[k] + λ_i·L_ii[k] (SPEC.md), ``[M]``."""
+    """loss[k] = L_ui[k] + λ_u·L_uu[k] + λ_i·L_ii[k] (hdccf_triton/LOSS.md, "Total"), ``[M]``."""
     s = scores.s
     N, P = scores.X.shape[:2]
     Q = P * (N - 1)  # negatives per row: every pool column outside the row's own block
@@ -171,7 +154,7 @@ def combine_terms(scores: Scores, stats: NegativeStats, options: LossOptions) ->
 
 
 def _debiased_log_negative_score(s, lse_true, n_true, own, omega, Q, log_floor):
-    """log Fᵁ (or log Fᴵ) of SPEC.md, eqs. 14-16, for every row.
+    """log Fᵁ (or log Fᴵ) of hdccf_triton/LOSS.md (eqs. 14-16) for every row.
 
         a = Q / ((1−ω)·n) · Σ_{true negatives} e^score            (0 when n = 0)
         b = Q·ω / ((1−ω)·(P+1)) · (e^s + Σ_{own block} e^score)

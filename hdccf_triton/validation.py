@@ -6,44 +6,28 @@ small tensor and read back with a single device synchronisation.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .interactions import InteractionIndex
-from .similarity import ModulatedSimilarity
+from .similarity import Similarity, as_similarity
+from .terms import LossInputs
 
-__all__ = ["LossInputs", "validate_inputs"]
+__all__ = ["validate_inputs"]
 
 _EMBEDDINGS = ("user_emb", "item_emb", "pool_item_emb", "pool_user_emb")
 _IDS = ("users", "items", "pool_items", "pool_users")
 
 
-class LossInputs(NamedTuple):
-    """The eight tensors of the loss, validated; ids converted to int64.
-
-    Shapes: user_emb, item_emb ``[M, d]``; pool_item_emb, pool_user_emb ``[M, P, d]``;
-    users, items ``[M]``; pool_items, pool_users ``[M, P]``.
-    """
-
-    user_emb: torch.Tensor
-    item_emb: torch.Tensor
-    pool_item_emb: torch.Tensor
-    pool_user_emb: torch.Tensor
-    users: torch.Tensor
-    items: torch.Tensor
-    pool_items: torch.Tensor
-    pool_users: torch.Tensor
-
-
 def validate_inputs(
-    tensors: tuple, interactions: InteractionIndex | None, similarity=None
+    tensors: tuple, interactions: InteractionIndex | None, similarity: "Similarity | str" = "dot"
 ) -> LossInputs:
     """Check shapes, dtypes, devices and values; return the inputs with int64 ids.
 
-    ``similarity``: the options' similarity; a :class:`ModulatedSimilarity` requires the
-    embeddings' last dimension to be ``2·similarity.dim`` and its parameters on their device.
+    ``similarity``: the options' similarity; it checks the embeddings' layout
+    (:meth:`Similarity.check_inputs`: a ModulatedSimilarity requires a last dimension of
+    ``2·similarity.dim`` and its parameters on their device), and its parameters must be finite.
     """
+    similarity = as_similarity(similarity)
     names = _EMBEDDINGS + _IDS
     for name, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor):
@@ -79,9 +63,7 @@ def validate_inputs(
             f"got {list(pool_user_emb.shape)}"
         )
 
-    modulation = similarity if isinstance(similarity, ModulatedSimilarity) else None
-    if modulation is not None:
-        _check_modulated_layout(modulation, d, user_emb.device)
+    similarity.check_inputs(d, user_emb.device)
 
     expected = {"users": (M,), "items": (M,), "pool_items": (M, P), "pool_users": (M, P)}
     for name, t in zip(_IDS, tensors[4:]):
@@ -106,27 +88,9 @@ def validate_inputs(
             )
 
     ids = [t.to(torch.int64) for t in tensors[4:]]
-    params = list(modulation.named_parameters()) if modulation is not None else []
+    params = list(similarity.named_parameters())
     _check_values(tensors[:4], ids, interactions, params)
     return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids)
-
-
-def _check_modulated_layout(sim: ModulatedSimilarity, d: int, device: torch.device) -> None:
-    """The embeddings end in [vector ‖ factor] of 2·dim entries; g lives on their device."""
-    if d != 2 * sim.dim:
-        raise ValueError(
-            f"with similarity=ModulatedSimilarity(dim={sim.dim}) every embedding tensor ends in "
-            f"2·dim = {2 * sim.dim} entries (user_emb [M, 2·dim] = [p_u ‖ e_u], item_emb "
-            f"[M, 2·dim] = [q_i ‖ e_i], pools [M, P, 2·dim]); got a last dimension of {d}"
-        )
-    for name, param in sim.named_parameters():
-        if not param.dtype.is_floating_point:
-            raise TypeError(f"similarity.{name} must be floating-point, got dtype {param.dtype}")
-        if param.device != device:
-            raise ValueError(
-                f"similarity.{name} is on {param.device} but the embeddings are on {device}: "
-                f"move the ModulatedSimilarity with .to({str(device)!r})"
-            )
 
 
 def _check_values(embeddings, ids, interactions, params=()) -> None:

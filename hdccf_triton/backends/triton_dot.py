@@ -1,4 +1,6 @@
-"""The Triton backend: the fused kernels of ``hdccf_triton.kernels`` behind an autograd.Function.
+"""The Triton backend of :class:`~hdccf_triton.similarity.Dot` and
+:class:`~hdccf_triton.similarity.Cosine`: the fused kernels of ``kernels/negative_stats_fwd.py``
+and ``kernels/negative_stats_bwd.py`` behind an autograd.Function.
 
 :func:`fused_scores` computes in the kernels every score of the loss: the per-row log-sum-exps
 over the true negatives (the one part that touches the M × N·P score matrices), the positive
@@ -22,108 +24,55 @@ Memory above the inputs: the gradients themselves, O(M + N·P) statistics (and i
 and the backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds
 those of the row pass by the pool gradients the column pass allocates anyway).
 
-Triton is imported lazily, so ``import hdccf_triton`` works where it is absent. The kernels
-are (re)loaded for the current ``TRITON_INTERPRET`` setting, so interpreter tests on CPU
-tensors and GPU tests can run in one process.
+Triton is imported lazily (:mod:`._triton_runtime` loads the kernels), so
+``import hdccf_triton`` works where it is absent.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import math
-import os
-import sys
-import weakref
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from .interactions import InteractionIndex
-from .options import LossOptions
-from .terms import NegativeStats, Scores, combine_terms, resolve_similarity
+from ..interactions import InteractionIndex
+from ..options import LossOptions
+from ..terms import LossInputs, NegativeStats, Scores, combine_terms
+from ._triton_runtime import (
+    NO_OVERRIDES, IndexLayout, LaunchOverrides, accumulation_dtype, cdiv, check_row_offset, empty, index_layout,
+    interpreting,
+    kernel_ids, load_kernels, merge_splits, sm_count, split_size, without_dynamo,
+)
 
-__all__ = ["unavailable_reason", "per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores",
-           "negative_statistics",
-           "LaunchConfig", "KernelLaunch", "launch_config", "interaction_bitmap"]
-
-#: Largest dense bitmap of D, in bits (256 MiB); larger id spaces use the sorted-keys search.
-BITMAP_MAX_BITS = 1 << 31
-
-#: Test hooks (never set in production): overrides of :class:`LaunchConfig` fields
-#: (e.g. ``{"block_m": 16, "col_splits": 3}``) and of the index layout (``"index_mode"``).
-_OVERRIDES: dict = {}
-#: Test hook: fill every output buffer with NaN (floats) or -2**31 (ints) before the kernels
-#: run, so that an element a kernel forgets to write cannot pass unnoticed.
-_POISON_OUTPUTS = False
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton backend cannot run on tensors of ``device``, or None when it can."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:  # pragma: no cover - depends on the machine
-        return f"Triton is not installed ({err}); install it with `pip install triton` (Linux only)"
-    interpreted = _interpreting()
-    if device.type != "cuda" and not interpreted:
-        return (
-            f"the tensors are on {device}, and the Triton kernels need CUDA tensors "
-            "(set TRITON_INTERPRET=1 to run them, slowly, in Triton's CPU interpreter)"
-        )
-    if device.type == "cuda" and interpreted:
-        return "TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only"
-    if device.type not in ("cuda", "cpu"):
-        return f"the Triton interpreter runs on CPU tensors, got tensors on {device}"
-    return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss with the fused statistics
-# ---------------------------------------------------------------------------------------------
+__all__ = ["per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores", "negative_statistics",
+           "LaunchConfig", "KernelLaunch", "launch_config"]
 
 
 def per_row_loss(
-    user_emb: torch.Tensor,
-    item_emb: torch.Tensor,
-    pool_item_emb: torch.Tensor,
-    pool_user_emb: torch.Tensor,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    pool_items: torch.Tensor,
-    pool_users: torch.Tensor,
+    inputs: LossInputs,
     interactions: InteractionIndex | None,
     options: LossOptions,
     row_offset: int = 0,
+    *,
+    overrides: LaunchOverrides = NO_OVERRIDES,
 ) -> torch.Tensor:
-    """loss[k] of SPEC.md for every row; the arguments of :func:`hdccf_triton.reference.per_row_loss`.
+    """loss[k] of hdccf_triton/LOSS.md for every row, with ``options.similarity`` a
+    :class:`~hdccf_triton.similarity.Dot` or :class:`~hdccf_triton.similarity.Cosine`; the
+    arguments of :func:`hdccf_triton.backends.reference.per_row_loss`.
 
     Returns:
         ``[M]`` per-row loss, float32 for half-precision inputs, else the input dtype.
     """
-    user_emb, item_emb, pool_item_emb, pool_user_emb, options = resolve_similarity(
-        user_emb, item_emb, pool_item_emb, pool_user_emb, options
-    )
-    if options.modulation is not None:  # a genuine modulation: its own kernels
-        from . import triton_modulated
-
-        return triton_modulated.per_row_loss(
-            user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
-            pool_users, interactions, options, row_offset,
-        )
-    U, I, X, Y = kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb)
-    scores, stats = fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
+    if options.similarity.kernel != "dot":
+        raise ValueError(f"triton_dot computes the dot and cosine similarities, got {options.similarity!r}")
+    kernel_in = inputs.with_embeddings(*kernel_inputs(*inputs.embeddings))
+    scores, stats = fused_scores(kernel_in, interactions, options, row_offset, overrides=overrides)
     return combine_terms(scores, stats, options)
 
 
 def kernel_inputs(user_emb, item_emb, pool_item_emb, pool_user_emb):
     """The embeddings as the kernels read them: in the input dtype, or the autocast dtype for
     fp32 under autocast (raw for ``"cosine"`` too: the kernels normalise on the fly)."""
-    dtype = _kernel_dtype(user_emb.dtype, user_emb.device)
+    dtype = kernel_dtype(user_emb.dtype, user_emb.device)
     return tuple(t.to(dtype) for t in (user_emb, item_emb, pool_item_emb, pool_user_emb))
 
 
@@ -138,7 +87,7 @@ def inverse_norms(e: torch.Tensor) -> torch.Tensor:
     (the kernels then take e/ε with the gradient g/ε, as ``F.normalize``). In chunks of rows,
     so that no fp32 copy of a pool exists; not differentiable (the kernels' backward
     accounts for the norms)."""
-    acc = _accumulation_dtype(e.dtype)
+    acc = accumulation_dtype(e.dtype)
     out = torch.empty(e.shape[0], dtype=acc, device=e.device)
     step = max(1, _NORM_CHUNK_ELEMENTS // max(1, e.shape[-1]))
     with torch.no_grad():
@@ -148,7 +97,7 @@ def inverse_norms(e: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the kernels read: the input's, or the autocast dtype for fp32 under autocast."""
     if dtype == torch.float32 and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -156,58 +105,56 @@ def _kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def negative_statistics(
-    U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
+    inputs: LossInputs,
+    interactions: InteractionIndex | None,
+    options: LossOptions,
+    row_offset: int = 0,
+    *,
+    overrides: LaunchOverrides = NO_OVERRIDES,
 ) -> NegativeStats:
-    """:func:`hdccf_triton.reference.negative_statistics` in the fused Triton kernels.
-
-    The statistics part of :func:`fused_scores` (same arguments).
-    """
-    return fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)[1]
+    """:func:`hdccf_triton.backends.reference.negative_statistics` in the fused Triton kernels:
+    the statistics part of :func:`fused_scores` (same arguments)."""
+    return fused_scores(inputs, interactions, options, row_offset, overrides=overrides)[1]
 
 
+@without_dynamo
 def fused_scores(
-    U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
+    inputs: LossInputs,
+    interactions: InteractionIndex | None,
+    options: LossOptions,
+    row_offset: int = 0,
+    *,
+    overrides: LaunchOverrides = NO_OVERRIDES,
 ) -> tuple[Scores, NegativeStats]:
-    """Every score the loss needs, from the fused kernels, differentiable in U, I, X, Y.
+    """Every score the loss needs, from the fused kernels, differentiable in the embeddings.
 
     Args:
-        U, I: ``[M, d]``; X, Y: ``[N, P, d]`` pools (N ≥ M blocks), all of one dtype among
-            fp64, fp32, bf16, fp16, as :func:`kernel_inputs` gives them (raw for cosine: the
-            kernels normalise on the fly); users, items: ``[M]``; pool_items, pool_users:
+        inputs: U, I ``[M, d]`` and X, Y ``[N, P, d]`` pools (N ≥ M blocks), all of one dtype
+            among fp64, fp32, bf16, fp16, as :func:`kernel_inputs` gives them (raw for cosine:
+            the kernels normalise on the fly); users, items ``[M]``; pool_items, pool_users
             ``[N, P]`` int64; row k's own block is ``row_offset + k``.
+        overrides: explicit launch choices (tests, benchmarks).
 
     Returns:
         ``(scores, stats)``: :class:`~hdccf_triton.terms.Scores` (s ``[M]``, own_A .. own_E
         ``[M, P]``, and U, I, X, Y as given) and :class:`~hdccf_triton.terms.NegativeStats`
         (lse fields ``[M]``; counts int64); floats in fp32 (fp64 for fp64 inputs).
     """
-    if not _WITHOUT_DYNAMO:
-        _WITHOUT_DYNAMO.append(torch.compiler.disable(_fused_scores))
-    return _WITHOUT_DYNAMO[0](U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
-
-
-#: :func:`_fused_scores` behind ``torch.compiler.disable`` (under torch.compile: a graph
-#: break around the kernel launches), made on first use: ``torch.compiler.disable`` imports
-#: torch._dynamo, which imports triton, and importing hdccf_triton must not.
-_WITHOUT_DYNAMO: list = []
-
-
-def _fused_scores(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
+    U, I, X, Y = inputs.embeddings
     M, d = U.shape
     N, P, _ = X.shape
-    if not 0 <= row_offset <= N - M:
-        raise ValueError(f"row_offset={row_offset} puts the rows' own blocks outside the {N} pool blocks")
-    # int32 ids (fewer registers for the in-kernel flags) when the index bounds them
-    narrow = interactions is not None and max(interactions.num_users, interactions.num_items) <= 2**31
-    id_dtype = torch.int32 if narrow else torch.int64
+    cosine = options.similarity.normalize
     setup = _Setup(
-        ids=tuple(t.reshape(-1).to(id_dtype).contiguous() for t in (users, items, pool_items, pool_users)),
-        inv_norms=tuple(inverse_norms(t.reshape(-1, d)) for t in (U, I, X, Y)) if options.cosine else None,
-        index=_index_layout(interactions, options, U.device),
-        options=options,
-        row_offset=int(row_offset),
+        ids=kernel_ids(inputs.ids, interactions),
+        inv_norms=tuple(inverse_norms(t.reshape(-1, d)) for t in (U, I, X, Y)) if cosine else None,
+        index=index_layout(interactions, options.debias, U.device, overrides.index_mode),
+        cosine=cosine,
+        debias=options.debias,
+        temperature=options.temperature,
+        row_offset=check_row_offset(row_offset, M, N),
         P=P,
-        config=launch_config(M, N * P, d, U.device, U.dtype),
+        config=launch_config(M, N * P, d, U.device, U.dtype, overrides),
+        poison=overrides.poison_outputs,
     )
     X2 = X.reshape(N * P, d)
     Y2 = Y.reshape(N * P, d)
@@ -224,11 +171,14 @@ class _Setup:
 
     ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
     inv_norms: tuple | None  # cosine: inverse norms of U [M], I [M], X [NP], Y [NP]; else None
-    index: "_IndexLayout"
-    options: LossOptions
+    index: IndexLayout
+    cosine: bool
+    debias: bool
+    temperature: float
     row_offset: int
     P: int
     config: "LaunchConfig"
+    poison: bool  # NaN-fill the output buffers first (LaunchOverrides.poison_outputs)
 
 
 class _FusedScores(torch.autograd.Function):
@@ -333,7 +283,10 @@ _GPU_TILES_FMA = {64: ((32, 16, 8), (16, 16, 8), (16, 16, 8)), 128: ((16, 16, 8)
 _MAX_GRAD_SPLITS = 4
 
 
-def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dtype | None = None) -> LaunchConfig:
+def launch_config(
+    M: int, NP: int, d: int, device: torch.device, dtype: torch.dtype | None = None,
+    overrides: LaunchOverrides = NO_OVERRIDES,
+) -> LaunchConfig:
     """The documented heuristic for M rows, NP = N·P pool columns, embedding dim d.
 
     * ``block_d = max(16, next_pow2(d))``.
@@ -350,13 +303,13 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
       shape, the dtype and the GPU model, so results are bit-identical run to run.
     * Interpreter: 16×16 tiles, one split (its programs run one after another anyway).
 
-    Test hooks (``_OVERRIDES``): ``block_m``, ``block_n``, ``num_warps`` set all three
+    ``overrides`` (tests, benchmarks): ``block_m``, ``block_n``, ``num_warps`` set all three
     kernels; ``col_splits`` the splits of the forward and the row pass; ``row_splits`` those
-    of the column pass.
+    of the column pass; ``sm_count`` takes the GPU branch for that many SMs on any device.
     """
     block_d = max(16, 1 << max(0, d - 1).bit_length())
-    if device.type == "cuda":
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    n_sm = sm_count(device, overrides)
+    if n_sm is not None:
         tiles = _GPU_TILES.get(max(64, block_d), ((16, 16, 4),) * 3)
         maxnreg = None
         if dtype in (torch.float32, torch.float64):  # IEEE products on the FMA units
@@ -379,56 +332,27 @@ def launch_config(M: int, NP: int, d: int, device: torch.device, dtype: torch.dt
     else:
         one = KernelLaunch(16, 16, 1, 1)
         config = LaunchConfig(block_d, 1, None, one, one, one)
-    return _with_overrides(config)
-
-
-def _with_overrides(config: LaunchConfig) -> LaunchConfig:
-    if not _OVERRIDES:
-        return config
-    tile = {k: _OVERRIDES[k] for k in ("block_m", "block_n", "num_warps") if k in _OVERRIDES}
-    fwd, rows, cols = (replace(k, **tile) for k in (config.fwd, config.rows, config.cols))
-    if "col_splits" in _OVERRIDES:
-        fwd = replace(fwd, splits=_OVERRIDES["col_splits"])
-        rows = replace(rows, splits=_OVERRIDES["col_splits"])
-    if "row_splits" in _OVERRIDES:
-        cols = replace(cols, splits=_OVERRIDES["row_splits"])
-    return replace(config, fwd=fwd, rows=rows, cols=cols)
-
-
-def _split_size(total: int, splits: int, block: int) -> tuple[int, int]:
-    """(items per split, a multiple of ``block``; number of non-empty splits)."""
-    blocks = -(-total // block)
-    per = -(-blocks // max(1, min(splits, blocks))) * block
-    return per, -(-total // per)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if not _POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = math.nan if dtype.is_floating_point else -(2**31)
-    return torch.full(shape, fill, dtype=dtype, device=device)
+    # the column splits are the `splits` of the forward and the row pass, the row splits those of the column pass
+    fwd, rows = (overrides.apply(k, col_splits="splits") for k in (config.fwd, config.rows))
+    return replace(config, fwd=fwd, rows=rows, cols=overrides.apply(config.cols, row_splits="splits"))
 
 
 def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
     """The kernels' leading arguments, up to ``scale, RU, RI, RX, RY`` (the last five)."""
     layout = setup.index
-    scale = torch.full((1,), 1.0 / setup.options.temperature, dtype=acc_dtype, device=U.device)
+    scale = torch.full((1,), 1.0 / setup.temperature, dtype=acc_dtype, device=U.device)
     norms = setup.inv_norms or (scale,) * 4  # never read without COSINE
     return (U, I, X, Y, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale, *norms)
 
 
 def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     return dict(
-        DEBIAS=setup.options.debias,
+        DEBIAS=setup.debias,
         INDEX_MODE=setup.index.mode,
         SEARCH_STEPS=setup.index.search_steps,
         # the interpreter cannot multiply bf16 tiles (triton-lang/triton#11584)
-        UPCAST=_interpreting() and U.dtype == torch.bfloat16,
-        COSINE=setup.options.cosine,
+        UPCAST=interpreting() and U.dtype == torch.bfloat16,
+        COSINE=setup.cosine,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=setup.config.block_d,
         num_warps=launch.num_warps, num_stages=setup.config.num_stages,
         **({"maxnreg": setup.config.maxnreg} if setup.config.maxnreg else {}),
@@ -442,48 +366,45 @@ _OWN_BLOCK_M = 16
 def _forward(U, I, X, Y, setup: _Setup):
     """lse ``[4, M]`` (A, B, C, E) and s ``[M]``, own ``[4, M, P]`` in the accumulation dtype;
     counts ``[2, M]`` int64."""
-    kernels = _kernels()
+    kernels = load_kernels()
     M, d = U.shape
     NP = X.shape[0]
-    acc = _accumulation_dtype(U.dtype)
+    acc = accumulation_dtype(U.dtype)
     k = setup.config.fwd
-    cols_per_split, splits = _split_size(NP, k.splits, k.block_n)
-    lse_parts = _empty((splits, 4, M), acc, U.device)
-    cnt_parts = _empty((splits, 2, M), torch.int32, U.device)
-    s = _empty((M,), acc, U.device)
-    own = _empty((4, M, setup.P), acc, U.device)
+    cols_per_split, splits = split_size(NP, k.splits, k.block_n)
+    lse_parts = empty((splits, 4, M), acc, U.device, setup.poison)
+    cnt_parts = empty((splits, 2, M), torch.int32, U.device, setup.poison)
+    s = empty((M,), acc, U.device, setup.poison)
+    own = empty((4, M, setup.P), acc, U.device, setup.poison)
     args = _common_args(U, I, X, Y, setup, acc)
-    kernels.fwd.negative_stats_fwd_kernel[(triton_cdiv(M, k.block_m), splits)](
+    kernels.negative_stats_fwd.negative_stats_fwd_kernel[(cdiv(M, k.block_m), splits)](
         *args, lse_parts, cnt_parts,
         M, NP, d, setup.P, setup.row_offset, cols_per_split,
         **_constexprs(U, setup, k),
     )
-    kernels.fwd.own_scores_kernel[(triton_cdiv(M, _OWN_BLOCK_M),)](
+    kernels.negative_stats_fwd.own_scores_kernel[(cdiv(M, _OWN_BLOCK_M),)](
         U, I, X, Y, *args[-5:], s, own, M, d, setup.P, setup.row_offset,
-        COSINE=setup.options.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
+        COSINE=setup.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
-    if splits == 1:
-        return lse_parts[0], cnt_parts[0].to(torch.int64), s, own
-    # merge the splits in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf)
-    return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0), s, own
+    return (*merge_splits(lse_parts, cnt_parts), s, own)
 
 
 def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need_cols: bool):
-    kernels = _kernels()
+    kernels = load_kernels()
     M, d = U.shape
     NP = X.shape[0]
-    acc = _accumulation_dtype(U.dtype)
+    acc = accumulation_dtype(U.dtype)
     args = _common_args(U, I, X, Y, setup, acc)
     dU = dI = dX = dY = None
     if need_rows:
         k = setup.config.rows
-        cols_per_split, splits = _split_size(NP, k.splits, k.block_n)
+        cols_per_split, splits = split_size(NP, k.splits, k.block_n)
         # one split: the kernel stores the gradient in the input dtype (no fp32 buffer);
         # several: fp32 partials, added on the host
         dtype = acc if splits > 1 else U.dtype
-        dU_parts = _empty((splits, M, d), dtype, U.device)
-        dI_parts = _empty((splits, M, d), dtype, U.device)
-        kernels.bwd.negative_stats_bwd_rows_kernel[(triton_cdiv(M, k.block_m), splits)](
+        dU_parts = empty((splits, M, d), dtype, U.device, setup.poison)
+        dI_parts = empty((splits, M, d), dtype, U.device, setup.poison)
+        kernels.negative_stats_bwd.negative_stats_bwd_rows_kernel[(cdiv(M, k.block_m), splits)](
             *args, lse, G, GS, GOWN, dU_parts, dI_parts,
             M, NP, d, setup.P, setup.row_offset, cols_per_split, **_constexprs(U, setup, k),
         )
@@ -491,11 +412,11 @@ def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need
         del dU_parts, dI_parts  # before the column pass allocates its own
     if need_cols:
         k = setup.config.cols
-        rows_per_split, splits = _split_size(M, k.splits, k.block_m)
+        rows_per_split, splits = split_size(M, k.splits, k.block_m)
         dtype = acc if splits > 1 else X.dtype
-        dX_parts = _empty((splits, NP, d), dtype, U.device)
-        dY_parts = _empty((splits, NP, d), dtype, U.device)
-        kernels.bwd.negative_stats_bwd_cols_kernel[(triton_cdiv(NP, k.block_n), splits)](
+        dX_parts = empty((splits, NP, d), dtype, U.device, setup.poison)
+        dY_parts = empty((splits, NP, d), dtype, U.device, setup.poison)
+        kernels.negative_stats_bwd.negative_stats_bwd_cols_kernel[(cdiv(NP, k.block_n), splits)](
             *args, lse, G, GS, GOWN, dX_parts, dY_parts,
             M, NP, d, setup.P, setup.row_offset, rows_per_split, **_constexprs(U, setup, k),
         )
@@ -508,114 +429,3 @@ def _merge(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if parts.shape[0] == 1:
         return parts[0] if parts.dtype == dtype else parts[0].to(dtype)
     return parts.sum(0).to(dtype)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# ---------------------------------------------------------------------------------------------
-# The interaction index as the kernels read it
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _IndexLayout:
-    mode: int  # 0 none, 1 dense bitmap, 2 sorted keys (membership.py)
-    tensor: torch.Tensor  # the bitmap words, the keys, or a placeholder never read
-    n_keys: int
-    num_items: int
-    search_steps: int  # ceil(log2(n_keys + 1)) for the sorted search
-
-
-#: bitmaps of D built so far, one per InteractionIndex object (dropped with it)
-_BITMAPS: "weakref.WeakKeyDictionary[InteractionIndex, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _index_layout(interactions: InteractionIndex | None, options: LossOptions, device) -> _IndexLayout:
-    if interactions is None or not options.debias or len(interactions) == 0:
-        placeholder = torch.zeros(1, dtype=torch.int64, device=device)
-        return _IndexLayout(0, placeholder, 0, 1, 1)
-    n = len(interactions)
-    mode = _OVERRIDES.get("index_mode")
-    if mode is None:
-        mode = 1 if interactions.num_users * interactions.num_items <= BITMAP_MAX_BITS else 2
-    if mode == 1:  # SEARCH_STEPS is unused: keep it fixed, so that |D| does not recompile
-        return _IndexLayout(1, interaction_bitmap(interactions), n, interactions.num_items, 1)
-    steps = max(1, n.bit_length())  # = ceil(log2(n + 1))
-    return _IndexLayout(2, interactions.keys.contiguous(), n, interactions.num_items, steps)
-
-
-def interaction_bitmap(interactions: InteractionIndex) -> torch.Tensor:
-    """D as a dense bitmap: int32 words, bit ``key & 31`` of word ``key >> 5`` set for each key.
-
-    Built once per index object (on its device) and cached until the index is dropped.
-    """
-    cached = _BITMAPS.get(interactions)
-    if cached is not None and cached[0] is interactions.keys:
-        return cached[1]
-    keys = interactions.keys
-    n_words = (interactions.num_users * interactions.num_items + 31) // 32
-    # the keys are unique, so the bits of one word are distinct and their sum is their OR;
-    # bit 31 is −2**31 in int32 and the sum of the others stays below 2**31: no overflow
-    bits = torch.ones_like(keys) << (keys & 31)
-    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
-    words = torch.zeros(n_words, dtype=torch.int32, device=keys.device)
-    words.index_add_(0, keys >> 5, bits)
-    _BITMAPS[interactions] = (keys, words)
-    return words
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading the kernels for the current TRITON_INTERPRET
-# ---------------------------------------------------------------------------------------------
-
-
-class _Kernels:
-    def __init__(self, membership, fwd, bwd):
-        self.membership, self.fwd, self.bwd = membership, fwd, bwd
-
-
-_KERNEL_MODULES = ("membership", "negative_stats_fwd", "negative_stats_bwd")
-
-
-def _kernels() -> _Kernels:
-    """The kernel modules, decorated for the current ``TRITON_INTERPRET`` setting.
-
-    ``@triton.jit`` reads ``TRITON_INTERPRET`` when the module is executed; if the modules
-    were loaded under the other setting (a GPU test, then an interpreter test in one pytest
-    process), they are reloaded, helpers first.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    package = _kernel_package()
-    interpret = _interpreting()
-    modules = [importlib.import_module(f"{package}.{name}") for name in _KERNEL_MODULES]
-    stale = any(
-        isinstance(getattr(m, fn), InterpretedFunction) != interpret
-        for m, fn in zip(modules, ("membership_probe_kernel", "negative_stats_fwd_kernel",
-                                   "negative_stats_bwd_rows_kernel"))
-    )
-    if stale:
-        modules = [importlib.reload(m) for m in modules]  # dependency order
-    return _Kernels(*modules)
-
-
-def _kernel_package() -> str:
-    """``hdccf_triton.kernels``: installed, or from ``kernels/`` beside the package in a checkout."""
-    name = "hdccf_triton.kernels"
-    if name in sys.modules:
-        return name
-    try:
-        importlib.import_module(name)
-        return name
-    except ModuleNotFoundError:
-        pass
-    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    if spec is None or spec.loader is None:  # pragma: no cover
-        raise ModuleNotFoundError(f"cannot find the kernels package ({init})")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return name

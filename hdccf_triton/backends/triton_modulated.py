@@ -1,7 +1,7 @@
 """The Triton backend of the modulated similarity (eqs. 7-8): the fused kernels of
 ``kernels/modulated_fwd.py`` and ``kernels/modulated_bwd.py`` behind an autograd.Function.
 
-As in :mod:`hdccf_triton.triton_backend`, only the per-row log-sum-exps over the true
+As in :mod:`.triton_dot`, only the per-row log-sum-exps over the true
 negatives run in Triton; the positive and own-block scores and the combination of the terms
 are :mod:`hdccf_triton.terms`'s. The kernels compute all four families: A and B with the
 pairwise modulation inside the score tiles, C and E as dot products of the p and q halves.
@@ -20,126 +20,88 @@ The kernels return the gradients of these operands and of W₃ (per-program part
 added in a fixed order: deterministic, no atomics); autograd carries them to p, q, e, W and b.
 No [M, N·P] or [M, N·P, dim] tensor is allocated.
 
-Triton is imported lazily; the kernel modules are (re)loaded for the current
-``TRITON_INTERPRET`` setting, after :func:`hdccf_triton.triton_backend._kernels` has done the
-same for the helpers they share (``membership.py``, ``negative_stats_fwd/bwd.py``).
+Triton is imported lazily (:mod:`._triton_runtime` loads the kernels).
 """
 
 from __future__ import annotations
 
-import importlib
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .interactions import InteractionIndex
-from .options import LossOptions
-from .terms import NegativeStats, combine_terms, prepare_scores, resolve_similarity
+from ..interactions import InteractionIndex
+from ..options import LossOptions
+from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
+from ._triton_runtime import (
+    NO_OVERRIDES, IndexLayout, LaunchOverrides, accumulation_dtype, cdiv, check_row_offset, empty, index_layout,
+    kernel_ids, load_kernels, merge_splits, sm_count, split_size, without_dynamo,
+)
 
 __all__ = ["per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
 
-#: Test hooks (never set in production): overrides of :class:`LaunchConfig` fields.
-_OVERRIDES: dict = {}
-#: Test hook: NaN-fill (floats) or −2**31-fill (ints) every output buffer before the kernels
-#: run, so that an element a kernel forgets to write cannot pass unnoticed.
-_POISON_OUTPUTS = False
-
 
 def per_row_loss(
-    user_emb: torch.Tensor,
-    item_emb: torch.Tensor,
-    pool_item_emb: torch.Tensor,
-    pool_user_emb: torch.Tensor,
-    users: torch.Tensor,
-    items: torch.Tensor,
-    pool_items: torch.Tensor,
-    pool_users: torch.Tensor,
+    inputs: LossInputs,
     interactions: InteractionIndex | None,
     options: LossOptions,
     row_offset: int = 0,
+    *,
+    overrides: LaunchOverrides = NO_OVERRIDES,
 ) -> torch.Tensor:
-    """loss[k] of SPEC.md with ``options.similarity`` a ModulatedSimilarity; the arguments of
-    :func:`hdccf_triton.reference.per_row_loss` (embeddings ``[.., 2·dim]``).
-
-    The all-ones modulation goes to the dot/cosine kernels of :mod:`triton_backend`.
+    """loss[k] of hdccf_triton/LOSS.md with ``options.similarity`` a ModulatedSimilarity that
+    modulates (the all-ones one is reduced to the dot kernels before dispatch); the arguments
+    of :func:`hdccf_triton.backends.reference.per_row_loss` (embeddings ``[.., 2·dim]``).
 
     Returns:
         ``[M]`` per-row loss, float32 for half-precision inputs, else the input dtype.
     """
-    user_emb, item_emb, pool_item_emb, pool_user_emb, options = resolve_similarity(
-        user_emb, item_emb, pool_item_emb, pool_user_emb, options
-    )
-    if options.modulation is None:
-        from . import triton_backend
-
-        return triton_backend.per_row_loss(
-            user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items,
-            pool_users, interactions, options, row_offset,
-        )
-    scores = prepare_scores(user_emb, item_emb, pool_item_emb, pool_user_emb, options, row_offset)
-    stats = negative_statistics(
-        scores.U, scores.I, scores.X, scores.Y, users, items, pool_items, pool_users,
-        interactions, options, row_offset,
-    )
+    scores = prepare_scores(inputs, options, row_offset)
+    stats = negative_statistics(inputs.with_embeddings(*scores[:4]), interactions, options, row_offset, overrides=overrides)
     return combine_terms(scores, stats, options)
 
 
+@without_dynamo
 def negative_statistics(
-    U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset: int = 0
+    inputs: LossInputs,
+    interactions: InteractionIndex | None,
+    options: LossOptions,
+    row_offset: int = 0,
+    *,
+    overrides: LaunchOverrides = NO_OVERRIDES,
 ) -> NegativeStats:
-    """:func:`hdccf_triton.reference.negative_statistics` of a ModulatedSimilarity, fused.
+    """:func:`hdccf_triton.backends.reference.negative_statistics` of a ModulatedSimilarity, fused.
 
     Args:
-        U: ``[M, 2·dim]`` users ``[p ‖ e]``; I: ``[M, 2·dim]`` items ``[q ‖ e]``;
-        X: ``[N, P, 2·dim]`` pool items; Y: ``[N, P, 2·dim]`` pool users (N ≥ M blocks);
-        users, items: ``[M]``; pool_items, pool_users: ``[N, P]`` int64;
-        row k's own block is ``row_offset + k``; ``options.modulation`` modulates.
+        inputs: U ``[M, 2·dim]`` users ``[p ‖ e]``; I ``[M, 2·dim]`` items ``[q ‖ e]``;
+            X ``[N, P, 2·dim]`` pool items; Y ``[N, P, 2·dim]`` pool users (N ≥ M blocks);
+            users, items ``[M]``; pool_items, pool_users ``[N, P]`` int64; row k's own block
+            is ``row_offset + k``; ``options.similarity`` modulates.
+        overrides: explicit launch choices (tests, benchmarks).
 
     Returns:
         :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64
         inputs), differentiable with respect to U, I, X, Y and g's parameters; counts int64.
     """
-    if not _WITHOUT_DYNAMO:
-        _WITHOUT_DYNAMO.append(torch.compiler.disable(_negative_statistics))
-    return _WITHOUT_DYNAMO[0](U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset)
-
-
-#: :func:`_negative_statistics` behind ``torch.compiler.disable`` (under torch.compile: a graph
-#: break around the kernel launches, as in triton_backend), made on first use:
-#: ``torch.compiler.disable`` imports torch._dynamo, hence triton, and importing hdccf_triton
-#: must not.
-_WITHOUT_DYNAMO: list = []
-
-
-def _negative_statistics(U, I, X, Y, users, items, pool_items, pool_users, interactions, options, row_offset):
-    from . import triton_backend as tb
-
-    sim = options.modulation
-    if sim is None or not sim.modulate:
+    sim = options.similarity
+    if sim.kernel != "modulated" or not sim.modulate:
         raise ValueError("triton_modulated needs a ModulatedSimilarity with modulate=True")
+    U, I, X, Y = inputs.embeddings
     M = U.shape[0]
     N, P, _ = X.shape
-    if not 0 <= row_offset <= N - M:
-        raise ValueError(f"row_offset={row_offset} puts the rows' own blocks outside the {N} pool blocks")
-    acc = torch.float64 if U.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(U.dtype)
     with torch.autocast(U.device.type, enabled=False):
         R, C, W3 = _operands(U, I, X.reshape(N * P, -1), Y.reshape(N * P, -1), sim, acc)
-        # int32 ids (fewer registers for the in-kernel flags) when the index bounds them,
-        # as triton_backend does
-        narrow = interactions is not None and max(interactions.num_users, interactions.num_items) <= 2**31
-        id_dtype = torch.int32 if narrow else torch.int64
         setup = _Setup(
-            ids=tuple(t.reshape(-1).to(id_dtype).contiguous()
-                      for t in (users, items, pool_items, pool_users)),
-            index=tb._index_layout(interactions, options, U.device),
+            ids=kernel_ids(inputs.ids, interactions),
+            index=index_layout(interactions, options.debias, U.device, overrides.index_mode),
             normalize=sim.normalize,
             debias=options.debias,
             temperature=options.temperature,
-            row_offset=int(row_offset),
+            row_offset=check_row_offset(row_offset, M, N),
             P=P,
-            config=launch_config(M, N * P, sim.dim, U.device),
+            config=launch_config(M, N * P, sim.dim, U.device, overrides),
+            poison=overrides.poison_outputs,
         )
         outs = _ModulatedStatistics.apply(R, C, W3, setup)
     return NegativeStats(*outs)
@@ -171,13 +133,14 @@ class _Setup:
     """Everything about one call that is not a differentiable tensor."""
 
     ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
-    index: object  # triton_backend._IndexLayout
+    index: IndexLayout
     normalize: bool
     debias: bool
     temperature: float
     row_offset: int
     P: int
     config: "LaunchConfig"
+    poison: bool  # NaN-fill the output buffers first (LaunchOverrides.poison_outputs)
 
 
 class _ModulatedStatistics(torch.autograd.Function):
@@ -223,7 +186,9 @@ class LaunchConfig:
     row_splits: int  # column-parallel backward: row splits
 
 
-def launch_config(M: int, NP: int, dim: int, device: torch.device) -> LaunchConfig:
+def launch_config(
+    M: int, NP: int, dim: int, device: torch.device, overrides: LaunchOverrides = NO_OVERRIDES
+) -> LaunchConfig:
     """Launch heuristics (not tuned on a GPU yet).
 
     * 16 × 16 tiles: the pair tiles are [16, 16, BLOCK_D], and ``tl.dot`` needs 16 in every
@@ -236,34 +201,20 @@ def launch_config(M: int, NP: int, dim: int, device: torch.device) -> LaunchConf
       about two programs run per SM; each split writes its own partial result (no atomics).
       The split count depends only on the shape and the GPU model: bit-identical run to run.
     * Interpreter: no splits (the programs run one after another anyway).
+    * ``overrides`` (tests, benchmarks) replace any of these choices.
     """
     block_d = max(16, 1 << max(0, dim - 1).bit_length())
     block = 16
-    if device.type == "cuda":
+    n_sm = sm_count(device, overrides)
+    if n_sm is not None:
         num_warps = 4 if block_d <= 32 else 8
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         row_blocks, col_blocks = -(-M // block), -(-NP // block)
         col_splits = max(1, min(col_blocks, -(-2 * n_sm // row_blocks)))
         row_splits = max(1, min(row_blocks, -(-2 * n_sm // col_blocks)))
         config = LaunchConfig(block, block, block_d, num_warps, 1, col_splits, row_splits)
     else:
         config = LaunchConfig(block, block, block_d, 1, 1, 1, 1)
-    fields = {k: v for k, v in _OVERRIDES.items() if k in LaunchConfig.__dataclass_fields__}
-    return replace(config, **fields) if fields else config
-
-
-def _split_size(total: int, splits: int, block: int) -> tuple[int, int]:
-    """(items per split, a multiple of ``block``; number of non-empty splits)."""
-    blocks = -(-total // block)
-    per = -(-blocks // max(1, min(splits, blocks))) * block
-    return per, -(-total // per)
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if not _POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = math.nan if dtype.is_floating_point else -(2**31)
-    return torch.full(shape, fill, dtype=dtype, device=device)
+    return overrides.apply(config)
 
 
 def _common_args(R, C, W3, setup: _Setup):
@@ -284,25 +235,22 @@ def _constexprs(setup: _Setup) -> dict:
 
 def _forward(R, C, W3, setup: _Setup):
     """lse ``[4, M]`` (A, B, C, E) in the operands' dtype and counts ``[2, M]`` int64."""
-    fwd, _ = _kernels()
+    fwd = load_kernels().modulated_fwd
     _, M, dim = R.shape
     NP = C.shape[1]
     c = setup.config
-    cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
-    lse_parts = _empty((splits, 4, M), R.dtype, R.device)
-    cnt_parts = _empty((splits, 2, M), torch.int32, R.device)
-    fwd.modulated_stats_fwd_kernel[(-(-M // c.block_m), splits)](
+    cols_per_split, splits = split_size(NP, c.col_splits, c.block_n)
+    lse_parts = empty((splits, 4, M), R.dtype, R.device, setup.poison)
+    cnt_parts = empty((splits, 2, M), torch.int32, R.device, setup.poison)
+    fwd.modulated_stats_fwd_kernel[(cdiv(M, c.block_m), splits)](
         *_common_args(R, C, W3, setup), lse_parts, cnt_parts,
         M, NP, dim, setup.P, setup.row_offset, cols_per_split, **_constexprs(setup),
     )
-    if splits == 1:
-        return lse_parts[0], cnt_parts[0].to(torch.int64)
-    # merge the splits in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf)
-    return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0)
+    return merge_splits(lse_parts, cnt_parts)
 
 
 def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool):
-    _, bwd = _kernels()
+    bwd = load_kernels().modulated_bwd
     _, M, dim = R.shape
     NP = C.shape[1]
     c = setup.config
@@ -310,10 +258,10 @@ def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool)
     meta = _constexprs(setup)
     dR = dC = dW3 = None
     if need_rows:
-        cols_per_split, splits = _split_size(NP, c.col_splits, c.block_n)
-        row_blocks = -(-M // c.block_m)
-        dR_parts = _empty((splits, 8, M, dim), R.dtype, R.device)
-        dW3_parts = _empty((row_blocks * splits, dim, dim), R.dtype, R.device)
+        cols_per_split, splits = split_size(NP, c.col_splits, c.block_n)
+        row_blocks = cdiv(M, c.block_m)
+        dR_parts = empty((splits, 8, M, dim), R.dtype, R.device, setup.poison)
+        dW3_parts = empty((row_blocks * splits, dim, dim), R.dtype, R.device, setup.poison)
         bwd.modulated_stats_bwd_rows_kernel[(row_blocks, splits)](
             *args, lse, G, dR_parts, dW3_parts,
             M, NP, dim, setup.P, setup.row_offset, cols_per_split, **meta,
@@ -321,39 +269,11 @@ def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool)
         dR = dR_parts.sum(0) if splits > 1 else dR_parts[0]
         dW3 = dW3_parts.sum(0)  # fixed order over the programs: deterministic
     if need_cols:
-        rows_per_split, splits = _split_size(M, c.row_splits, c.block_m)
-        dC_parts = _empty((splits, 8, NP, dim), R.dtype, R.device)
-        bwd.modulated_stats_bwd_cols_kernel[(-(-NP // c.block_n), splits)](
+        rows_per_split, splits = split_size(M, c.row_splits, c.block_m)
+        dC_parts = empty((splits, 8, NP, dim), R.dtype, R.device, setup.poison)
+        bwd.modulated_stats_bwd_cols_kernel[(cdiv(NP, c.block_n), splits)](
             *args, lse, G, dC_parts,
             M, NP, dim, setup.P, setup.row_offset, rows_per_split, **meta,
         )
         dC = dC_parts.sum(0) if splits > 1 else dC_parts[0]
     return dR, dC, dW3
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading the kernels for the current TRITON_INTERPRET
-# ---------------------------------------------------------------------------------------------
-
-
-def _kernels():
-    """(modulated_fwd, modulated_bwd), decorated for the current ``TRITON_INTERPRET``.
-
-    The shared helpers are brought up to date first by ``triton_backend._kernels()``; if
-    these two modules were loaded under the other setting they are reloaded after them, so
-    that they bind the helpers of the current setting.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from . import triton_backend as tb
-
-    tb._kernels()
-    package = tb._kernel_package()
-    interpret = tb._interpreting()
-    fwd = importlib.import_module(f"{package}.modulated_fwd")
-    bwd = importlib.import_module(f"{package}.modulated_bwd")
-    if any(isinstance(fn, InterpretedFunction) != interpret
-           for fn in (fwd.modulated_stats_fwd_kernel, bwd.modulated_stats_bwd_rows_kernel)):
-        fwd = importlib.reload(fwd)
-        bwd = importlib.reload(bwd)  # after fwd: it imports fwd's helpers
-    return fwd, bwd
