@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import reference, triton_dot, triton_modulated
-from .backends._triton_runtime import unavailable_reason
+from .backends import reference, triton_dot, triton_modulated, unavailable_reason
 from .interactions import InteractionIndex
 from .options import LossOptions
 from .similarity import Similarity, as_similarity

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import hdccf_triton.reference as reference
+import hdccf_triton.backends.reference as reference
 from batches import make_batch
 from hdccf_triton import (
     BackendUnavailableError,
@@ -18,7 +18,7 @@ from hdccf_triton import (
     debiased_contrastive_loss,
 )
 from hdccf_triton.similarity import modulated_score_matrix, modulated_scores
-from hdccf_triton.terms import prepare_scores
+from hdccf_triton.terms import LossInputs, prepare_scores
 from naive_modulated import naive_modulated_row_losses
 
 DEBIASED = dict(omega_user=0.2, omega_item=0.1, lambda_user=0.7, lambda_item=1.3)
@@ -34,11 +34,16 @@ def make_similarity(dim, normalize=False, *, seed=0, weight_scale=2.0, dtype=tor
     return sim
 
 
-def loss_of(b, sim, embeddings=None, **kw):
+def loss_of(b, sim, embeddings=None, *, chunk_elements=None, **kw):
+    """The per-row loss of the reference; ``chunk_elements`` sets its chunks (the reference
+    is then called directly, with the inputs as the public API would validate them)."""
     kw.setdefault("backend", "torch")
     kw.setdefault("reduction", "none")
     tensors = b.tensors if embeddings is None else b.with_embeddings(*embeddings)
-    return debiased_contrastive_loss(*tensors, interactions=b.index, similarity=sim, **kw)
+    if chunk_elements is None:
+        return debiased_contrastive_loss(*tensors, interactions=b.index, similarity=sim, **kw)
+    options = LossOptions(similarity=sim, **kw)
+    return reference.per_row_loss(LossInputs(*tensors), b.index, options, chunk_elements=chunk_elements)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +134,7 @@ def test_large_scores_match_the_oracle():
     b = make_batch(M=4, P=2, d=8, seed=5, scale=2.5)
     sim = make_similarity(4, seed=2, weight_scale=0.5)
     got = loss_of(b, sim, temperature=0.01, **DEBIASED)
-    scores = prepare_scores(*b.embeddings, LossOptions(similarity=sim, temperature=0.01))
+    scores = prepare_scores(LossInputs(*b.tensors), LossOptions(similarity=sim, temperature=0.01))
     assert scores.own_A.abs().max() > 750
     want = naive_modulated_row_losses(*b.tensors, sim.g.weight, sim.g.bias, pairs=b.pairs,
                                       temperature=0.01, **DEBIASED)
@@ -158,12 +163,12 @@ class _LossOfParameters(torch.nn.Module):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("debias", [True, False])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_gradcheck_every_input(normalize, debias, chunked, monkeypatch):
-    if chunked:  # chunks of 2 rows under checkpointing: M·P·dim = 4·2·3 entries a row
-        monkeypatch.setattr(reference, "MODULATED_CHUNK_ELEMENTS", 2 * 8 * 3)
+def test_gradcheck_every_input(normalize, debias, chunked):
     b = make_batch(M=4, P=2, d=6, seed=7, scale=0.7)
     sim = make_similarity(3, normalize, seed=3, weight_scale=1.0)
     kw = dict(temperature=0.5, debias=debias, **(DEBIASED if debias else {}))
+    if chunked:  # chunks of 2 rows under checkpointing: N·P·pair_cost = 4·2·(2·3) entries a row
+        kw["chunk_elements"] = 2 * 8 * 6
     fn = _LossOfParameters(sim, b, kw)
     embeddings = [t.detach().clone().requires_grad_() for t in b.embeddings]
     weight = sim.g.weight.detach().clone().requires_grad_()
@@ -175,21 +180,20 @@ def test_gradcheck_every_input(normalize, debias, chunked, monkeypatch):
     assert torch.autograd.gradcheck(f, (weight, bias, *embeddings), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-def test_chunked_equals_unchunked(monkeypatch):
+def test_chunked_equals_unchunked():
     b = make_batch(M=7, P=3, d=8, seed=11, scale=0.6)
     sim = make_similarity(4, seed=5)
     leaves = [t.detach().clone().requires_grad_() for t in b.embeddings]
 
-    def run():
+    def run(chunk_elements):
         sim.zero_grad()
         for t in leaves:
             t.grad = None
-        loss_of(b, sim, leaves, **DEBIASED).sum().backward()
+        loss_of(b, sim, leaves, chunk_elements=chunk_elements, **DEBIASED).sum().backward()
         return [t.grad.clone() for t in leaves] + [sim.g.weight.grad.clone(), sim.g.bias.grad.clone()]
 
-    whole = run()
-    monkeypatch.setattr(reference, "MODULATED_CHUNK_ELEMENTS", 2 * 21 * 4)  # 2 rows a chunk
-    chunked = run()
+    whole = run(reference.CHUNK_ELEMENTS)
+    chunked = run(2 * 21 * 8)  # 2 rows a chunk: N·P·pair_cost = 7·3·(2·4) entries a row
     for a, c in zip(whole, chunked):
         torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-13)
 
@@ -241,9 +245,9 @@ def test_normalized_scores_lie_in_the_unit_interval_over_tau():
     b = make_batch(M=6, P=3, d=16, seed=17, scale=3.0)
     sim = make_similarity(8, normalize=True, seed=6, weight_scale=3.0)
     options = LossOptions(similarity=sim, temperature=tau)
-    s = prepare_scores(*b.embeddings, options)
-    rows, cols, scorer = reference._modulated_operands(s.U, s.I, s.X.reshape(18, 16), s.Y.reshape(18, 16), sim)
-    A, B, C, E = scorer(rows, cols, options)
+    s = prepare_scores(LossInputs(*b.tensors), options)
+    rows, cols, scorer = sim.negative_scorer(s.U, s.I, s.X.reshape(18, 16), s.Y.reshape(18, 16))
+    A, B, C, E = scorer(rows, cols, 1.0 / tau)
     bound = (1 + 1e-12) / tau
     for t in (s.s, s.own_A, s.own_B, s.own_C, s.own_E, A, B, C, E):
         assert t.abs().max() <= bound
@@ -267,7 +271,7 @@ def test_loss_module_registers_the_similarity():
     assert loss_fn.similarity is sim
     assert [n for n, _ in loss_fn.named_parameters()] == ["similarity.g.weight", "similarity.g.bias"]
     assert set(loss_fn.state_dict()) == {"similarity.g.weight", "similarity.g.bias"}
-    assert "<submodule similarity>" in repr(loss_fn)
+    assert "(similarity): ModulatedSimilarity(" in repr(loss_fn)
     loss_fn.double()  # converts the parameters in place: the options see the same module
     assert loss_fn.options.similarity.g.weight.dtype == torch.float64
     b = make_batch(M=4, P=2, d=6, seed=1)

@@ -3,7 +3,7 @@
 Without a GPU they run in Triton's CPU interpreter: an autouse fixture sets
 ``TRITON_INTERPRET=1`` per test (as ``test_triton_backend.py`` does) and the backend reloads
 the kernel modules for the current setting, so this module runs in one pytest process with
-any other, in any order. Every output buffer is NaN-filled first (``_POISON_OUTPUTS``), so an
+any other, in any order. Every output buffer is NaN-filled first (``LaunchOverrides(poison_outputs=True)``), so an
 unwritten tile fails the comparison. Compared: the statistics (lse and counts), the per-row
 loss and the gradients of all four embedding tensors and of g's weight and bias, under a
 non-uniform upstream gradient.
@@ -19,19 +19,23 @@ import torch
 
 pytest.importorskip("triton")
 
-import hdccf_triton.reference as reference  # noqa: E402
-import hdccf_triton.triton_backend as tb  # noqa: E402
-import hdccf_triton.triton_modulated as tm  # noqa: E402
+import hdccf_triton.backends.reference as reference  # noqa: E402
+import hdccf_triton.backends.triton_dot as triton_dot  # noqa: E402
+import hdccf_triton.backends.triton_modulated as triton_modulated  # noqa: E402
+from hdccf_triton.terms import prepare_scores  # noqa: E402
 from hdccf_triton import (  # noqa: E402
     DebiasedContrastiveLoss,
     LossOptions,
     ModulatedSimilarity,
     debiased_contrastive_loss,
 )
+from hdccf_triton.loss import select_backend  # noqa: E402
 from triton_helpers import (  # noqa: E402
     all_false_negative_case,
     assert_error_within_factor,
     make_case,
+    Kernels,
+    inputs_of,
     use_triton_mode,
 )
 
@@ -40,7 +44,11 @@ DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3
 
 @pytest.fixture(autouse=True)
 def _triton_mode(request, monkeypatch):
-    use_triton_mode(request, monkeypatch, tm, tb)
+    use_triton_mode(request, monkeypatch)
+
+
+#: the modulated kernels with every output buffer NaN-poisoned
+tm = Kernels(triton_modulated)
 
 
 def _similarity(dim, normalize, *, seed=0, dtype=torch.float64, device="cpu"):
@@ -62,7 +70,7 @@ def _loss_and_grads(backend, case, options, upstream, index):
     """per_row_loss and the gradients of Σ upstream·loss to the embeddings, W and b."""
     sim = options.similarity
     leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
-    loss = backend.per_row_loss(*leaves, *case.ids, index, options, case.row_offset)
+    loss = backend.per_row_loss(inputs_of(case, leaves), index, options, case.row_offset)
     params = list(sim.parameters())
     grads = torch.autograd.grad(loss, leaves + params, upstream.to(loss.dtype), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves + params, grads)]
@@ -72,17 +80,15 @@ def _loss_and_grads(backend, case, options, upstream, index):
 _GRAD_NAMES = ("user_emb", "item_emb", "pool_item_emb", "pool_user_emb", "g.weight", "g.bias")
 
 
-def _compare_float64(case, options, index_mode, *, seed=0, rtol=1e-10):
-    index = None
-    if index_mode is not None:
-        tb._OVERRIDES["index_mode"] = index_mode
-        index = case.index
+def _compare_float64(case, options, index_mode, *, seed=0, rtol=1e-10, **overrides):
+    index = None if index_mode is None else case.index
+    kern = Kernels(triton_modulated, index_mode=index_mode, **overrides)
     g = torch.Generator().manual_seed(seed)
     upstream = torch.rand(case.M, generator=g, dtype=torch.float64) * 2 - 0.5
 
-    args = (*case.embeddings, *case.ids, index, options, case.row_offset)
+    args = (inputs_of(case), index, options, case.row_offset)
     with torch.no_grad():
-        got = tm.negative_statistics(*args)
+        got = kern.negative_statistics(*args)
         want = reference.negative_statistics(*args)
     assert torch.equal(got.n_item, want.n_item) and torch.equal(got.n_user, want.n_user)
     for name in ("lse_A", "lse_B", "lse_C", "lse_E"):
@@ -91,7 +97,7 @@ def _compare_float64(case, options, index_mode, *, seed=0, rtol=1e-10):
         assert torch.equal(torch.isneginf(a), torch.isneginf(b)), name
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol, msg=name)
 
-    loss, grads = _loss_and_grads(tm, case, options, upstream, index)
+    loss, grads = _loss_and_grads(kern, case, options, upstream, index)
     loss_ref, grads_ref = _loss_and_grads(reference, case, options, upstream, index)
     torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=rtol)
     for name, a, b in zip(_GRAD_NAMES, grads, grads_ref):
@@ -132,9 +138,8 @@ _MEDIUM = {
 @pytest.mark.parametrize("name", list(_MEDIUM))
 def test_medium_batches_match_float64_reference(name):
     M, P, dim, normalize, debias, index_mode, shape, overrides = _MEDIUM[name]
-    tm._OVERRIDES.update(overrides)
     case = make_case(M, P, 2 * dim, seed=len(name), scale=0.6, num_users=11, num_items=13, **shape)
-    _compare_float64(case, _options(_similarity(dim, normalize, seed=2), debias), index_mode, seed=1)
+    _compare_float64(case, _options(_similarity(dim, normalize, seed=2), debias), index_mode, seed=1, **overrides)
 
 
 def test_huge_scores_need_the_max_shift():
@@ -142,7 +147,7 @@ def test_huge_scores_need_the_max_shift():
     sim = _similarity(8, False, seed=3)
     options = _options(sim, temperature=0.01)
     with torch.no_grad():
-        scores = reference.prepare_scores(*case.embeddings, options)
+        scores = prepare_scores(inputs_of(case), options)
     assert scores.own_A.abs().max() > 750  # exp overflows float64 without the shift
     _compare_float64(case, options, 1, rtol=1e-9)
 
@@ -151,9 +156,8 @@ def test_huge_scores_need_the_max_shift():
 def test_rows_without_true_negatives(normalize):
     case = all_false_negative_case(P=2, d=16)
     options = _options(_similarity(8, normalize, seed=4))
-    tb._OVERRIDES["index_mode"] = 1
     with torch.no_grad():
-        stats = tm.negative_statistics(*case.embeddings, *case.ids, case.index, options, 0)
+        stats = Kernels(triton_modulated, index_mode=1).negative_statistics(inputs_of(case), case.index, options, 0)
     assert stats.n_item[0] == 0 and stats.n_user[0] == 0 and stats.n_item[1] == 0
     assert torch.isneginf(stats.lse_A[0]) and torch.isneginf(stats.lse_B[0])
     assert torch.isneginf(stats.lse_E[1]) and torch.isfinite(stats.lse_B[1])
@@ -169,10 +173,10 @@ def test_only_the_pools_need_gradients():
     leaves = [e.detach().clone() for e in case.embeddings]
     for t in leaves[2:]:
         t.requires_grad_()
-    loss = tm.per_row_loss(*leaves, *case.ids, case.index, options, 0)
+    loss = tm.per_row_loss(inputs_of(case, leaves), case.index, options, 0)
     got = torch.autograd.grad(loss.sum(), leaves[2:])
     ref_leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
-    want = torch.autograd.grad(reference.per_row_loss(*ref_leaves, *case.ids, case.index, options, 0).sum(),
+    want = torch.autograd.grad(reference.per_row_loss(inputs_of(case, ref_leaves), case.index, options, 0).sum(),
                                ref_leaves[2:])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -196,11 +200,14 @@ def test_gradients_are_deterministic():
 @pytest.mark.parametrize("normalize,plain", [(False, "dot"), (True, "cosine")])
 def test_all_ones_modulation_runs_the_plain_kernels_exactly(normalize, plain):
     case = make_case(13, 2, 16, seed=9)
-    options = _options(ModulatedSimilarity.all_ones(8, normalize))
+    options = _options(ModulatedSimilarity.all_ones(8, normalize), reduction="none")
+    assert select_backend("triton", torch.device("cpu"), options.similarity.reduce(())[0]) is triton_dot
     leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
-    got = tm.per_row_loss(*leaves, *case.ids, case.index, options, 0)
+    got = debiased_contrastive_loss(*leaves, *case.ids, interactions=case.index, backend="triton",
+                                    **{k: getattr(options, k) for k in ("similarity", "reduction", "temperature",
+                                                                       *DEBIASED)})
     halves = [e[..., :8].detach().clone().requires_grad_() for e in case.embeddings]
-    want = tb.per_row_loss(*halves, *case.ids, case.index, _options(plain), 0)
+    want = triton_dot.per_row_loss(inputs_of(case, halves), case.index, _options(plain), 0)
     assert torch.equal(got, want)
     upstream = torch.linspace(-0.5, 1.5, 13, dtype=torch.float64)
     for a, w in zip(torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(want, halves, upstream)):
@@ -213,7 +220,7 @@ def test_public_api_routes_to_the_modulated_kernels():
     kw = dict(temperature=0.1, reduction="none", **DEBIASED)
     via_api = debiased_contrastive_loss(*case.embeddings, *case.ids, interactions=case.index,
                                         similarity=sim, backend="triton", **kw)
-    direct = tm.per_row_loss(*case.embeddings, *case.ids, case.index, _options(sim, **{"reduction": "none"}), 0)
+    direct = tm.per_row_loss(inputs_of(case), case.index, _options(sim, **{"reduction": "none"}), 0)
     assert torch.equal(via_api.detach(), direct.detach())
     loss_fn = DebiasedContrastiveLoss(case.index, similarity=sim, backend="triton", **kw)
     torch.testing.assert_close(loss_fn(*case.embeddings, *case.ids), direct)
@@ -230,7 +237,7 @@ def test_float32_error_is_that_of_the_float32_reference():
     upstream = torch.rand(13, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     truth, truth_grads = _loss_and_grads(reference, case, options64, upstream, case.index)
     with torch.no_grad():
-        assert reference.prepare_scores(*case.embeddings, options64).own_A.abs().max() > 100
+        assert prepare_scores(inputs_of(case), options64).own_A.abs().max() > 100
     low = case.cast(torch.float32)
     options32 = _options(sim32)
     ref32, ref32_grads = _loss_and_grads(reference, low, options32, upstream, case.index)
@@ -261,7 +268,7 @@ def test_under_torch_compile():
     options = _options(sim)
 
     def loss(*embeddings):
-        return tm.per_row_loss(*embeddings, *case.ids, case.index, options, 0).sum()
+        return triton_modulated.per_row_loss(inputs_of(case, embeddings), case.index, options, 0).sum()
 
     leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
     compiled = torch.compile(loss, backend="eager", dynamic=False)

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-import hdccf_triton.reference as reference
+import hdccf_triton.backends.reference as reference
 from batches import make_batch
-from hdccf_triton import InteractionIndex, debiased_contrastive_loss
+from hdccf_triton import InteractionIndex, LossOptions, debiased_contrastive_loss
+from hdccf_triton.terms import LossInputs
 from naive import naive_row_losses
 
 t = lambda x, dtype=torch.float64: torch.tensor(x, dtype=dtype)  # noqa: E731
@@ -218,22 +219,20 @@ def test_rows_whose_negatives_are_all_false_negatives():
     assert b.pool_item_emb.grad.abs().max() == 0  # only the floor and s_k remain
 
 
-def test_chunked_rows_match_one_chunk(monkeypatch):
+def test_chunked_rows_match_one_chunk():
     b = make_batch(M=9, P=3, d=4, seed=10, scale=0.7, requires_grad=True)
-    kw = dict(interactions=b.index, omega_user=0.3, omega_item=0.2, similarity="cosine",
-              reduction="none", backend="torch")
+    options = LossOptions(omega_user=0.3, omega_item=0.2, similarity="cosine")
     upstream = torch.rand(9, dtype=torch.float64)
 
-    def run():
+    def run(chunk_elements):
         for x in b.embeddings:
             x.grad = None
-        out = debiased_contrastive_loss(*b.tensors, **kw)
+        out = reference.per_row_loss(LossInputs(*b.tensors), b.index, options, chunk_elements=chunk_elements)
         (out * upstream).sum().backward()
         return out.detach(), [x.grad.clone() for x in b.embeddings]
 
-    whole, whole_grads = run()
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * 27)  # chunks of 2 rows, checkpointed
-    chunked, chunked_grads = run()
+    whole, whole_grads = run(reference.CHUNK_ELEMENTS)
+    chunked, chunked_grads = run(2 * 27)  # chunks of 2 rows, checkpointed
     torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
     for g1, g2 in zip(chunked_grads, whole_grads):
         torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-13)

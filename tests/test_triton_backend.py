@@ -6,8 +6,9 @@ kernel modules for the current setting (``@triton.jit`` reads it when a module i
 and the kernels call Triton builtins only (not ``tl.sum``/``tl.max``/``tl.zeros``, which are
 themselves jitted when triton is first imported, maybe before the variable was set), so this
 module runs in one pytest process with any other, in any order, whoever imported triton
-first. Every output buffer is NaN-filled before the kernels write it (``_POISON_OUTPUTS``), so
-a tile a kernel forgets to write fails the comparison.
+first. Every output buffer is NaN-filled before the kernels write it
+(``LaunchOverrides(poison_outputs=True)``, through ``triton_helpers.Kernels``), so a tile a
+kernel forgets to write fails the comparison.
 
 Interpreter tests use tiny shapes (16×16 tiles; the interpreter is slow), float64 for tight
 comparisons with the float64 reference, and float32 compared with the float32 reference's own
@@ -25,25 +26,32 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
-import hdccf_triton.reference as reference  # noqa: E402
-import hdccf_triton.triton_backend as tb  # noqa: E402
+import hdccf_triton.backends._triton_runtime as runtime  # noqa: E402
+import hdccf_triton.backends.reference as reference  # noqa: E402
+import hdccf_triton.backends.triton_dot as triton_dot  # noqa: E402
 from hdccf_triton import InteractionIndex, debiased_contrastive_loss  # noqa: E402
 from hdccf_triton.options import LossOptions  # noqa: E402
+from hdccf_triton.terms import LossInputs, prepare_scores  # noqa: E402
 from triton_helpers import (  # noqa: E402
     Case,
+    Kernels,
     all_false_negative_case,
     assert_error_within_factor,
+    inputs_of,
     loss_and_grads,
     make_case,
     use_triton_mode,
 )
+
+#: the dot/cosine kernels with every output buffer NaN-poisoned
+tb = Kernels(triton_dot)
 
 DEBIASED = dict(omega_user=0.2, omega_item=0.3, lambda_user=0.7, lambda_item=1.3)
 
 
 @pytest.fixture(autouse=True)
 def _triton_mode(request, monkeypatch):
-    use_triton_mode(request, monkeypatch, tb)
+    use_triton_mode(request, monkeypatch)
 
 
 def _options(similarity="dot", debias=True, temperature=0.1, **kw):
@@ -51,26 +59,24 @@ def _options(similarity="dot", debias=True, temperature=0.1, **kw):
     return LossOptions(similarity=similarity, debias=debias, temperature=temperature, **{**extra, **kw})
 
 
-def _index_for(case: Case, index_mode):
-    """None (identity false negatives only), or the case's index read as a bitmap / sorted keys."""
-    if index_mode is None:
-        return None
-    tb._OVERRIDES["index_mode"] = index_mode
-    return case.index
+def _kernels_for(index_mode, **overrides):
+    """The kernels reading D as a bitmap (1) or sorted keys (2); None: no index at all."""
+    return Kernels(triton_dot, index_mode=index_mode, **overrides)
 
 
-def _compare_float64(case: Case, options, index_mode, *, seed=0, rtol=1e-10):
+def _compare_float64(case: Case, options, index_mode, *, seed=0, rtol=1e-10, **overrides):
     """Statistics, per-row loss and the four gradients, kernel vs reference, both in float64."""
-    index = _index_for(case, index_mode)
+    index = None if index_mode is None else case.index  # None: identity false negatives only
+    kern = _kernels_for(index_mode, **overrides)
     g = torch.Generator().manual_seed(seed)
     upstream = torch.rand(case.M, generator=g, dtype=torch.float64) * 2 - 0.5
 
     # the scores and statistics themselves (lse −inf where a row has no true negative; exact counts)
     with torch.no_grad():
-        rest = (*case.ids, index, options, case.row_offset)
-        got_scores, got = tb.fused_scores(*tb.kernel_inputs(*case.embeddings), *rest)
-        want_scores = reference.prepare_scores(*case.embeddings, options, case.row_offset)
-        want = reference.negative_statistics(*want_scores[:4], *rest)  # normalised for cosine
+        rest = (index, options, case.row_offset)
+        got_scores, got = kern.fused_scores(inputs_of(case, triton_dot.kernel_inputs(*case.embeddings)), *rest)
+        want_scores = prepare_scores(inputs_of(case), options, case.row_offset)
+        want = reference.negative_statistics(inputs_of(case, want_scores[:4]), *rest)  # normalised for cosine
     for name in ("s", "own_A", "own_B", "own_C", "own_E"):
         a, b = getattr(got_scores, name), getattr(want_scores, name)
         assert a.dtype == torch.float64 and a.shape == b.shape, name
@@ -82,7 +88,7 @@ def _compare_float64(case: Case, options, index_mode, *, seed=0, rtol=1e-10):
         assert torch.equal(torch.isneginf(a), torch.isneginf(b)), name
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol, msg=name)
 
-    loss, grads = loss_and_grads(tb, case, options, upstream, index=index)
+    loss, grads = loss_and_grads(kern, case, options, upstream, index=index)
     loss_ref, grads_ref = loss_and_grads(reference, case, options, upstream, index=index)
     torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=rtol)
     for name, a, b in zip(("user", "item", "pool_item", "pool_user"), grads, grads_ref):
@@ -126,9 +132,8 @@ _MEDIUM = {
 @pytest.mark.parametrize("name", list(_MEDIUM))
 def test_batches_of_37_rows_match_float64_reference(name):
     P, d, similarity, debias, index_mode, shape, overrides = _MEDIUM[name]
-    tb._OVERRIDES.update(overrides)
     case = make_case(37, P, d, seed=len(name), scale=0.6, num_users=11, num_items=13, **shape)
-    _compare_float64(case, _options(similarity, debias), index_mode, seed=1)
+    _compare_float64(case, _options(similarity, debias), index_mode, seed=1, **overrides)
 
 
 def test_huge_scores_need_the_max_shift():
@@ -144,8 +149,7 @@ def test_huge_scores_need_the_max_shift():
 def test_rows_without_true_negatives(index_mode):
     case = all_false_negative_case(P=2, d=8)
     with torch.no_grad():
-        stats = tb.negative_statistics(*case.embeddings, *case.ids, _index_for(case, index_mode),
-                                       _options(), 0)
+        stats = _kernels_for(index_mode).negative_statistics(inputs_of(case), case.index, _options(), 0)
     assert stats.n_item[0] == 0 and stats.n_user[0] == 0 and stats.n_item[1] == 0
     assert torch.isneginf(stats.lse_A[0]) and torch.isneginf(stats.lse_C[0])
     assert torch.isneginf(stats.lse_E[1]) and torch.isfinite(stats.lse_B[1])
@@ -166,7 +170,7 @@ def test_only_some_inputs_need_gradients():
     case = make_case(20, 2, 8, seed=4)
     leaves = [e.detach().clone() for e in case.embeddings]
     leaves[0].requires_grad_()  # only the user embeddings: the column pass is skipped
-    loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(), 0)
+    loss = tb.per_row_loss(inputs_of(case, leaves), case.index, _options(), 0)
     (got,) = torch.autograd.grad(loss.sum(), leaves[0])
     _, want = loss_and_grads(reference, case, _options())
     torch.testing.assert_close(got, want[0], rtol=1e-10, atol=1e-10)
@@ -281,10 +285,10 @@ def test_peak_memory_is_the_gradients(similarity):
     M, P, d = 40, 4, 32
     case = make_case(M, P, d, seed=17).cast(torch.bfloat16)
     leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
-    tb.interaction_bitmap(case.index)  # built once, outside the measurement
+    case.index.bitmap()  # built once, outside the measurement
     inputs = sum(e.numel() * e.element_size() for e in leaves)
     with harness.LiveBytes(preexisting=[*leaves, *case.ids], ignore=(torch.uint8,)) as probe:
-        loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(similarity), 0)
+        loss = triton_dot.per_row_loss(inputs_of(case, leaves), case.index, _options(similarity), 0)
         torch.autograd.grad(loss.sum(), leaves)
     per_row = 8 * (4 * P + 8)  # 8 bytes per row for each of the [4, M, P] scores and [8, M] statistics
     if similarity == "cosine":
@@ -314,9 +318,9 @@ def _bench_harness():
 
 
 def test_same_inputs_same_bits():
-    tb._OVERRIDES.update(col_splits=2, row_splits=2)
+    kern = Kernels(triton_dot, col_splits=2, row_splits=2)
     case = make_case(37, 1, 8, seed=14, scale=0.7).cast(torch.float32)
-    runs = [loss_and_grads(tb, case, _options()) for _ in range(2)]
+    runs = [loss_and_grads(kern, case, _options()) for _ in range(2)]
     (l1, g1), (l2, g2) = runs
     assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
@@ -334,7 +338,7 @@ def test_public_api_backend_triton_matches_torch():
 def test_under_torch_compile():
     # the kernels run behind a graph break; the rest of the loss is traced
     case = make_case(9, 2, 8, seed=16)
-    compiled = torch.compile(tb.per_row_loss, backend="eager", dynamic=False)
+    compiled = torch.compile(triton_dot.per_row_loss, backend="eager", dynamic=False)
     got, grads = loss_and_grads(type("B", (), {"per_row_loss": staticmethod(compiled)}), case, _options())
     want, want_grads = loss_and_grads(reference, case, _options())
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -343,23 +347,27 @@ def test_under_torch_compile():
 
 
 def test_unavailable_reason(monkeypatch):
-    assert tb.unavailable_reason(torch.device("cpu")) is None  # interpreter on CPU tensors
+    assert runtime.unavailable_reason(torch.device("cpu")) is None  # interpreter on CPU tensors
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert "TRITON_INTERPRET=1" in tb.unavailable_reason(torch.device("cpu"))
+    assert "TRITON_INTERPRET=1" in runtime.unavailable_reason(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "CPU tensors only" in tb.unavailable_reason(torch.device("cuda"))
+    assert "CPU tensors only" in runtime.unavailable_reason(torch.device("cuda"))
 
 
 def test_kernels_follow_the_interpreter_setting(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.delenv("TRITON_INTERPRET")
-    compiled = tb._kernels()  # decorating needs no GPU
-    assert not isinstance(compiled.fwd.negative_stats_fwd_kernel, InterpretedFunction)
+    compiled = runtime.load_kernels()  # decorating needs no GPU
+    assert not isinstance(compiled.negative_stats_fwd.negative_stats_fwd_kernel, InterpretedFunction)
+    assert not isinstance(compiled.modulated_bwd.modulated_stats_bwd_cols_kernel, InterpretedFunction)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    interpreted = tb._kernels()
-    for fn in (interpreted.fwd.negative_stats_fwd_kernel, interpreted.bwd.negative_stats_bwd_rows_kernel,
-               interpreted.bwd.negative_stats_bwd_cols_kernel, interpreted.membership.index_contains):
+    interpreted = runtime.load_kernels()
+    for fn in (interpreted.negative_stats_fwd.negative_stats_fwd_kernel,
+               interpreted.negative_stats_bwd.negative_stats_bwd_rows_kernel,
+               interpreted.negative_stats_bwd.negative_stats_bwd_cols_kernel, interpreted.membership.index_contains,
+               interpreted.modulated_fwd.modulated_stats_fwd_kernel,
+               interpreted.modulated_bwd.modulated_stats_bwd_cols_kernel):
         assert isinstance(fn, InterpretedFunction)
 
 
@@ -372,48 +380,40 @@ def test_membership_lookup_matches_the_index(index_mode, n_pairs):
     if n_pairs >= 3:  # the first and the last key of the id space
         keys[0], keys[1] = 0, num_users * num_items - 1
     index = InteractionIndex.from_pairs(keys // num_items, keys % num_items, num_users, num_items)
-    tb._OVERRIDES["index_mode"] = index_mode
-    layout = tb._index_layout(index, _options(), torch.device("cpu"))
+    layout = runtime.index_layout(index, True, torch.device("cpu"), index_mode)
     assert layout.mode == index_mode
     qu, qi = torch.meshgrid(torch.arange(num_users), torch.arange(num_items), indexing="ij")
     qu, qi = qu.reshape(-1).contiguous(), qi.reshape(-1).contiguous()
     out = torch.full((qu.numel(),), -1, dtype=torch.int8)
-    tb._kernels().membership.membership_probe_kernel[(triton_cdiv(qu.numel(), 32),)](
+    runtime.load_kernels().membership.membership_probe_kernel[(runtime.cdiv(qu.numel(), 32),)](
         qu, qi, out, layout.tensor, layout.n_keys, layout.num_items, qu.numel(),
         INDEX_MODE=layout.mode, SEARCH_STEPS=layout.search_steps, BLOCK=32,
     )
     assert torch.equal(out.bool(), index.contains(qu, qi))
 
 
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
-def test_bitmap_is_built_once_and_right():
-    pairs = [(0, 0), (0, 31), (1, 1), (2, 30), (3, 32), (5, 12)]
-    index = InteractionIndex.from_pairs(*zip(*pairs), num_users=6, num_items=33)
-    words = tb.interaction_bitmap(index)
-    assert tb.interaction_bitmap(index) is words
-    assert words.dtype == torch.int32 and words.numel() == (6 * 33 + 31) // 32
-    bits = [(int(words[k // 32]) >> (k % 32)) & 1 for k in range(6 * 33)]
-    assert {k for k, b in enumerate(bits) if b} == set(index.keys.tolist())
-    assert (int(words[0]) >> 31) & 1 == 1  # key 31 = (0, 31): the sign bit of word 0
-
-
 def test_launch_config_on_cpu():
     for d, block_d in ((1, 16), (8, 16), (24, 32), (64, 64), (200, 256), (256, 256)):
-        assert tb.launch_config(37, 111, d, torch.device("cpu")).block_d == block_d
-    tb._OVERRIDES.update(block_m=32, col_splits=3, row_splits=2)
-    c = tb.launch_config(37, 111, 8, torch.device("cpu"))
+        assert triton_dot.launch_config(37, 111, d, torch.device("cpu")).block_d == block_d
+    overrides = runtime.LaunchOverrides(block_m=32, col_splits=3, row_splits=2)
+    c = triton_dot.launch_config(37, 111, 8, torch.device("cpu"), overrides=overrides)
     assert (c.fwd.block_m, c.fwd.block_n, c.fwd.splits) == (32, 16, 3)
     assert (c.rows.splits, c.cols.splits, c.cols.block_m) == (3, 2, 32)
-    assert tb._split_size(111, 3, 16) == (48, 3)
-    assert tb._split_size(111, 100, 16) == (16, 7)
-    assert tb._split_size(5, 4, 16) == (16, 1)
+    assert runtime.split_size(111, 3, 16) == (48, 3)
+    assert runtime.split_size(111, 100, 16) == (16, 7)
+    assert runtime.split_size(5, 4, 16) == (16, 1)
+
+
+def test_launch_config_replays_a_gpu_on_the_cpu():
+    # sm_count takes the GPU branch without a GPU: the H100's 132 SMs at M = 4096, P = 4, d = 64
+    c = triton_dot.launch_config(4096, 16384, 64, torch.device("cpu"), torch.bfloat16,
+                                 runtime.LaunchOverrides(sm_count=132))
+    assert c.num_stages == 2 and (c.fwd.block_m, c.fwd.block_n, c.fwd.num_warps) == triton_dot._GPU_TILES[64][0]
+    assert c.fwd.splits == 3  # ceil(132 SMs / 64 row blocks)
 
 
 def test_gpu_tile_tables_are_valid_for_tl_dot():
-    for tiles in (*tb._GPU_TILES.values(), *tb._GPU_TILES_FMA.values()):
+    for tiles in (*triton_dot._GPU_TILES.values(), *triton_dot._GPU_TILES_FMA.values()):
         for block_m, block_n, warps in tiles:
             assert block_m >= 16 and block_n >= 16 and warps in (4, 8)
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0
@@ -476,12 +476,12 @@ def test_gpu_bit_identical_runs(dtype):
 def test_gpu_peak_memory_is_linear_in_the_batch():
     M, P, d = 8192, 4, 64
     case = _gpu_case(M, P, d, torch.bfloat16, seed=4)
-    tb.interaction_bitmap(case.index)  # built once, outside the measurement
+    case.index.bitmap()  # built once, outside the measurement
     leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = tb.per_row_loss(*leaves, *case.ids, case.index, _options(), 0)
+    loss = triton_dot.per_row_loss(inputs_of(case, leaves), case.index, _options(), 0)
     torch.autograd.grad(loss.sum(), leaves)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
@@ -503,12 +503,11 @@ def test_gpu_largest_batch_smoke():
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
     rows = 8  # the first rows against the reference (their own blocks are blocks 0..7)
     emb = [e.detach() for e in case.embeddings]
+    ids = (case.ids[0][:rows], case.ids[1][:rows], case.ids[2], case.ids[3])
+    first = (emb[0][:rows], emb[1][:rows], emb[2], emb[3])
     with torch.no_grad():
-        got = tb.negative_statistics(emb[0][:rows], emb[1][:rows], emb[2], emb[3], case.ids[0][:rows],
-                                     case.ids[1][:rows], case.ids[2], case.ids[3], case.index, _options(), 0)
-        want = reference.negative_statistics(*(e.float() for e in (emb[0][:rows], emb[1][:rows], emb[2], emb[3])),
-                                             case.ids[0][:rows], case.ids[1][:rows], case.ids[2], case.ids[3],
-                                             case.index, _options(), 0)
+        got = tb.negative_statistics(LossInputs(*first, *ids), case.index, _options(), 0)
+        want = reference.negative_statistics(LossInputs(*(e.float() for e in first), *ids), case.index, _options(), 0)
     assert torch.equal(got.n_item, want.n_item) and torch.equal(got.n_user, want.n_user)
     for name in ("lse_A", "lse_B", "lse_C", "lse_E"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4)
@@ -528,4 +527,4 @@ def test_gpu_autocast():
 def test_gpu_auto_backend_is_triton():
     from hdccf_triton.loss import select_backend
 
-    assert select_backend("auto", torch.device("cuda")) is tb
+    assert select_backend("auto", torch.device("cuda")) is triton_dot

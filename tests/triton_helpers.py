@@ -5,6 +5,7 @@ Kept apart from the other test helpers so that the Triton tests depend only on t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from hdccf_triton import InteractionIndex
+from hdccf_triton.backends._triton_runtime import LaunchOverrides
+from hdccf_triton.terms import LossInputs
 
 
 @dataclass
@@ -79,11 +82,28 @@ def all_false_negative_case(P=2, d=8, *, dtype=torch.float64, seed=3) -> Case:
                 [users, items, pool_items, pool_users], index)
 
 
+class Kernels:
+    """A Triton backend module called with explicit :class:`LaunchOverrides`: every output
+    buffer NaN-poisoned, plus the given tiles, splits or index mode."""
+
+    def __init__(self, module, **overrides):
+        self.module = module
+        self.overrides = LaunchOverrides(poison_outputs=True, **overrides)
+
+    def __getattr__(self, name):  # per_row_loss, negative_statistics, fused_scores
+        return functools.partial(getattr(self.module, name), overrides=self.overrides)
+
+
+def inputs_of(case: Case, embeddings=None) -> LossInputs:
+    """The case's LossInputs (with other embeddings if given)."""
+    return LossInputs(*(case.embeddings if embeddings is None else embeddings), *case.ids)
+
+
 def loss_and_grads(backend, case: Case, options, upstream=None, *, index="case"):
     """``backend.per_row_loss`` on fresh leaves, and the gradients of Σ upstream·loss."""
     leaves = [e.detach().clone().requires_grad_() for e in case.embeddings]
     interactions = case.index if index == "case" else index
-    loss = backend.per_row_loss(*leaves, *case.ids, interactions, options, case.row_offset)
+    loss = backend.per_row_loss(inputs_of(case, leaves), interactions, options, case.row_offset)
     if upstream is None:
         upstream = torch.ones_like(loss)
     grads = torch.autograd.grad(loss, leaves, upstream.to(loss.dtype), allow_unused=True)
@@ -111,16 +131,12 @@ def assert_error_within_factor(got, ref_low, truth, *, factor=4.0, atol=0.0, wha
     )
 
 
-def use_triton_mode(request, monkeypatch, *backends) -> None:
+def use_triton_mode(request, monkeypatch) -> None:
     """The Triton tests' setting: the interpreter on CPU tensors, or the real GPU for tests
-    marked ``gpu`` (skipped without CUDA); every output buffer of ``backends`` NaN-poisoned, and
-    their launch overrides cleared."""
+    marked ``gpu`` (skipped without CUDA)."""
     if request.node.get_closest_marker("gpu"):
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for module in backends:
-        monkeypatch.setattr(module, "_POISON_OUTPUTS", True)
-        monkeypatch.setattr(module, "_OVERRIDES", {})

@@ -13,3 +13,7 @@
 to another. Every backend has the signature
 ``per_row_loss(inputs, interactions, options, row_offset=0) -> [M]``.
 """
+
+from ._triton_runtime import unavailable_reason
+
+__all__ = ["unavailable_reason"]

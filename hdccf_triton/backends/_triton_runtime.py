@@ -68,7 +68,9 @@ def load_kernels() -> SimpleNamespace:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import KernelInterface
 
-    modules = [importlib.import_module(f"hdccf_triton.kernels.{name}") for name in _KERNEL_MODULES]
+    from hdccf_triton.kernels import membership, modulated_bwd, modulated_fwd, negative_stats_bwd, negative_stats_fwd
+
+    modules = [membership, negative_stats_fwd, negative_stats_bwd, modulated_fwd, modulated_bwd]  # dependency order
     interpret = interpreting()
     decorated = [v for m in modules for v in vars(m).values() if isinstance(v, KernelInterface)]
     if any(isinstance(v, InterpretedFunction) != interpret for v in decorated):
