@@ -1,6 +1,6 @@
 """In-kernel false-negative flags: "is (u, i) a training pair?" and the true-negative masks.
 
-SPEC.md marks column j of row k as a false negative when its id equals the anchor's, or when
+hdccf_triton/LOSS.md ("False negatives") marks column j of row k as a false negative when its id equals the anchor's, or when
 the pair it forms with the anchor is in the training set D. The kernels ask this for every
 element of a [BLOCK_M, BLOCK_N] tile, so D is looked up inside the kernel, never as an
 M × N·P mask in memory. Two layouts of D, chosen by the constexpr ``INDEX_MODE``:
@@ -89,7 +89,7 @@ def true_negative_masks(
     index, n_keys, num_items,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    """The true-negative masks (Tᴵ, Tᵁ) of SPEC.md on a tile, from broadcastable id tiles.
+    """The true-negative masks (Tᴵ, Tᵁ) of hdccf_triton/LOSS.md on a tile, from broadcastable id tiles.
 
     Row-major tiles pass the row ids as ``[BLOCK_M, 1]`` and the column ids as
     ``[1, BLOCK_N]``; transposed tiles the other way round. Ids may be int32 (the Triton

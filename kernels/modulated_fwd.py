@@ -19,7 +19,7 @@ lse_A, lse_E over Tᴵ_k, lse_B, lse_C over Tᵁ_k, −inf when empty, and the c
 shape [M, N·P] or [M, N·P, d] exists in memory. Everything runs in the operands' dtype (fp32,
 or fp64), which the host has already cast to.
 
-Operand layout (host: ``hdccf_triton.triton_modulated``): rows ``R [8, M, D]`` with slots
+Operand layout (host: ``hdccf_triton.backends.triton_modulated``): rows ``R [8, M, D]`` with slots
 0 p_u, 1 e_u, 2 h_u, 3 q_i, 4 e_i, 5 h_i, 6 c_u, 7 c_i; columns ``C [8, NP, D]`` with slots
 0 q_X, 1 e_X, 2 h_X, 3 p_Y, 4 e_Y, 5 h_Y, 6 c_X, 7 c_Y; ``W3 [D, D]`` (W3[c, c'] multiplies
 (e_i⊙e_u)_c' in m_c).

@@ -1,4 +1,4 @@
-"""SPEC.md written as literally as possible, one row and one column at a time, in Decimal.
+"""hdccf_triton/LOSS.md written as literally as possible, one row and one column at a time, in Decimal.
 
 An oracle independent of the library: no log-sum-exp, no masks, no vectorisation. Decimal
 arithmetic (60 significant digits) holds e^{±500} exactly enough, so it is also the ground
@@ -29,7 +29,7 @@ def naive_row_losses(
     pairs=(), temperature=0.1, omega_user=0.0, omega_item=0.0, lambda_user=1.0,
     lambda_item=1.0, similarity="dot", debias=True,
 ):
-    """Per-row loss of SPEC.md as a list of Decimals. ``pairs``: the training pairs D."""
+    """Per-row loss of hdccf_triton/LOSS.md as a list of Decimals. ``pairs``: the training pairs D."""
 
     def f(a, b):
         if similarity == "cosine":
@@ -45,7 +45,7 @@ def naive_row_losses(
 
 def literal_row_losses(U, I, X, Y, P, users, items, pool_items, pool_users, f, f_aux, pairs,
                        temperature, omega_user, omega_item, lambda_user, lambda_item, debias):
-    """SPEC.md for Decimal row vectors U, I ``[M][·]`` and flattened pools X, Y ``[M·P][·]``, with
+    """hdccf_triton/LOSS.md for Decimal row vectors U, I ``[M][·]`` and flattened pools X, Y ``[M·P][·]``, with
     f the user–item similarity (s, A, B) and f_aux that of the user–user and item–item terms."""
     M = len(U)
     users, items = users.tolist(), items.tolist()

@@ -1,4 +1,4 @@
-"""SPEC.md with the modulated similarity (eqs. 7-8), one pair at a time, in Decimal.
+"""hdccf_triton/LOSS.md with the modulated similarity (eqs. 7-8), one pair at a time, in Decimal.
 
 The companion of ``naive.py`` for ``similarity=ModulatedSimilarity``: no library code, no
 split of g's weight, no chunks. g is applied to the literal concatenation [e_i ; e_u ; e_i⊙e_u]

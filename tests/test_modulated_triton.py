@@ -1,7 +1,7 @@
 """The modulated-similarity kernels against the float64 PyTorch reference.
 
 Without a GPU they run in Triton's CPU interpreter: an autouse fixture sets
-``TRITON_INTERPRET=1`` per test (as ``test_triton_backend.py`` does) and the backend reloads
+``TRITON_INTERPRET=1`` per test (as ``test_triton_dot.py`` does) and the backend reloads
 the kernel modules for the current setting, so this module runs in one pytest process with
 any other, in any order. Every output buffer is NaN-filled first (``LaunchOverrides(poison_outputs=True)``), so an
 unwritten tile fails the comparison. Compared: the statistics (lse and counts), the per-row

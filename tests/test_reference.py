@@ -1,4 +1,4 @@
-"""The PyTorch reference against SPEC.md: a hand-worked batch, a literal Decimal oracle,
+"""The PyTorch reference against hdccf_triton/LOSS.md: a hand-worked batch, a literal Decimal oracle,
 gradcheck, and the identities the spec implies."""
 
 import math

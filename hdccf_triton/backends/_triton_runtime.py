@@ -23,7 +23,7 @@ import torch
 from ..interactions import InteractionIndex
 
 __all__ = [
-    "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout",
+    "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout", "CallSetup",
     "kernel_ids", "check_row_offset", "split_size", "accumulation_dtype", "empty", "merge_splits",
     "cdiv", "without_dynamo",
 ]
@@ -167,6 +167,45 @@ def kernel_ids(ids: tuple, interactions: InteractionIndex | None) -> tuple:
     narrow = interactions is not None and max(interactions.num_users, interactions.num_items) <= 2**31
     id_dtype = torch.int32 if narrow else torch.int64
     return tuple(t.reshape(-1).to(id_dtype).contiguous() for t in ids)
+
+
+@dataclass(frozen=True)
+class CallSetup:
+    """What the kernels of one call read besides the differentiable tensors: the part both
+    Triton backends share (each extends it with its own fields)."""
+
+    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
+    index: IndexLayout
+    debias: bool
+    temperature: float
+    row_offset: int
+    P: int
+    poison: bool  # NaN-fill the output buffers first (LaunchOverrides.poison_outputs)
+
+    @classmethod
+    def of(cls, inputs, interactions: InteractionIndex | None, options, row_offset: int,
+           overrides: LaunchOverrides, **extra):
+        """The setup of one call on validated ``inputs`` (a LossInputs) under ``options``;
+        ``extra``: the fields of a subclass."""
+        M = inputs.user_emb.shape[0]
+        N, P = inputs.pool_item_emb.shape[:2]
+        return cls(
+            ids=kernel_ids(inputs.ids, interactions),
+            index=index_layout(interactions, options.debias, inputs.user_emb.device, overrides.index_mode),
+            debias=options.debias,
+            temperature=options.temperature,
+            row_offset=check_row_offset(row_offset, M, N),
+            P=P,
+            poison=overrides.poison_outputs,
+            **extra,
+        )
+
+    def index_args(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """The kernels' arguments after their operands: the four id vectors, D's layout
+        (tensor, number of keys, num_items) and the scale 1/τ (``[1]`` in ``dtype``)."""
+        layout = self.index
+        scale = torch.full((1,), 1.0 / self.temperature, dtype=dtype, device=device)
+        return (*self.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
 
 
 def check_row_offset(row_offset: int, M: int, N: int) -> int:

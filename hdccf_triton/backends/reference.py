@@ -31,14 +31,8 @@ __all__ = ["per_row_loss", "negative_statistics", "CHUNK_ELEMENTS"]
 CHUNK_ELEMENTS = 1 << 22
 
 
-def per_row_loss(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> torch.Tensor:
+def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
+                 row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """loss[k] of hdccf_triton/LOSS.md for every row (inputs validated, similarity reduced).
 
     Args:
@@ -58,14 +52,8 @@ def per_row_loss(
     return combine_terms(scores, stats, options)
 
 
-def negative_statistics(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> NegativeStats:
+def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
+                        row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS) -> NegativeStats:
     """Per-row log-sums over the (true) negatives and their counts, chunked over rows.
 
     Args:

@@ -38,23 +38,16 @@ from ..interactions import InteractionIndex
 from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, Scores, combine_terms
 from ._triton_runtime import (
-    NO_OVERRIDES, IndexLayout, LaunchOverrides, accumulation_dtype, cdiv, check_row_offset, empty, index_layout,
-    interpreting,
-    kernel_ids, load_kernels, merge_splits, sm_count, split_size, without_dynamo,
+    NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, interpreting, load_kernels,
+    merge_splits, sm_count, split_size, without_dynamo,
 )
 
 __all__ = ["per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores", "negative_statistics",
            "LaunchConfig", "KernelLaunch", "launch_config"]
 
 
-def per_row_loss(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
-    overrides: LaunchOverrides = NO_OVERRIDES,
-) -> torch.Tensor:
+def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
+                 row_offset: int = 0, *, overrides: LaunchOverrides = NO_OVERRIDES) -> torch.Tensor:
     """loss[k] of hdccf_triton/LOSS.md for every row, with ``options.similarity`` a
     :class:`~hdccf_triton.similarity.Dot` or :class:`~hdccf_triton.similarity.Cosine`; the
     arguments of :func:`hdccf_triton.backends.reference.per_row_loss`.
@@ -104,14 +97,8 @@ def kernel_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def negative_statistics(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
-    overrides: LaunchOverrides = NO_OVERRIDES,
-) -> NegativeStats:
+def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
+                        row_offset: int = 0, *, overrides: LaunchOverrides = NO_OVERRIDES) -> NegativeStats:
     """:func:`hdccf_triton.backends.reference.negative_statistics` in the fused Triton kernels:
     the statistics part of :func:`fused_scores` (same arguments)."""
     return fused_scores(inputs, interactions, options, row_offset, overrides=overrides)[1]
@@ -119,11 +106,7 @@ def negative_statistics(
 
 @without_dynamo
 def fused_scores(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
+    inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions, row_offset: int = 0, *,
     overrides: LaunchOverrides = NO_OVERRIDES,
 ) -> tuple[Scores, NegativeStats]:
     """Every score the loss needs, from the fused kernels, differentiable in the embeddings.
@@ -144,17 +127,11 @@ def fused_scores(
     M, d = U.shape
     N, P, _ = X.shape
     cosine = options.similarity.normalize
-    setup = _Setup(
-        ids=kernel_ids(inputs.ids, interactions),
+    setup = _Setup.of(
+        inputs, interactions, options, row_offset, overrides,
         inv_norms=tuple(inverse_norms(t.reshape(-1, d)) for t in (U, I, X, Y)) if cosine else None,
-        index=index_layout(interactions, options.debias, U.device, overrides.index_mode),
         cosine=cosine,
-        debias=options.debias,
-        temperature=options.temperature,
-        row_offset=check_row_offset(row_offset, M, N),
-        P=P,
         config=launch_config(M, N * P, d, U.device, U.dtype, overrides),
-        poison=overrides.poison_outputs,
     )
     X2 = X.reshape(N * P, d)
     Y2 = Y.reshape(N * P, d)
@@ -166,19 +143,12 @@ def fused_scores(
 
 
 @dataclass(frozen=True)
-class _Setup:
+class _Setup(CallSetup):
     """Everything about one call that is not a differentiable tensor."""
 
-    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
     inv_norms: tuple | None  # cosine: inverse norms of U [M], I [M], X [NP], Y [NP]; else None
-    index: IndexLayout
     cosine: bool
-    debias: bool
-    temperature: float
-    row_offset: int
-    P: int
     config: "LaunchConfig"
-    poison: bool  # NaN-fill the output buffers first (LaunchOverrides.poison_outputs)
 
 
 class _FusedScores(torch.autograd.Function):
@@ -339,10 +309,9 @@ def launch_config(
 
 def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
     """The kernels' leading arguments, up to ``scale, RU, RI, RX, RY`` (the last five)."""
-    layout = setup.index
-    scale = torch.full((1,), 1.0 / setup.temperature, dtype=acc_dtype, device=U.device)
-    norms = setup.inv_norms or (scale,) * 4  # never read without COSINE
-    return (U, I, X, Y, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale, *norms)
+    index_args = setup.index_args(acc_dtype, U.device)
+    norms = setup.inv_norms or index_args[-1:] * 4  # never read without COSINE
+    return (U, I, X, Y, *index_args, *norms)
 
 
 def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:

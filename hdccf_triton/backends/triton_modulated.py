@@ -34,21 +34,15 @@ from ..interactions import InteractionIndex
 from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
 from ._triton_runtime import (
-    NO_OVERRIDES, IndexLayout, LaunchOverrides, accumulation_dtype, cdiv, check_row_offset, empty, index_layout,
-    kernel_ids, load_kernels, merge_splits, sm_count, split_size, without_dynamo,
+    NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, load_kernels, merge_splits, sm_count,
+    split_size, without_dynamo,
 )
 
 __all__ = ["per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
 
 
-def per_row_loss(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
-    overrides: LaunchOverrides = NO_OVERRIDES,
-) -> torch.Tensor:
+def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
+                 row_offset: int = 0, *, overrides: LaunchOverrides = NO_OVERRIDES) -> torch.Tensor:
     """loss[k] of hdccf_triton/LOSS.md with ``options.similarity`` a ModulatedSimilarity that
     modulates (the all-ones one is reduced to the dot kernels before dispatch); the arguments
     of :func:`hdccf_triton.backends.reference.per_row_loss` (embeddings ``[.., 2·dim]``).
@@ -62,14 +56,8 @@ def per_row_loss(
 
 
 @without_dynamo
-def negative_statistics(
-    inputs: LossInputs,
-    interactions: InteractionIndex | None,
-    options: LossOptions,
-    row_offset: int = 0,
-    *,
-    overrides: LaunchOverrides = NO_OVERRIDES,
-) -> NegativeStats:
+def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
+                        row_offset: int = 0, *, overrides: LaunchOverrides = NO_OVERRIDES) -> NegativeStats:
     """:func:`hdccf_triton.backends.reference.negative_statistics` of a ModulatedSimilarity, fused.
 
     Args:
@@ -92,17 +80,8 @@ def negative_statistics(
     acc = accumulation_dtype(U.dtype)
     with torch.autocast(U.device.type, enabled=False):
         R, C, W3 = _operands(U, I, X.reshape(N * P, -1), Y.reshape(N * P, -1), sim, acc)
-        setup = _Setup(
-            ids=kernel_ids(inputs.ids, interactions),
-            index=index_layout(interactions, options.debias, U.device, overrides.index_mode),
-            normalize=sim.normalize,
-            debias=options.debias,
-            temperature=options.temperature,
-            row_offset=check_row_offset(row_offset, M, N),
-            P=P,
-            config=launch_config(M, N * P, sim.dim, U.device, overrides),
-            poison=overrides.poison_outputs,
-        )
+        setup = _Setup.of(inputs, interactions, options, row_offset, overrides, normalize=sim.normalize,
+                          config=launch_config(M, N * P, sim.dim, U.device, overrides))
         outs = _ModulatedStatistics.apply(R, C, W3, setup)
     return NegativeStats(*outs)
 
@@ -129,18 +108,11 @@ def _operands(U, I, X, Y, sim, acc):
 
 
 @dataclass(frozen=True)
-class _Setup:
+class _Setup(CallSetup):
     """Everything about one call that is not a differentiable tensor."""
 
-    ids: tuple  # users [M], items [M], x_ids [NP], y_ids [NP]: int32 or int64, contiguous
-    index: IndexLayout
     normalize: bool
-    debias: bool
-    temperature: float
-    row_offset: int
-    P: int
     config: "LaunchConfig"
-    poison: bool  # NaN-fill the output buffers first (LaunchOverrides.poison_outputs)
 
 
 class _ModulatedStatistics(torch.autograd.Function):
@@ -218,9 +190,7 @@ def launch_config(
 
 
 def _common_args(R, C, W3, setup: _Setup):
-    layout = setup.index
-    scale = torch.full((1,), 1.0 / setup.temperature, dtype=R.dtype, device=R.device)
-    return (R, C, W3, *setup.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
+    return (R, C, W3, *setup.index_args(R.dtype, R.device))
 
 
 def _constexprs(setup: _Setup) -> dict:
