@@ -7,7 +7,7 @@
 # The GPU machine has torch and triton but no polars and no network, so the split is made here
 # first and carried along (runs/ is git-ignored; MovieLens is never committed):
 #
-#   python examples/train_ml1m.py --data-dir ../shared/data --save-data runs/ml1m_chronological.pt
+#   python examples/train_ml1m.py --data-dir DIR --save-data runs/ml1m_chronological.pt   # DIR: a folder with ratings.dat
 #   bash examples/gpu_ml1m.sh                      # on the GPU machine, from the repository root
 #
 # BUDGET (seconds, default 420) bounds the training: each run is then sent SIGTERM, which the
@@ -25,7 +25,7 @@ DEVICE="${DEVICE:-cuda}"
 EXTRA="${EXTRA:-}"
 if [ ! -f "$DATA" ]; then
   echo "$DATA is missing: make it on a machine with the data and polars, then carry it:" >&2
-  echo "  python examples/train_ml1m.py --data-dir ../shared/data --save-data $DATA" >&2
+  echo "  python examples/train_ml1m.py --data-dir DIR --save-data $DATA   # DIR: a folder with ratings.dat" >&2
   exit 2
 fi
 mkdir -p "$RESULTS"

@@ -1,14 +1,23 @@
-"""Summarise results JSONs of train_ml1m.py into a Markdown table: mean ± std over seeds.
+"""Summarise results JSONs of train_ml1m.py: Markdown tables (mean ± std over seeds) and plots.
 
     python examples/summarize_results.py runs/*/results.json
     python examples/summarize_results.py examples/results/ml1m/*.json --split test
     python examples/summarize_results.py examples/results/ml1m_tuning/*.json --per-run
+    python examples/summarize_results.py --markdown            # README's headline table
+    python examples/summarize_results.py runs/*/results.json --plot valid_ndcg.png
+
+Without file arguments the committed runs, examples/results/ml1m/*.json, are read.
 
 Runs are grouped by everything in their config except the seed and the output paths; each
 group gives one row with the number of seeds and, for HR@10, NDCG@10 and NDCG@50 under the
 sampled and the full protocol, the mean ± the sample standard deviation over its seeds.
 With `--per-run`, each run gives one row instead: its hyperparameters, epochs, the tuned prior
 strength and its validation sampled NDCG@10 (the selection criterion), best first: a tuning log.
+With `--markdown`, the rows are the methods of HEADLINE at their chosen settings (the table
+README.md shows between its results-table markers; tests/test_results_table.py checks that
+the two agree). With `--plot PNG`, validation NDCG@10 per epoch of each group is drawn (the
+mean over seeds, their range shaded); each curve is labelled by its loss and ablation flags,
+plus the settings that tell it apart from a same-named curve (e.g. "batch_size 128").
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results" / "ml1m"
 METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 #: config keys that do not define a method
 IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed", "save_data"}
@@ -151,12 +161,12 @@ def group_runs(results: list[dict], label=describe) -> tuple[dict[str, list[dict
     return groups, disambiguate(names)
 
 
-def summarize(paths: list[Path], split: str = "test") -> str:
-    groups, names = group_runs([json.loads(Path(path).read_text()) for path in paths])
+def metric_rows(rows: list[tuple[str, list[dict]]], split: str) -> str:
+    """A Markdown table: one row per (name, runs), with the seed count and mean ± std of each metric."""
     header = ["method", "seeds"] + [f"{p} {m}" for p in ("sampled", "full") for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, results in groups.items():
-        cells = [names[key], str(len(results))]
+    for name, results in rows:
+        cells = [name, str(len(results))]
         for protocol in ("sampled", "full"):
             for metric in METRICS:
                 values = [r[split][protocol][metric] for r in results]
@@ -166,14 +176,110 @@ def summarize(paths: list[Path], split: str = "test") -> str:
     return "\n".join(lines)
 
 
+def summarize(paths: list[Path], split: str = "test") -> str:
+    groups, names = group_runs([json.loads(Path(path).read_text()) for path in paths])
+    return metric_rows([(names[key], results) for key, results in groups.items()], split)
+
+
+#: The README's headline rows: each method at the setting its tuning chose (examples/results/README.md),
+#: at the cpu preset's batch, on the chronological split. A row's runs are those whose config has every
+#: listed value; they must form one group of :func:`group_key` (the seeds of one setting).
+HEADLINE_BATCH = dict(split="auto", batch_size=512, pool=2, dim=64, item_prior="tune")
+HEADLINE = (
+    ("HDCCF, dot, ω = 0, τ = 0.7", dict(loss="hdccf", similarity="dot", temperature=0.7, omega_user=0.0,
+                                      omega_item=0.0, lambda_user=1.0, lambda_item=1.0, no_debias=False)),
+    ("in-batch softmax, τ = 1.0", dict(loss="softmax", similarity="dot", temperature=1.0, lr=0.001,
+                                      weight_decay=0.0)),
+    ("BPR-MF, wd 0.001", dict(loss="bpr", lr=0.001, weight_decay=0.001)),
+)
+
+
+def headline(paths: list[Path], split: str = "test") -> str:
+    """The headline table of README.md: the HEADLINE rows, mean ± std over each setting's seeds."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    rows = []
+    for name, settings in HEADLINE:
+        wanted = {**HEADLINE_BATCH, **settings}
+        runs = [r for r in results if all(r["config"].get(k) == v for k, v in wanted.items())]
+        settings_found = {group_key(r["config"]) for r in runs}
+        if len(settings_found) != 1:
+            raise ValueError(f"headline row {name!r}: expected the seeds of one setting among the results, "
+                             f"found {len(runs)} runs of {len(settings_found)} settings")
+        rows.append((name, sorted(runs, key=lambda r: r["config"]["seed"])))
+    return metric_rows(rows, split)
+
+
+def run_label(c: dict) -> str:
+    """A plot curve's name from a run's config ``c``: the loss, its ablation flags and τ."""
+    if c["loss"] == "bpr":
+        return "BPR"
+    if c["loss"] == "softmax":
+        parts = ["in-batch softmax"]
+    else:
+        parts = ["HDCCF", *hdccf_variant(c, without="w/o")]
+    if c.get("temperature") is not None:
+        parts.append(f"τ={c['temperature']:g}")
+    if c["loss"] == "hdccf" and c.get("similarity") != "modulated":
+        parts.append(f"({c.get('similarity')})")
+    return " ".join(parts)
+
+
+def validation_curves(results: list[dict], protocol: str = "sampled", metric: str = "NDCG@10") -> dict[str, list[list[float]]]:
+    """Label → one list of per-epoch validation values per seed."""
+    groups, names = group_runs(results, label=run_label)
+    return {names[key]: [[h["valid"][protocol][metric] for h in r["history"] if "valid" in h] for r in runs]
+            for key, runs in groups.items()}
+
+
+def plot(paths: list[Path], out: Path, protocol: str = "sampled", metric: str = "NDCG@10") -> None:
+    """Draw the validation ``metric`` per epoch of every group of runs into the PNG ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves = validation_curves([json.loads(Path(path).read_text()) for path in paths], protocol, metric)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in sorted(curves.items()):
+        n = min(len(r) for r in runs)
+        arr = np.array([r[:n] for r in runs])
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, arr.mean(0), marker="o", ms=3, label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, arr.min(0), arr.max(0), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric} ({protocol})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", type=Path, help="results JSON files")
+    parser.add_argument("results", nargs="*", type=Path,
+                        help="results JSON files (default: examples/results/ml1m/*.json)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
-    parser.add_argument("--per-run", action="store_true",
-                        help="one row per run with its hyperparameters and validation score (a tuning log)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--per-run", action="store_true",
+                      help="one row per run with its hyperparameters and validation score (a tuning log)")
+    mode.add_argument("--markdown", action="store_true",
+                      help="the headline table of README.md: each method at its chosen setting, chronological split")
+    mode.add_argument("--plot", metavar="PNG", type=Path, default=None,
+                      help="draw validation --metric per epoch (--protocol) of each group of runs into PNG")
+    parser.add_argument("--protocol", default="sampled", choices=["sampled", "full"], help="with --plot")
+    parser.add_argument("--metric", default="NDCG@10", help="with --plot")
     args = parser.parse_args(argv)
-    print(per_run(args.results) if args.per_run else summarize(args.results, args.split))
+    paths = args.results or sorted(RESULTS.glob("*.json"))
+    if args.plot:
+        plot(paths, args.plot, args.protocol, args.metric)
+    elif args.markdown:
+        print(headline(paths, args.split))
+    else:
+        print(per_run(paths) if args.per_run else summarize(paths, args.split))
     return 0
 
 

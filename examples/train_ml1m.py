@@ -4,7 +4,7 @@
     python examples/train_ml1m.py --loss bpr                        # the BPR baseline
     python examples/train_ml1m.py --loss softmax                    # in-batch softmax (no debiasing, no aux terms)
     python examples/train_ml1m.py --no-debias --lambda-user 0 --lambda-item 0   # ablations
-    python examples/train_ml1m.py --data-dir ../shared/data --split random
+    python examples/train_ml1m.py --data-dir ~/datasets/ml-1m --split random   # offline: a folder with ratings.dat
     python examples/train_ml1m.py --preset paper --device cuda      # paper-scale setting on a GPU
     torchrun --nproc_per_node=2 examples/train_ml1m.py --distributed # several GPUs (or CPU processes)
 
@@ -14,7 +14,8 @@ downloaded from GroupLens. Every epoch ends with a validation of HR@K and NDCG@K
 protocols (sampled: the held-out item against 100 sampled items, the paper's; full: against
 every item); training stops early when validation NDCG@10 stops improving, the best
 checkpoint is reloaded and evaluated on the test split, and the results are written as JSON
-to --out and printed as the last line. Ctrl-C (SIGINT), or SIGTERM in a single process, stops
+to --out and printed as the last line. Paths in the JSON that lie under the current folder are
+written relative to it. Ctrl-C (SIGINT), or SIGTERM in a single process, stops
 training and still evaluates the best checkpoint.
 
 Models trained with in-batch negatives (hdccf, softmax) draw their negatives in proportion to
@@ -194,7 +195,7 @@ def modulated_cost_note(args, device) -> str | None:
     pairs = args.batch_size * args.pool
     if args.similarity != "modulated" or device.type != "cpu" or pairs <= 128:
         return None
-    # measured with bench/train_step_cpu.py (README, "Training on MovieLens-1M")
+    # measured with bench/train_step_cpu.py (examples/results/README.md, "Training cost and scoring time on a CPU")
     return (f"note: --similarity modulated puts each of the M x P*M in-batch pairs through a d x d product, so "
             f"on a CPU an epoch costs in proportion to M*P = {pairs}: on ML-1M with 2 cores about 33 min per "
             "epoch at M 512, P 2, and about 6 min with -M 128 -P 1 on 1 thread. Use a GPU, or a smaller batch.")
@@ -332,7 +333,7 @@ def main(argv=None) -> dict:
     if rank == 0:
         if checkpoint.exists():
             model.load_state_dict(torch.load(checkpoint, map_location=device)["model"])
-        result = dict(
+        result = relative_paths(dict(
             config=vars(args),
             dataset=dict(name=ds.name, num_users=ds.num_users, num_items=ds.num_items,
                          num_train=ds.num_train, stats=jsonable(ds.stats)),
@@ -345,7 +346,7 @@ def main(argv=None) -> dict:
             device=device_name(device),
             world_size=world,
             checkpoint=str(checkpoint),
-        )
+        ))
         out = Path(args.out) if args.out else run_dir / "results.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
@@ -427,6 +428,20 @@ def device_name(device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def relative_paths(obj):
+    """``obj`` (a JSON-ready dict) with every absolute path that lies under the current folder made
+    relative to it; other paths stay as given. The results JSON names no folder of the machine it ran on."""
+    if isinstance(obj, dict):
+        return {key: relative_paths(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [relative_paths(value) for value in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        for path, cwd in ((Path(os.path.normpath(obj)), Path.cwd()), (Path(obj).resolve(), Path.cwd().resolve())):
+            if path.is_relative_to(cwd):
+                return str(path.relative_to(cwd))
+    return obj
 
 
 def jsonable(obj):

@@ -9,52 +9,75 @@ does at the end of a run), evaluate the test split with it, and write the JSON b
 new "valid", "test", "prior_strength", "prior_scan" and raw-score metrics. The training
 history, the epochs and the wall time are kept: a run trained and evaluated today gives the
 same file, because epoch selection is unchanged (α = τ for the in-batch losses, 0 for bpr).
+
+The run is rebuilt from the "config" its JSON holds, with the public API of hdccf_triton only;
+settings that JSONs of older runs lack take train_ml1m.py's defaults (DEFAULTS below).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
-from hdccf_triton import Evaluator, log_frequency_prior
-from train_ml1m import build_model, final_evaluation, load_data, parse_args
+from hdccf_triton import Evaluator, log_frequency_prior, select_prior_strength
+from hdccf_triton.data import DownloadError, load_dataset
+from hdccf_triton.models import EmbeddingModel
+from hdccf_triton.similarity import ModulatedSimilarity
+
+#: train_ml1m.py's defaults of the settings the evaluation depends on
+DEFAULTS = dict(dataset="ml-1m", split="auto", min_item_interactions=5, similarity="dot", normalize=False,
+                seed=0, select_protocol="sampled", ks=[10, 50],
+                prior_grid=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0])
+
+
+def rebuild(config: dict, data_dir: str | None):
+    """(data set, evaluator, untrained model) of a run, from its saved config."""
+    try:
+        ds = load_dataset(config["dataset"], data_dir, seed=config["seed"], split=config["split"],
+                          min_item_interactions=config["min_item_interactions"], progress=False)
+    except (FileNotFoundError, DownloadError) as err:
+        sys.exit(f"{err}\nPoint --data-dir (or $HDCCF_DATA_DIR) at a folder holding a copy of the data.")
+    similarity = config["similarity"]
+    if similarity == "modulated":
+        similarity = ModulatedSimilarity(config["dim"], normalize=config["normalize"])
+    model = EmbeddingModel(ds.num_users, ds.num_items, config["dim"], similarity)
+    return ds, Evaluator.from_dataset(ds, seed=config["seed"]), model
 
 
 def retune(path: Path, data_dir: str | None, prior_grid: list[float] | None, threads: int | None) -> dict:
     result = json.loads(path.read_text())
     config = result["config"]
-    # the run's own flags, re-parsed so that options added since get their defaults
-    argv = ["--loss", config["loss"], "--similarity", config["similarity"], "--dim", str(config["dim"]),
-            "--dataset", config["dataset"], "--split", config["split"], "--seed", str(config["seed"]),
-            "--temperature", str(config["temperature"]), "--select-protocol", config["select_protocol"],
-            "--min-item-interactions", str(config["min_item_interactions"]), "--ks", *map(str, config["ks"])]
-    if config.get("normalize"):
-        argv.append("--normalize")
-    if data_dir or config.get("data_dir"):
-        argv += ["--data-dir", data_dir or config["data_dir"]]
-    prior_grid = prior_grid or config.get("prior_grid")
-    if prior_grid:
-        argv += ["--prior-grid", *map(str, prior_grid)]
-    args = parse_args(argv)
+    settings = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    grid = [float(a) for a in prior_grid or config.get("prior_grid") or DEFAULTS["prior_grid"]]
+    ks = [int(k) for k in settings["ks"]]
     if threads:
         torch.set_num_threads(threads)
-    ds = load_data(args, progress=False)
-    evaluator = Evaluator.from_dataset(ds, seed=args.seed)
-    model = build_model(args, ds, "cpu")
+    ds, evaluator, model = rebuild(settings, data_dir or config.get("data_dir") or os.environ.get("HDCCF_DATA_DIR"))
     # checkpoints from before the prior buffer existed lack only "item_prior"
     missing, unexpected = model.load_state_dict(torch.load(result["checkpoint"], map_location="cpu")["model"],
                                                 strict=False)
     if set(missing) - {"item_prior"} or unexpected:
         raise ValueError(f"{result['checkpoint']}: does not match the run's model "
                          f"(missing {missing}, unexpected {unexpected})")
+    model.eval()
     log_counts = log_frequency_prior(ds.train_items, ds.num_items, 1.0)
     for key in ("valid_without_prior", "test_without_prior", "prior_scan"):
         result.pop(key, None)
-    result.update(final_evaluation(args, model, evaluator, log_counts))
-    config.update(item_prior=args.item_prior, prior_grid=args.prior_grid)
+    # α chosen on validation and left set on the model, then one test evaluation; raw scores beside
+    alpha, scan = select_prior_strength(model, evaluator, log_counts, grid, split="valid",
+                                        protocol=settings["select_protocol"], ks=ks)
+    result["prior_scan"] = {str(a): v for a, v in scan.items()}
+    scored = {split: evaluator.evaluate(model, split, ks=ks) for split in ("valid", "test")}
+    result.update(scored, prior_strength=alpha)
+    if alpha:
+        model.set_item_prior(None)
+        result.update({f"{split}_without_prior": evaluator.evaluate(model, split, ks=ks) for split in scored})
+    config.update(item_prior="tune", prior_grid=grid)
     path.write_text(json.dumps(result, indent=1))
     return result
 

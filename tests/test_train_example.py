@@ -36,7 +36,7 @@ def run_script(tmp_path, *flags):
     return last, json.loads(out.read_text())
 
 
-def check_result(last, full):
+def check_result(last, full, cwd):
     # alpha of the prior alpha*log q(i) is chosen on validation from the grid, for every loss
     assert full["config"]["item_prior"] == "tune"
     grid = full["config"]["prior_grid"]
@@ -52,7 +52,10 @@ def check_result(last, full):
             assert set(metrics) == {"HR@10", "NDCG@10", "HR@50", "NDCG@50"}
             assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert full["epochs_run"] == 1 and full["best_epoch"] == 1
-    assert Path(full["checkpoint"]).exists()
+    # paths under the folder the script ran in are written relative to it
+    assert (full["checkpoint"], full["config"]["run_dir"], full["config"]["out"]) == \
+        ("run/best.pt", "run", "results.json")
+    assert (cwd / full["checkpoint"]).exists()
     assert last["test"] == full["test"] and "history" not in last
     assert full["history"][0]["train_loss"] > 0
 
@@ -61,7 +64,7 @@ def check_result(last, full):
 def test_hdccf_on_ml100k(tmp_path):
     last, full = run_script(tmp_path, "--dataset", "ml-100k", "--data-dir", str(REPO.parent / "shared" / "data"),
                             "-M", "128")
-    check_result(last, full)
+    check_result(last, full, tmp_path)
     assert full["dataset"]["num_users"] == 943
 
 
@@ -74,7 +77,7 @@ def test_baselines_on_synthetic_data(tmp_path, flags):
     data = synthetic_ratings(tmp_path / "ratings.tsv")
     last, full = run_script(tmp_path, "--dataset", str(data), "--min-item-interactions", "1", "-M", "32",
                             "-P", "2", *flags)
-    check_result(last, full)
+    check_result(last, full, tmp_path)
     assert full["config"]["loss"] == (flags[1] if flags[0] == "--loss" else "hdccf")
 
 
@@ -171,7 +174,7 @@ def test_distributed_training_with_two_gloo_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     full = json.loads(out.read_text())
     assert full["world_size"] == 2 and full["config"]["distributed"]
-    check_result(json.loads(proc.stdout.strip().splitlines()[-1]), full)
+    check_result(json.loads(proc.stdout.strip().splitlines()[-1]), full, tmp_path)
 
 
 def load_example(name: str):
@@ -301,7 +304,7 @@ def test_summarize_per_run_lists_each_run_best_validation_first(tmp_path):
 
 
 def test_plot_labels_name_the_settings_that_tell_runs_apart():
-    plot = load_example("plot_results")
+    plot = load_summarize()
     base = {"loss": "hdccf", "similarity": "dot", "omega_user": 0.0, "omega_item": 0.0}
     assert plot.run_label({**base, "lambda_user": 0.5, "lambda_item": 0.5}) == "HDCCF ω=0/0 λ=0.5/0.5 (dot)"
     assert plot.run_label({**base, "lambda_user": 1.0, "lambda_item": 1.0}) == "HDCCF ω=0/0 (dot)"
@@ -311,7 +314,7 @@ def test_plot_labels_name_the_settings_that_tell_runs_apart():
     assert plot.run_label({"loss": "bpr", "temperature": 0.5}) == "BPR"
 
 def test_plot_draws_runs_that_differ_beyond_their_seed_as_separate_curves():
-    plot = load_example("plot_results")
+    plot = load_summarize()
     history = lambda v: [{"valid": {"sampled": {"NDCG@10": v}}}, {"train_loss": 1.0}]  # noqa: E731
     base = {"loss": "hdccf", "similarity": "dot", "omega_user": 0.0, "omega_item": 0.0, "temperature": 0.7}
     results = [{"config": {**base, "batch_size": 512, "seed": 0}, "history": history(0.41)},

@@ -1,0 +1,73 @@
+"""README's headline results table is the output of `examples/summarize_results.py --markdown`."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- results-table:start -->\n", "<!-- results-table:end -->"
+
+
+def summarize_module():
+    spec = importlib.util.spec_from_file_location("summarize_results", REPO / "examples" / "summarize_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_table(text: str) -> str:
+    assert text.count(START) == 1 and text.count(END) == 1, "README.md needs one pair of results-table markers"
+    return text[text.index(START) + len(START):text.index(END)]
+
+
+def generated_table() -> str:
+    module = summarize_module()
+    return module.headline(sorted(module.RESULTS.glob("*.json"))) + "\n"
+
+
+def test_readme_table_is_the_scripts_output():
+    table = readme_table((REPO / "README.md").read_text())
+    assert table == generated_table(), ("README.md's results table differs from the script's; paste the output of "
+                                        "`python examples/summarize_results.py --markdown` between its markers")
+
+
+def test_the_command_line_prints_the_same_table():
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "summarize_results.py"), "--markdown"],
+                         capture_output=True, text=True, timeout=120, check=True, cwd=REPO).stdout
+    assert out == generated_table()
+
+
+def test_a_changed_digit_is_caught():
+    text = (REPO / "README.md").read_text()
+    table = readme_table(text)
+    changed = re.sub(r"0\.(\d{4})", lambda m: f"0.{(int(m.group(1)) + 1) % 10000:04d}", table, count=1)
+    assert changed != table and changed != generated_table()
+
+
+def test_each_headline_row_is_one_setting_with_three_seeds():
+    module = summarize_module()
+    results = [json.loads(p.read_text()) for p in sorted(module.RESULTS.glob("*.json"))]
+    for name, settings in module.HEADLINE:
+        wanted = {**module.HEADLINE_BATCH, **settings}
+        runs = [r for r in results if all(r["config"].get(k) == v for k, v in wanted.items())]
+        assert sorted(r["config"]["seed"] for r in runs) == [0, 1, 2], name
+        assert all(r["config"]["split"] == "auto" and r["dataset"]["name"] == "ml-1m" for r in runs), name
+
+
+def test_a_headline_row_matching_two_settings_is_refused(tmp_path):
+    module = summarize_module()
+    metrics = {p: {m: 0.5 for m in module.METRICS} for p in ("sampled", "full")}
+    runs = [(n, {"epochs": 15}) for n in range(len(module.HEADLINE))] + [(2, {"epochs": 30})]  # BPR twice
+    paths = []
+    for i, (row, extra) in enumerate(runs):
+        config = {**module.HEADLINE_BATCH, **module.HEADLINE[row][1], "seed": 0, **extra}
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"config": config, "test": metrics}))
+    assert module.headline(paths[:-1]).count("| 1 |") == len(module.HEADLINE)
+    with pytest.raises(ValueError, match="BPR.*2 settings"):
+        module.headline(paths)
