@@ -11,7 +11,7 @@ from .metrics import Evaluator, format_results
 from .models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior, select_prior_strength
 from .options import LossOptions
 from .sampling import Batch, InBatchSampler
-from .similarity import ModulatedSimilarity
+from .similarity import Cosine, Dot, ModulatedSimilarity, Similarity
 
 __version__ = "0.1.0"
 
@@ -19,8 +19,10 @@ __all__ = [
     "BPRObjective",
     "BackendUnavailableError",
     "Batch",
+    "Cosine",
     "Dataset",
     "DebiasedContrastiveLoss",
+    "Dot",
     "DownloadError",
     "EmbeddingModel",
     "Evaluator",
@@ -29,6 +31,7 @@ __all__ = [
     "InteractionIndex",
     "LossOptions",
     "ModulatedSimilarity",
+    "Similarity",
     "debiased_contrastive_loss",
     "format_results",
     "load_dataset",

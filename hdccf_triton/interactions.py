@@ -1,21 +1,187 @@
-"""The training interactions D, answering "is (u, i) observed?" for whole tensors of pairs.
+"""The training interactions D and every pair-key, CSR and membership helper, written once.
 
-SPEC.md marks a negative as false when the pair it forms with the anchor was observed in
-training. The loss asks that question for every (row, column) of the in-batch score matrix,
-so membership must be a tensor operation on the embeddings' device: the pairs are stored as
-sorted 64-bit keys ``user * num_items + item`` and looked up with ``torch.searchsorted``
-(the Triton kernels run the same binary search inside the tile).
+``hdccf_triton/LOSS.md`` ("False negatives") marks a negative as false when the pair it forms
+with the anchor was observed in training. The loss asks that question for every (row,
+column) of the in-batch score matrix, so membership must be a tensor operation on the
+embeddings' device. A pair (u, i) is stored as the 64-bit key ``u * num_items + i``
+(:func:`pair_keys`); D is the sorted, unique keys, answered either from a dense bitmap
+(:meth:`InteractionIndex.bitmap`, also read by the Triton kernels) or by a binary search
+over the keys (:func:`sorted_contains`, the search the kernels run inside a tile).
+
+The sampler (:mod:`hdccf_triton.sampling`) and the evaluator (:mod:`hdccf_triton.metrics`)
+build their per-user and per-item lists with :func:`build_csr` and friends from here.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["InteractionIndex"]
+__all__ = [
+    "BITMAP_MAX_BITS",
+    "CSR",
+    "InteractionIndex",
+    "build_csr",
+    "check_pairs",
+    "csr_keys",
+    "csr_segments",
+    "pair_keys",
+    "sorted_contains",
+    "unique_csr",
+]
 
-#: Largest num_users·num_items for which membership is answered from a dense boolean table
-#: (one byte a pair, built on first use) instead of a binary search: 256 MiB.
-DENSE_TABLE_LIMIT = 1 << 28
+#: Largest num_users·num_items for which D is held as a dense bitmap (one bit a pair,
+#: 256 MiB at the limit) rather than answered by a binary search over the sorted keys.
+BITMAP_MAX_BITS = 1 << 31
+
+
+# --------------------------------------------------------------------------- keys and search
+
+
+def pair_keys(users: torch.Tensor, items: torch.Tensor, num_items: int) -> torch.Tensor:
+    """The key ``users * num_items + items`` of each pair (broadcasting shapes).
+
+    Keys sort by user, then item, so a sorted key array is D grouped by user.
+
+    Args:
+        users, items: int64 tensors of broadcastable shapes, ids in range.
+        num_items: the item id range.
+
+    Returns:
+        int64 keys of the broadcast shape.
+    """
+    return users * num_items + items
+
+
+def sorted_contains(sorted_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Whether each key of ``query`` is in ``sorted_keys``: one binary search per key.
+
+    Args:
+        sorted_keys: int64 ``[K]``, ascending (K may be 0).
+        query: int64 keys of any shape, on the device of ``sorted_keys``.
+
+    Returns:
+        A bool tensor of the shape of ``query``.
+    """
+    if sorted_keys.numel() == 0:
+        return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+    query = query.contiguous()  # searchsorted would copy (and warn) otherwise
+    # searchsorted gives the first position >= key; past the end means absent, and the
+    # clamp turns that into a comparison that fails instead of an out-of-range read.
+    pos = torch.searchsorted(sorted_keys, query).clamp_(max=sorted_keys.numel() - 1)
+    return sorted_keys[pos] == query
+
+
+# --------------------------------------------------------------------------- CSR
+
+
+class CSR(NamedTuple):
+    """Compressed rows of a set of (row, col) pairs, columns sorted within each row.
+
+    Attributes:
+        indptr: int64 ``[num_rows + 1]``; row r holds ``indices[indptr[r]:indptr[r+1]]``.
+        indices: int64 ``[N]`` column ids, ascending within each row.
+        position: int64 ``[N]``; ``position[n]`` is where input pair n sits inside its row
+            (``indices[indptr[rows[n]] + position[n]] == cols[n]``).
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def degree(self) -> torch.Tensor:
+        """int64 ``[num_rows]``: number of entries of each row."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+
+def build_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int) -> CSR:
+    """CSR of pairs ``(rows[n], cols[n])``, with each pair's position inside its row.
+
+    Args:
+        rows, cols: int64 ``[N]`` with rows in ``[0, num_rows)``, cols in ``[0, num_cols)``.
+        num_rows, num_cols: id ranges.
+
+    Returns:
+        A :class:`CSR` on the device of ``rows``. Repeated pairs stay repeated.
+    """
+    # One sort of the combined key gives rows ascending and columns ascending within a row.
+    order = torch.sort(pair_keys(rows, cols, num_cols), stable=True).indices
+    counts = torch.bincount(rows, minlength=num_rows)
+    indptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    sorted_rows = rows[order]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=rows.device) - indptr[sorted_rows]
+    return CSR(indptr, cols[order].contiguous(), position)
+
+
+def unique_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int) -> CSR:
+    """CSR of the distinct pairs ``(rows[n], cols[n])`` (a pair listed twice appears once).
+
+    Args and returns as :func:`build_csr`; ``position`` refers to the distinct pairs in key
+    order, not to the input.
+    """
+    keys = torch.unique(pair_keys(rows, cols, num_cols))
+    return build_csr(keys // num_cols, keys % num_cols, num_rows, num_cols)
+
+
+def csr_keys(indptr: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """int64 ``[N]``: the pair key ``row * num_cols + col`` of every CSR entry, in CSR order
+    (sorted, and distinct for a :func:`unique_csr`)."""
+    rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1, device=indptr.device),
+                                   indptr[1:] - indptr[:-1])
+    return pair_keys(rows, indices, num_cols)
+
+
+def csr_segments(indptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every entry of CSR rows ``rows [B]``, vectorised.
+
+    Returns:
+        ``(local [T], flat [T])`` int64: for each of the T entries of the selected rows (in
+        the order of ``rows``), the index into ``rows`` it belongs to and its position in
+        the CSR's ``indices``.
+    """
+    start = indptr[rows]
+    deg = indptr[rows + 1] - start
+    total = int(deg.sum())
+    local = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), deg,
+                                    output_size=total)
+    # entry t of the concatenation sits at start[row] + (t - first[row]) in the CSR
+    shift = start - (torch.cumsum(deg, 0) - deg)
+    return local, torch.arange(total, device=rows.device) + shift.index_select(0, local)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_pairs(users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int,
+                *, name: str = "users/items") -> None:
+    """Raise TypeError/ValueError unless (users, items) are valid int64 id pairs.
+
+    Args:
+        users, items: int64 ``[N]``, N >= 1, ids in ``[0, num_users)`` / ``[0, num_items)``.
+    """
+    for arg, t in (("users", users), ("items", items)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int64:
+            raise TypeError(f"{arg}: expected dtype int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{arg}: expected shape [N], got {tuple(t.shape)}")
+    if users.shape != items.shape:
+        raise ValueError(f"{name}: shapes {tuple(users.shape)} and {tuple(items.shape)} differ")
+    if users.numel() == 0:
+        raise ValueError(f"{name}: no training pairs")
+    _check_range("users", users, num_users)
+    _check_range("items", items, num_items)
+
+
+def _check_range(name: str, ids: torch.Tensor, upper: int) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
 
 
 def _as_id_tensor(name: str, ids) -> torch.Tensor:
@@ -29,11 +195,15 @@ def _as_id_tensor(name: str, ids) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
+# --------------------------------------------------------------------------- the index
+
+
 class InteractionIndex:
     """The set D of observed (user, item) training pairs.
 
     Build it with :meth:`from_pairs`; query it with :meth:`contains`. It lives on one device
-    (``.device``) and moves with :meth:`to`, which returns a new index.
+    (``.device``) and moves with :meth:`to`, which returns a new index. The keys are not
+    meant to change after construction: the bitmap is built from them once.
 
     Attributes:
         keys: ``[|D|]`` int64, sorted and unique, ``user * num_items + item``.
@@ -47,7 +217,7 @@ class InteractionIndex:
         self.keys = keys
         self.num_users = int(num_users)
         self.num_items = int(num_items)
-        self._dense: torch.Tensor | None = None
+        self._bitmap: torch.Tensor | None = None
 
     @classmethod
     def from_pairs(cls, users, items, num_users: int, num_items: int) -> "InteractionIndex":
@@ -72,7 +242,7 @@ class InteractionIndex:
         if users.numel():
             _check_range("users", users, num_users)
             _check_range("items", items, num_items)
-        keys = torch.unique(users.to(items.device) * num_items + items)  # sorted
+        keys = torch.unique(pair_keys(users.to(items.device), items, num_items))  # sorted
         return cls(keys, num_users, num_items)
 
     @property
@@ -89,6 +259,31 @@ class InteractionIndex:
             return self
         return InteractionIndex(self.keys.to(device), self.num_users, self.num_items)
 
+    @property
+    def uses_bitmap(self) -> bool:
+        """Whether membership is answered from :meth:`bitmap`: ``num_users * num_items <=
+        BITMAP_MAX_BITS``; above that, by a binary search over :attr:`keys`."""
+        return self.num_users * self.num_items <= BITMAP_MAX_BITS
+
+    def bitmap(self) -> torch.Tensor:
+        """D as a dense bitmap: int32 ``[(num_users * num_items + 31) // 32]`` words on
+        ``self.device``, bit ``key & 31`` of word ``key >> 5`` set for each key.
+
+        Built on the first call and kept (later calls return the same tensor), whatever
+        :attr:`uses_bitmap` says: the caller decides whether it fits. The Triton kernels
+        read these words directly (int32, as their ``*i32`` pointers expect).
+        """
+        if self._bitmap is None:
+            keys = self.keys
+            n_words = (self.num_users * self.num_items + 31) // 32
+            # the keys are unique, so the bits of one word are distinct and their sum is their OR;
+            # bit 31 is −2**31 in int32 and the sum of the others stays below 2**31: no overflow
+            bits = torch.ones_like(keys) << (keys & 31)
+            bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+            words = torch.zeros(n_words, dtype=torch.int32, device=keys.device)
+            self._bitmap = words.index_add_(0, keys >> 5, bits)
+        return self._bitmap
+
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Whether each ``(users[...], items[...])`` is in D.
 
@@ -98,26 +293,19 @@ class InteractionIndex:
         Returns:
             A bool tensor of the broadcast shape.
         """
-        query = users * self.num_items + items
-        if self.keys.numel() == 0:
-            return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
-        if self.num_users * self.num_items <= DENSE_TABLE_LIMIT:
-            # one gather instead of ~log2|D| dependent ones: the reference's hot spot
-            if self._dense is None:
-                dense = torch.zeros(self.num_users * self.num_items, dtype=torch.bool, device=self.device)
-                self._dense = dense.index_fill_(0, self.keys, True)
-            return self._dense[query]
-        pos = torch.searchsorted(self.keys, query.reshape(-1)).clamp_(max=self.keys.numel() - 1)
-        return (self.keys[pos] == query.reshape(-1)).reshape(query.shape)
+        if self.keys.numel() and self.uses_bitmap:
+            # One gather instead of ~log2|D| dependent ones: the reference's hot spot. Keys
+            # below num_users * num_items <= 2**31 fit int32, which halves the memory traffic,
+            # and the in-place steps allocate nothing more; so the 8x smaller bitmap is about
+            # as fast as a one-byte-a-pair table (ML-1M size, one thread).
+            query = pair_keys(users.to(torch.int32), items.to(torch.int32), self.num_items)
+            words = self.bitmap().index_select(0, (query >> 5).reshape(-1)).view(query.shape)
+            # the shift is arithmetic, so bit 31 (a negative word) still gives 1 after the & 1
+            return words.bitwise_right_shift_(query.bitwise_and_(31)).bitwise_and_(1).to(torch.bool)
+        return sorted_contains(self.keys, pair_keys(users, items, self.num_items))
 
     def __repr__(self) -> str:
         return (
             f"InteractionIndex({len(self)} pairs, num_users={self.num_users}, "
             f"num_items={self.num_items}, device={self.device})"
         )
-
-
-def _check_range(name: str, ids: torch.Tensor, upper: int) -> None:
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .sampling import build_csr, check_pairs
+from .interactions import check_pairs, csr_keys, csr_segments, pair_keys, sorted_contains, unique_csr
 
 __all__ = ["Evaluator", "evaluate", "format_results", "metrics_from_counts", "ranking_metrics"]
 
@@ -136,24 +136,6 @@ def _pairs(arg: str, pairs: Any, num_users: int, num_items: int) -> tuple[torch.
     return users.cpu(), items.cpu()
 
 
-def _segments(indptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For CSR rows ``rows [B]``: (local row id, flat position) of every entry, vectorised."""
-    start = indptr[rows]
-    deg = indptr[rows + 1] - start
-    total = int(deg.sum())
-    local = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), deg,
-                                    output_size=total)
-    # entry t of the concatenation sits at start[row] + (t - first[row]) in the CSR
-    shift = start - (torch.cumsum(deg, 0) - deg)
-    return local, torch.arange(total, device=rows.device) + shift.index_select(0, local)
-
-
-def _unique_csr(users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int):
-    """CSR of the distinct pairs (a pair listed twice must be masked once)."""
-    keys = torch.unique(users * num_items + items)
-    return build_csr(keys // num_items, keys % num_items, num_users, num_items)
-
-
 class Evaluator:
     """Leave-one-out evaluation of a scoring model, built once per data set split.
 
@@ -197,8 +179,8 @@ class Evaluator:
         su, si = self.heldout["test"]
         # Masks of the full protocol: what is known at that stage and must not compete.
         self.masks = {
-            "valid": _unique_csr(torch.cat([tu, vu]), torch.cat([ti, vi]), num_users, num_items),
-            "test": _unique_csr(torch.cat([tu, vu, su]), torch.cat([ti, vi, si]), num_users, num_items),
+            "valid": unique_csr(torch.cat([tu, vu]), torch.cat([ti, vi]), num_users, num_items),
+            "test": unique_csr(torch.cat([tu, vu, su]), torch.cat([ti, vi, si]), num_users, num_items),
         }
         self._negatives: torch.Tensor | None = None
         self.to(self.device)
@@ -242,7 +224,7 @@ class Evaluator:
         out = torch.full((self.num_users, n), -1, dtype=torch.int64)
         if users.numel() == 0:
             return out
-        keys = _expand_keys(indptr, indices, num_items)  # sorted and distinct: a unique CSR
+        keys = csr_keys(indptr, indices, num_items)  # sorted and distinct: a unique CSR
         deg = indptr[1:] - indptr[:-1]
         short = users[num_items - deg[users] < n]
         if short.numel():
@@ -252,7 +234,8 @@ class Evaluator:
         gen = torch.Generator().manual_seed(self.seed)
         width = 2 * n + 64
         draws = torch.randint(0, num_items, (users.numel(), width), generator=gen)
-        ok = _first_occurrence(draws) & ~_member(keys, users.unsqueeze(1) * num_items + draws)
+        touched = sorted_contains(keys, pair_keys(users.unsqueeze(1), draws, num_items))
+        ok = _first_occurrence(draws) & ~touched
         rank = torch.cumsum(ok.long(), 1)
         done = rank[:, -1] >= n
         take = ok & (rank <= n) & done.unsqueeze(1)
@@ -260,7 +243,7 @@ class Evaluator:
         rest = users[~done]
         if rest.numel():  # dense users: exact random keys over every item
             r = torch.rand(rest.numel(), num_items, generator=gen)
-            local, flat = _segments(indptr, rest)
+            local, flat = csr_segments(indptr, rest)
             r[local, indices[flat]] = 2.0
             out[rest] = torch.topk(r, n, dim=1, largest=False).indices
         return out
@@ -359,7 +342,7 @@ class Evaluator:
         # Take the masked items back out (they include the held-out item itself, so its tie
         # with itself goes too): compare them one by one rather than copy and mask the rows.
         mask = self.masks[split]
-        local, flat = _segments(mask.indptr, users)
+        local, flat = csr_segments(mask.indptr, users)
         masked = flat_scores.index_select(0, inv.index_select(0, local) * self.num_items
                                           + mask.indices.index_select(0, flat))
         p = pos.index_select(0, local)
@@ -378,18 +361,6 @@ def _as_scores(s: Any, shape: tuple[int, int], name: str) -> torch.Tensor:
     if not torch.isfinite(s.sum()) and torch.isnan(s).any():
         raise ValueError(f"{name}: model returned NaN scores")
     return s
-
-
-def _expand_keys(indptr: torch.Tensor, indices: torch.Tensor, num_items: int) -> torch.Tensor:
-    """user * num_items + item of every CSR entry."""
-    rows = torch.repeat_interleave(torch.arange(indptr.numel() - 1), indptr[1:] - indptr[:-1])
-    return rows * num_items + indices
-
-
-def _member(sorted_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Whether each query key is in ``sorted_keys`` (binary search)."""
-    pos = torch.searchsorted(sorted_keys, query).clamp(max=max(sorted_keys.numel() - 1, 0))
-    return sorted_keys[pos] == query if sorted_keys.numel() else torch.zeros_like(query, dtype=torch.bool)
 
 
 def _first_occurrence(draws: torch.Tensor) -> torch.Tensor:

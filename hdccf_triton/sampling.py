@@ -1,4 +1,4 @@
-"""The in-batch sampler of SPEC.md, section "Batch" (eq. 9 of the paper).
+"""The in-batch sampler of ``hdccf_triton/LOSS.md``, section "Batch" (eq. 9 of the paper).
 
 A batch has M rows. Row k holds a training pair (u_k, i_k) and two pools:
 
@@ -23,7 +23,9 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Batch", "CSR", "InBatchSampler", "build_csr", "check_pairs"]
+from .interactions import InteractionIndex, build_csr, check_pairs, pair_keys
+
+__all__ = ["Batch", "InBatchSampler"]
 
 
 class Batch(NamedTuple):
@@ -42,72 +44,6 @@ class Batch(NamedTuple):
     pool_users: torch.Tensor
 
 
-class CSR(NamedTuple):
-    """Compressed rows of a set of (row, col) pairs, columns sorted within each row.
-
-    Attributes:
-        indptr: int64 ``[num_rows + 1]``; row r holds ``indices[indptr[r]:indptr[r+1]]``.
-        indices: int64 ``[N]`` column ids, ascending within each row.
-        position: int64 ``[N]``; ``position[n]`` is where input pair n sits inside its row
-            (``indices[indptr[rows[n]] + position[n]] == cols[n]``).
-    """
-
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    position: torch.Tensor
-
-    @property
-    def degree(self) -> torch.Tensor:
-        """int64 ``[num_rows]``: number of entries of each row."""
-        return self.indptr[1:] - self.indptr[:-1]
-
-
-def check_pairs(users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int,
-                *, name: str = "users/items") -> None:
-    """Raise TypeError/ValueError unless (users, items) are valid int64 id pairs.
-
-    Args:
-        users, items: int64 ``[N]``, N >= 1, ids in ``[0, num_users)`` / ``[0, num_items)``.
-    """
-    for arg, t in (("users", users), ("items", items)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.int64:
-            raise TypeError(f"{arg}: expected dtype int64, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{arg}: expected shape [N], got {tuple(t.shape)}")
-    if users.shape != items.shape:
-        raise ValueError(f"{name}: shapes {tuple(users.shape)} and {tuple(items.shape)} differ")
-    if users.numel() == 0:
-        raise ValueError(f"{name}: no training pairs")
-    for arg, t, n in (("users", users, num_users), ("items", items, num_items)):
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"{arg}: ids must lie in [0, {n}), found range [{lo}, {hi}]")
-
-
-def build_csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int) -> CSR:
-    """CSR of pairs ``(rows[n], cols[n])``, with each pair's position inside its row.
-
-    Args:
-        rows, cols: int64 ``[N]`` with rows in ``[0, num_rows)``, cols in ``[0, num_cols)``.
-        num_rows, num_cols: id ranges.
-
-    Returns:
-        A :class:`CSR` on the device of ``rows``. Repeated pairs stay repeated.
-    """
-    # One sort of the combined key gives rows ascending and columns ascending within a row.
-    key = rows * num_cols + cols
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(rows, minlength=num_rows)
-    indptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=rows.device)
-    indptr[1:] = torch.cumsum(counts, 0)
-    sorted_rows = rows[order]
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=rows.device) - indptr[sorted_rows]
-    return CSR(indptr, cols[order].contiguous(), position)
-
-
 def _mix_seed(seed: int, epoch: int) -> int:
     # Independent, reproducible streams per (seed, epoch); SeedSequence decorrelates them.
     seed, epoch = int(seed), int(epoch)
@@ -116,7 +52,8 @@ def _mix_seed(seed: int, epoch: int) -> int:
 
 
 class InBatchSampler:
-    """Batches of training pairs with per-row item and user pools (SPEC.md "Batch").
+    """Batches of training pairs with per-row item and user pools, as ``hdccf_triton/LOSS.md``
+    ("Batch") defines them.
 
     Args:
         users, items: int64 ``[N]`` training pairs (unique).
@@ -167,7 +104,12 @@ class InBatchSampler:
         self.seed, self.drop_last, self.epoch = int(seed), bool(drop_last), 0
         self.by_user = build_csr(self.users, self.items, self.num_users, self.num_items)
         self.by_item = build_csr(self.items, self.users, self.num_items, self.num_users)
-        self._check_unique()
+        # The sorted keys that test uniqueness are the index of D, built here once.
+        keys = torch.unique(pair_keys(self.users, self.items, self.num_items))  # sorted
+        if keys.numel() != self.users.numel():
+            # A repeated pair would let "other than i_k" draw i_k again through its twin.
+            raise ValueError("users/items: training pairs must be unique (drop repeated pairs first)")
+        self._index = InteractionIndex(keys, self.num_users, self.num_items)
         # Both CSR index arrays end to end, so one gather serves the item and the user pools.
         self._indices = torch.cat([self.by_user.indices, self.by_item.indices])
         # Everything a row needs, one 64-byte row per training pair ([N, 8]: one cache
@@ -181,18 +123,11 @@ class InBatchSampler:
             self.by_user.position, self.by_item.position,
         ], dim=1).contiguous()
 
-    def _check_unique(self) -> None:
-        # A repeated pair would let "other than i_k" draw i_k again through its twin.
-        self._keys = torch.unique(self.users * self.num_items + self.items)  # sorted
-        if self._keys.numel() != self.users.numel():
-            raise ValueError("users/items: training pairs must be unique (drop repeated pairs first)")
-
-    def interaction_index(self):
+    def interaction_index(self) -> InteractionIndex:
         """The :class:`~hdccf_triton.interactions.InteractionIndex` of the training pairs
-        (the loss's false-negative test), on the sampler's device."""
-        from .interactions import InteractionIndex  # sibling module, torch only
-
-        return InteractionIndex(self._keys, self.num_users, self.num_items)
+        (the loss's false-negative test), on the sampler's device; the same object on every
+        call, so that its bitmap is built once."""
+        return self._index
 
     @property
     def num_train(self) -> int:

@@ -20,6 +20,7 @@ pytest.importorskip("polars")
 pytest.importorskip("tqdm")
 
 from hdccf_triton import data  # noqa: E402
+from hdccf_triton.data import remote  # noqa: E402
 from hdccf_triton.data import Dataset, DownloadError, leave_one_out, load_dataset  # noqa: E402
 
 # CI clones the repository with shared/ beside it.
@@ -260,7 +261,7 @@ def server(tmp_path):
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("HDCCF_DATA_DIR", str(path))
-    monkeypatch.setattr(data, "_licence_shown", False)
+    monkeypatch.setattr(remote, "_licence_shown", False)  # the notice is printed once a process
     return path
 
 

@@ -2,7 +2,9 @@
 
 import torch
 
+import hdccf_triton.interactions as interactions
 from hdccf_triton import InteractionIndex
+from hdccf_triton.interactions import csr_keys, csr_segments, pair_keys, sorted_contains, unique_csr
 
 
 def test_contains_matches_a_python_set():
@@ -30,14 +32,75 @@ def test_broadcasting_and_edges():
     assert "3 pairs" in repr(index)
 
 
-def test_binary_search_path_matches_dense_table(monkeypatch):
-    import hdccf_triton.interactions as interactions
+def _random_index(num_users, num_items, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    users, items = torch.randint(0, num_users, (n,), generator=g), torch.randint(0, num_items, (n,), generator=g)
+    return InteractionIndex.from_pairs(users, items, num_users, num_items), g
 
-    g = torch.Generator().manual_seed(1)
-    users, items = torch.randint(0, 30, (200,), generator=g), torch.randint(0, 40, (200,), generator=g)
-    qu, qi = torch.randint(0, 30, (50, 1), generator=g), torch.randint(0, 40, (1, 60), generator=g)
-    dense = InteractionIndex.from_pairs(users, items, 30, 40).contains(qu, qi)
-    monkeypatch.setattr(interactions, "DENSE_TABLE_LIMIT", 0)
-    searched = InteractionIndex.from_pairs(users, items, 30, 40)
-    assert torch.equal(searched.contains(qu, qi), dense)
-    assert searched._dense is None
+
+def test_bitmap_and_binary_search_paths_agree(monkeypatch):
+    index, g = _random_index(30, 40, 300, seed=1)
+    assert index.uses_bitmap  # 1,200 pairs: far below BITMAP_MAX_BITS
+    monkeypatch.setattr(interactions, "BITMAP_MAX_BITS", 30 * 40 - 1)
+    searched = InteractionIndex(index.keys, 30, 40)
+    assert not searched.uses_bitmap
+    pairs = set(zip((index.keys // 40).tolist(), (index.keys % 40).tolist()))
+    queries = [
+        (torch.randint(0, 30, (50, 1), generator=g), torch.randint(0, 40, (1, 60), generator=g)),
+        (torch.randint(0, 30, (7, 9), generator=g), torch.randint(0, 40, (7, 9), generator=g)),
+        (torch.randint(0, 30, (9, 7), generator=g).T, torch.randint(0, 40, (9, 7), generator=g).T),  # strided
+        (torch.tensor(3), torch.arange(40)),
+        (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)),
+    ]
+    for qu, qi in queries:
+        got = index.contains(qu, qi)
+        assert torch.equal(got, searched.contains(qu, qi))
+        want = [(u, i) in pairs for u, i in zip(*(t.reshape(-1).tolist() for t in torch.broadcast_tensors(qu, qi)))]
+        assert got.dtype == torch.bool and got.reshape(-1).tolist() == want
+    assert searched._bitmap is None  # the search path never builds the dense table
+
+
+def test_uses_bitmap_up_to_the_limit(monkeypatch):
+    index, _ = _random_index(6, 7, 10, seed=2)
+    monkeypatch.setattr(interactions, "BITMAP_MAX_BITS", 42)
+    assert index.uses_bitmap
+    monkeypatch.setattr(interactions, "BITMAP_MAX_BITS", 41)
+    assert not index.uses_bitmap
+
+
+def test_bitmap_bits_are_the_key_set_including_bit_31():
+    num_users, num_items = 9, 11  # 99 keys: three full words and a partial one
+    users = torch.tensor([0, 2, 5, 8, 8, 3])
+    items = torch.tensor([0, 9, 8, 0, 10, 0])  # keys 0, 31, 63, 88, 98, 33: bit 31 of words 0 and 1
+    index = InteractionIndex.from_pairs(users, items, num_users, num_items)
+    words = index.bitmap()
+    assert words.dtype == torch.int32 and words.shape == ((num_users * num_items + 31) // 32,)
+    assert words.device == index.device
+    every = torch.arange(num_users * num_items)
+    bits = (words[every >> 5] >> (every & 31)) & 1
+    assert every[bits == 1].tolist() == index.keys.tolist() == [0, 31, 33, 63, 88, 98]
+    assert words[0].item() == 1 - 2**31 and words[1].item() == -(2**31) + 2  # bit 31 wraps to int32
+    assert index.contains(users, items).all()
+    assert index.contains(torch.tensor([0, 2, 5]), torch.tensor([1, 8, 7])).tolist() == [False] * 3
+
+
+def test_bitmap_is_built_once():
+    index, _ = _random_index(20, 30, 100, seed=3)
+    words = index.bitmap()
+    assert index.bitmap() is words
+    index.contains(torch.tensor([1]), torch.tensor([2]))
+    assert index.bitmap() is words
+
+
+def test_pair_helpers():
+    keys = torch.tensor([3, 7, 12])
+    query = torch.tensor([[0, 3, 5], [7, 12, 13]])
+    assert sorted_contains(keys, query).tolist() == [[False, True, False], [True, True, False]]
+    assert not sorted_contains(keys[:0], query).any()
+    users, items = torch.tensor([2, 0, 2, 1, 2]), torch.tensor([1, 3, 0, 3, 1])  # (2, 1) twice
+    assert pair_keys(users, items, 4).tolist() == [9, 3, 8, 7, 9]
+    csr = unique_csr(users, items, 3, 4)
+    assert csr.indptr.tolist() == [0, 1, 2, 4] and csr.indices.tolist() == [3, 3, 0, 1]
+    assert csr_keys(csr.indptr, csr.indices, 4).tolist() == [3, 7, 8, 9]
+    local, flat = csr_segments(csr.indptr, torch.tensor([2, 0]))
+    assert local.tolist() == [0, 0, 1] and flat.tolist() == [2, 3, 0]

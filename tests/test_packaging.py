@@ -24,9 +24,11 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
     )
     probe = (
         "import importlib.util, json, pathlib, sys\n"
-        "import hdccf_triton, hdccf_triton.kernels\n"
+        "import hdccf_triton, hdccf_triton.kernels, hdccf_triton.backends.triton_dot, hdccf_triton.data.split\n"
         "site = [p for p in sys.path if p.endswith('site-packages') and p.startswith(sys.prefix)][0]\n"
         "print(json.dumps({'pkg': hdccf_triton.__file__, 'kernels': hdccf_triton.kernels.__file__,\n"
+        "  'backends': hdccf_triton.backends.triton_dot.__file__, 'data': hdccf_triton.data.split.__file__,\n"
+        "  'loss_md': (pathlib.Path(hdccf_triton.__file__).parent / 'LOSS.md').exists(),\n"
         "  'top_level_kernels': (pathlib.Path(site) / 'kernels').exists(),\n"
         "  'triton_imported': 'triton' in sys.modules, 'polars_imported': 'polars' in sys.modules}))\n"
     )
@@ -34,7 +36,8 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
     import json
 
     info = json.loads(out.stdout)
-    assert str(env_dir) in info["pkg"] and str(env_dir) in info["kernels"]
+    assert all(str(env_dir) in info[k] for k in ("pkg", "kernels", "backends", "data")), info
+    assert info["loss_md"]
     assert not info["top_level_kernels"]
     assert not info["triton_imported"] and not info["polars_imported"]
 

@@ -1,11 +1,12 @@
-"""The in-batch sampler: SPEC.md "Batch" rules, epochs, determinism, Proposition 1."""
+"""The in-batch sampler: hdccf_triton/LOSS.md "Batch" rules, epochs, determinism, Proposition 1."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hdccf_triton.sampling import Batch, InBatchSampler, build_csr
+from hdccf_triton.interactions import build_csr
+from hdccf_triton.sampling import Batch, InBatchSampler
 
 
 def _pairs(num_users: int, num_items: int, seed: int, *, degree_one: bool = True):
@@ -166,9 +167,11 @@ def test_proposition_1_negatives_follow_popularity():
 
 def test_interaction_index_holds_the_training_pairs():
     users, items, nu, ni = _pairs(10, 8, seed=4)
-    index = InBatchSampler(users, items, nu, ni, batch_size=4, num_pool=2).interaction_index()
+    sampler = InBatchSampler(users, items, nu, ni, batch_size=4, num_pool=2)
+    index = sampler.interaction_index()
     assert index.contains(users, items).all()
     assert len(index) == users.numel()
+    assert sampler.interaction_index() is index  # one object, so its bitmap is built once
 
 
 def test_errors():

@@ -1,10 +1,10 @@
-"""A split data set saved to one file, read back without parsing (and without polars).
+"""The :class:`Dataset` (dense ids and a leave-one-out split) and its one-file form.
 
 :meth:`Dataset.save` writes the filtered, remapped and split interactions with
 ``torch.save``; :func:`~hdccf_triton.data.load_dataset` reads such a file (suffix ``.pt``, or
-``format="saved"``) with ``torch.load(weights_only=True)``. The file carries the split, so
-it is the way to train on a machine that has torch but not the loaders' polars (a GPU box
-without network) on exactly the split made here:
+``format="saved"``) with ``torch.load(weights_only=True)`` (:func:`read_saved_dataset`). The
+file carries the split, so it is the way to train on a machine that has torch but not the
+loaders' polars (a GPU box without network) on exactly the split made here:
 
     >>> load_dataset("ml-1m", data_dir="../shared/data").save("runs/ml1m.pt")  # doctest: +SKIP
     >>> ds = load_dataset("runs/ml1m.pt")                                        # doctest: +SKIP
@@ -16,15 +16,95 @@ silently for a different split.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .data import Dataset
+__all__ = ["Dataset", "read_saved_dataset", "save_dataset"]
+
+
+@dataclasses.dataclass(eq=False)
+class Dataset:
+    """Implicit-feedback interactions with dense ids and a leave-one-out split.
+
+    Attributes:
+        name: where the data came from (name or path).
+        num_users, num_items: sizes of the dense id ranges.
+        train_users, train_items: int64 ``[N]``, the training pairs (unique), sorted by
+            user and, within a user, in time (or split) order.
+        valid_items: int64 ``[num_users]``, the validation item of each user, -1 where absent.
+        test_items: int64 ``[num_users]``, the test item of each user, -1 where absent
+            (all -1 when the data set comes with its own multi-item test set, see
+            ``test_pairs``).
+        test_pairs: ``(users [T], items [T])`` int64, a given test set with any number of
+            items per user (LightGCN format), else None.
+        user_ids, item_ids: original id of each dense id (numpy arrays), when known.
+        stats: counts from loading (raw rows, duplicates, filtered items, split sizes...).
+    """
+
+    name: str
+    num_users: int
+    num_items: int
+    train_users: torch.Tensor
+    train_items: torch.Tensor
+    valid_items: torch.Tensor
+    test_items: torch.Tensor
+    test_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.train_users.shape
+        if self.train_items.shape != n or len(n) != 1:
+            raise ValueError(f"train_users/train_items: shapes {n} and {self.train_items.shape} differ")
+        for field in ("valid_items", "test_items"):
+            if getattr(self, field).shape != (self.num_users,):
+                raise ValueError(f"{field}: shape must be [num_users={self.num_users}]")
+
+    @property
+    def num_train(self) -> int:
+        """Number of training interactions N."""
+        return int(self.train_users.numel())
+
+    def heldout(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out pairs of ``split`` (``"valid"`` or ``"test"``): ``(users [H], items [H])``."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split: expected 'valid' or 'test', got {split!r}")
+        if split == "test" and self.test_pairs is not None:
+            return self.test_pairs
+        per_user = self.valid_items if split == "valid" else self.test_items
+        users = torch.nonzero(per_user >= 0).flatten()
+        return users, per_user[users]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the split data set to ``path`` (a ``.pt`` file) that
+        :func:`~hdccf_triton.data.load_dataset` reads back without parsing, e.g. on a machine
+        without polars (see the module docstring)."""
+        return save_dataset(self, path)
+
+    def describe(self) -> str:
+        """A few lines of statistics (Table 2 style)."""
+        s = self.stats
+        lines = [
+            f"{self.name}: {self.num_users:,} users, {self.num_items:,} items, "
+            f"{s.get('num_interactions', self.num_train):,} interactions "
+            f"(density {s.get('density', float('nan')):.3%})",
+            f"  source {s.get('source', '?')} (format {s.get('format', '?')}); "
+            f"{s.get('raw_rows', 0):,} rows read, {s.get('duplicates_dropped', 0):,} duplicates dropped, "
+            f"{s.get('items_removed', 0):,} items with < {s.get('min_item_interactions', '?')} "
+            f"interactions removed ({s.get('interactions_removed', 0):,} interactions)",
+            f"  split {s.get('split', '?')}: train {self.num_train:,}, valid {s.get('num_valid', 0):,}, "
+            f"test {s.get('num_test', 0):,}; {s.get('users_train_only', 0):,} users kept whole in train",
+        ]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the saved file
 
 MAGIC = "hdccf_triton.Dataset"
 VERSION = 1
@@ -79,8 +159,6 @@ def _check(path: Path, stats: dict, asked: dict[str, Any]) -> None:
 
 def read_saved_dataset(path: Path, **asked: Any) -> Dataset:
     """The :class:`Dataset` saved in ``path``; ``asked``: split, seed, min_item/min_user_interactions."""
-    from .data import Dataset
-
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not its own
