@@ -1,12 +1,17 @@
-"""What the GPU benchmarks share: the interaction index, the timer, peak memory, compilation.
+"""What the GPU benchmarks share: the interaction index, the loss call, the timer, peak
+memory, compilation.
 
-Imported by ``bench/kernels.py`` and ``bench/kernels_modulated.py`` (run as scripts, so this
-folder is on ``sys.path``).
+Imported by ``bench/kernel_bench.py``, ``bench/kernel_bench_modulated.py`` and
+``bench/memory_replay.py`` (run as scripts, so this folder is on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import time
+
+#: the streaming multiprocessors of the GPU whose launch configuration is compiled
+#: (``--compile-only``) or replayed (``memory_replay.py``) without a GPU: an H100 SXM
+REPLAYED_SMS = 132
 
 
 def realistic_index(device, *, small=False, seed=0):
@@ -22,6 +27,20 @@ def realistic_index(device, *, small=False, seed=0):
     return index.to(device)
 
 
+def loss_fn(per_row_loss, leaves, ids, index, options, **kwargs):
+    """``forward() -> [M]``: a backend's ``per_row_loss`` on the four embedding tensors
+    ``leaves`` and the four id tensors ``ids``, with the similarity reduced first as the public
+    API does (``reduce_similarity``: a no-op except for the all-ones modulation); ``kwargs``
+    go to ``per_row_loss`` (``overrides=`` of the Triton backends, ``chunk_elements=`` of the
+    reference)."""
+    from hdccf_triton.terms import LossInputs, reduce_similarity
+
+    def forward():
+        inputs, reduced = reduce_similarity(LossInputs(*leaves, *ids), options)
+        return per_row_loss(inputs, index, reduced, 0, **kwargs)
+
+    return forward
+
 
 def compile_baseline(fn, dry_run):
     """``torch.compile`` of a baseline; under ``--dry-run`` Dynamo tracing only (no C++ toolchain)."""
@@ -30,7 +49,6 @@ def compile_baseline(fn, dry_run):
     if dry_run:  # no C++ toolchain needed: Dynamo tracing only
         return torch.compile(fn, backend="eager", dynamic=False)
     return torch.compile(fn, mode="default", dynamic=False)
-
 
 
 def bench(call, device):
@@ -68,12 +86,42 @@ def bench(call, device):
     return median, p20, p80
 
 
+def measure_passes(base: dict, forward, forward_backward, device, skip=None, *,
+                   memory=("fwd", "fwd+bwd"), flops=None) -> list[dict]:
+    """Rows of fwd and fwd+bwd of one backend and shape: ``base`` with the timings
+    (:func:`bench`), the peak memory above the inputs of the passes in ``memory`` (on a GPU),
+    the achieved TFLOP/s when ``flops(what)`` gives the flops of a pass, and a status: ok,
+    OOM (the backward is then not tried), the error, or ``skip`` (nothing is run)."""
+    import torch
+
+    if skip:
+        return [dict(base, **{"pass": w, "status": skip}) for w in ("fwd", "fwd+bwd")]
+    out = []
+    for what, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        row = dict(base, **{"pass": what})
+        try:
+            median, p20, p80 = bench(call, device)
+            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, status="ok")
+            if flops is not None:
+                row["tflops"] = flops(what) / (median * 1e-3) / 1e12
+            if what in memory and device.type == "cuda":
+                row["extra_mib"] = peak_extra_memory(call) / 2**20
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - report, keep benchmarking
+            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        out.append(row)
+        if what == "fwd" and row["status"] == "OOM":  # the backward cannot fit either
+            out.append(dict(base, **{"pass": "fwd+bwd", "status": "OOM"}))
+            break
+    return out
+
 
 def quantiles(times):
     times = sorted(times)
     q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
     return q(0.5), q(0.2), q(0.8)
-
 
 
 def peak_extra_memory(call) -> int:

@@ -3,16 +3,16 @@
     python bench/memory_replay.py                    # M = 4096, P = 4, d = 64 (the issue's target shape)
     python bench/memory_replay.py -M 1024 -P 1 --dtypes bf16
 
-Not a GPU measurement (``bench/kernels.py`` measures ``torch.cuda.max_memory_allocated`` on a
+Not a GPU measurement (``bench/kernel_bench.py`` measures ``torch.cuda.max_memory_allocated`` on a
 GPU, and that figure supersedes this one). What it does: runs forward + backward of each
 backend on CPU tensors and tracks every tensor storage that aten ops create, from its creation
 to its release (a ``TorchDispatchMode`` with a finaliser on each storage), and reports the
 peak of the live bytes above the inputs, as ``max_memory_allocated`` minus the inputs would,
 up to the CUDA caching allocator's 512-byte rounding. For the Triton backend the kernel
 launches are stubbed out (their output buffers are still allocated, as on the GPU) and the
-launch configuration is the one chosen for an H100 SXM (132 SMs); the reference runs for real.
-The interaction index (and the reference's dense lookup table, the Triton bitmap) is built
-before the measurement, as the GPU benchmark's warm-up call does. Allocations inside one aten
+launch configuration is the one chosen for an H100 SXM (132 SMs, ``LaunchOverrides(sm_count=132)``);
+the reference runs for real. The interaction index and its bitmap (read by both backends) are
+built before the measurement, as the GPU benchmark's warm-up call does. Allocations inside one aten
 kernel (workspaces) are not seen, for either backend.
 """
 
@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import LiveBytes, realistic_index  # noqa: E402
-from kernels import make_batch  # noqa: E402
+from harness import REPLAYED_SMS, LiveBytes, loss_fn, realistic_index  # noqa: E402
+from kernel_bench import make_batch  # noqa: E402
 
-from hdccf_triton import LossOptions, reference, triton_backend  # noqa: E402
+from hdccf_triton import LossOptions  # noqa: E402
+from hdccf_triton.backends import reference, triton_dot  # noqa: E402
+from hdccf_triton.backends._triton_runtime import LaunchOverrides  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-#: the streaming multiprocessors of the GPU whose launch configuration is replayed (H100 SXM)
-REPLAYED_SMS = 132
 
 
 class _NoLaunch:
@@ -47,24 +46,23 @@ class _NoLaunch:
 
 
 def stub_triton_launches() -> None:
-    """Triton backend on CPU tensors: no kernel runs, the H100 launch configuration is used."""
-    stub = _NoLaunch()
-    triton_backend._kernels = lambda: types.SimpleNamespace(fwd=stub, bwd=stub, membership=stub)
-    triton_backend._interpreting = lambda: False
-    props = types.SimpleNamespace(multi_processor_count=REPLAYED_SMS)
-    torch.cuda.get_device_properties = lambda device=None: props
-    config = triton_backend.launch_config
-    triton_backend.launch_config = lambda M, NP, d, device, dtype=None: config(M, NP, d, torch.device("cuda"), dtype)
+    """Triton backend on CPU tensors: no kernel runs. The one monkeypatch of this script:
+    ``triton_dot`` loads its kernels through the name ``load_kernels`` it imported from
+    ``_triton_runtime``; replaced there, every ``kernels.<module>.<kernel>[grid](...)`` is a
+    no-op, while the backend still allocates every buffer it would on the GPU. (The H100
+    launch configuration is chosen explicitly, by ``LaunchOverrides(sm_count=...)``.)"""
+    triton_dot.load_kernels = _NoLaunch
 
 
-def peak_extra_mib(backend, M, P, d, dtype, similarity, index) -> float:
-    """MiB at the peak of forward + backward, above the inputs."""
+def peak_extra_mib(per_row_loss, M, P, d, dtype, similarity, index, **kwargs) -> float:
+    """MiB at the peak of forward + backward, above the inputs; ``kwargs`` go to ``per_row_loss``."""
     embeddings, ids = make_batch(M, P, d, dtype, index, torch.device("cpu"))
     leaves = [e.detach().clone().requires_grad_() for e in embeddings]
     options = LossOptions(similarity=similarity, omega_user=0.05, omega_item=0.05, temperature=0.2)
+    forward = loss_fn(per_row_loss, leaves, ids, index, options, **kwargs)
     probe = LiveBytes(preexisting=[*leaves, *ids])
     with probe:
-        loss = backend.per_row_loss(*leaves, *ids, index, options, 0)
+        loss = forward()
         grads = torch.autograd.grad(loss.sum(), leaves)
         del loss, grads
     return probe.peak / 2**20
@@ -83,18 +81,18 @@ def main(argv=None) -> int:
 
     stub_triton_launches()
     index = realistic_index(torch.device("cpu"))
-    index.contains(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))  # its lookup table
-    triton_backend.interaction_bitmap(index)
+    index.bitmap()  # built once and kept: the lookup table of the reference and the Triton kernels
     print(f"CPU allocation replay (not a GPU measurement), M={args.M} P={args.P} d={args.d}, "
           f"Triton launches as on {REPLAYED_SMS} SMs")
     print("| dtype | similarity | triton MiB | reference MiB | triton / reference |")
     print("|---|---|---|---|---|")
     for name in args.dtypes:
         for similarity in args.similarities:
-            tri = peak_extra_mib(triton_backend, args.M, args.P, args.d, DTYPES[name], similarity, index)
+            shape = (args.M, args.P, args.d, DTYPES[name], similarity, index)
+            tri = peak_extra_mib(triton_dot.per_row_loss, *shape, overrides=LaunchOverrides(sm_count=REPLAYED_SMS))
             ref = float("nan")
             if not args.no_reference:
-                ref = peak_extra_mib(reference, args.M, args.P, args.d, DTYPES[name], similarity, index)
+                ref = peak_extra_mib(reference.per_row_loss, *shape)
             ratio = f"1/{ref / tri:.1f}" if ref == ref else "-"
             print(f"| {name} | {similarity} | {tri:.2f} | {ref:.1f} | {ratio} |", flush=True)
     return 0

@@ -5,7 +5,7 @@
 The reference backend runs at a moderate shape; the Triton kernels run in Triton's CPU
 interpreter at a tiny shape, as a smoke check of the whole path (the interpreter is orders of
 magnitude slower than a GPU: its timings mean nothing). The last test dry-runs
-``bench/kernels.py`` (the GPU benchmark) to check its CSV, Markdown and plot outputs.
+``bench/kernel_bench.py`` (the GPU benchmark) to check its CSV, Markdown and plot outputs.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdccf_triton import reference
+from hdccf_triton.backends import reference
 from hdccf_triton.options import LossOptions
 
 HERE = Path(__file__).resolve().parent
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("hdccf_bench_kernels", HERE / "kernels.py")
+    spec = importlib.util.spec_from_file_location("kernel_bench", HERE / "kernel_bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,33 +33,33 @@ bench = _bench_module()
 OPTIONS = LossOptions(temperature=0.1, omega_user=0.1, omega_item=0.1)
 
 
-def _fwd_bwd(backend, M, P, d, index):
+def _fwd_bwd(per_row_loss, M, P, d, index):
     embeddings, ids = bench.make_batch(M, P, d, torch.float32, index, torch.device("cpu"))
     leaves = [e.requires_grad_() for e in embeddings]
+    forward = bench.loss_fn(per_row_loss, leaves, ids, index, OPTIONS)
 
     def run():
-        loss = backend.per_row_loss(*leaves, *ids, index, OPTIONS, 0)
-        return torch.autograd.grad(loss.sum(), leaves)
+        return torch.autograd.grad(forward().sum(), leaves)
 
     return run
 
 
 def test_reference_forward_backward(benchmark):
     index = bench.realistic_index(torch.device("cpu"))  # ML-1M sized
-    run = _fwd_bwd(reference, 512, 4, 64, index)
+    run = _fwd_bwd(reference.per_row_loss, 512, 4, 64, index)
     grads = benchmark(run)
     assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_triton_interpreter_smoke(benchmark, monkeypatch):
     pytest.importorskip("triton")
-    from hdccf_triton import triton_backend
+    from hdccf_triton.backends import triton_dot
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend reloads its kernels for it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the runtime reloads the kernels for it
     index = bench.realistic_index(torch.device("cpu"), small=True)
-    run = _fwd_bwd(triton_backend, 16, 2, 8, index)
+    run = _fwd_bwd(triton_dot.per_row_loss, 16, 2, 8, index)
     grads = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
-    want = _fwd_bwd(reference, 16, 2, 8, index)()
+    want = _fwd_bwd(reference.per_row_loss, 16, 2, 8, index)()
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 

@@ -6,26 +6,28 @@ The chunked PyTorch reference runs forward + backward at M = 128, P = 4, d = 64 
 gradients to g's weight and bias too), once per chunk size, to show what the bound on the
 [rows, M·P, d] modulation tensor costs; the Triton kernels run in the interpreter at a tiny
 shape as a smoke check (interpreter timings mean nothing); the last test dry-runs
-``bench/kernels_modulated.py`` (the GPU benchmark) and checks its CSV and Markdown.
+``bench/kernel_bench_modulated.py`` (the GPU benchmark) and checks its CSV and Markdown.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from hdccf_triton import ModulatedSimilarity, reference
+from hdccf_triton import ModulatedSimilarity
+from hdccf_triton.backends import reference
 from hdccf_triton.options import LossOptions
 
 HERE = Path(__file__).resolve().parent
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("hdccf_bench_kernels_modulated", HERE / "kernels_modulated.py")
+    spec = importlib.util.spec_from_file_location("kernel_bench_modulated", HERE / "kernel_bench_modulated.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,36 +36,37 @@ def _bench_module():
 bench = _bench_module()
 
 
-def _fwd_bwd(backend, M, P, d, index):
+def _fwd_bwd(per_row_loss, M, P, d, index):
     torch.manual_seed(0)
     sim = ModulatedSimilarity(d)
     options = LossOptions(temperature=0.1, omega_user=0.1, omega_item=0.1, similarity=sim)
     embeddings, ids = bench._batch(M, P, d, index, torch.device("cpu"))
     leaves = [e.requires_grad_() for e in embeddings] + list(sim.parameters())
+    forward = bench.loss_fn(per_row_loss, leaves[:4], ids, index, options)
 
     def run():
-        loss = backend.per_row_loss(*leaves[:4], *ids, index, options, 0)
-        return torch.autograd.grad(loss.sum(), leaves)
+        return torch.autograd.grad(forward().sum(), leaves)
 
     return run
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 19, 1 << 21, 1 << 23], ids=["512K", "2M", "8M"])
-def test_reference_forward_backward(benchmark, monkeypatch, chunk_elements):
-    # M·P·d = 32K entries a row: chunks of 16, 64 and 128 (= all, no checkpoint) rows
-    monkeypatch.setattr(reference, "MODULATED_CHUNK_ELEMENTS", chunk_elements)
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 1 << 22, 1 << 24], ids=["1M", "4M", "16M"])
+def test_reference_forward_backward(benchmark, chunk_elements):
+    # M·P·pair_cost = 128·4·(2·64) = 64K entries a row: chunks of 16, 64 and 128 (= all, no
+    # checkpoint) rows
+    per_row_loss = functools.partial(reference.per_row_loss, chunk_elements=chunk_elements)
     index = bench.realistic_index(torch.device("cpu"), small=False)  # ML-1M sized
-    grads = benchmark(_fwd_bwd(reference, 128, 4, 64, index))
+    grads = benchmark(_fwd_bwd(per_row_loss, 128, 4, 64, index))
     assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_triton_interpreter_smoke(benchmark, monkeypatch):
     pytest.importorskip("triton")
-    from hdccf_triton import triton_modulated
+    from hdccf_triton.backends import triton_modulated
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend reloads its kernels for it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the runtime reloads the kernels for it
     index = bench.realistic_index(torch.device("cpu"), small=True)
-    grads = benchmark.pedantic(_fwd_bwd(triton_modulated, 16, 2, 8, index), rounds=1, iterations=1)
+    grads = benchmark.pedantic(_fwd_bwd(triton_modulated.per_row_loss, 16, 2, 8, index), rounds=1, iterations=1)
     assert all(torch.isfinite(g).all() for g in grads)
 
 

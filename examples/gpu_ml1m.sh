@@ -12,7 +12,8 @@
 #
 # BUDGET (seconds, default 420) bounds the training: each run is then sent SIGTERM, which the
 # script treats as Ctrl-C (it evaluates the best checkpoint and writes its JSON), so a run cut
-# short still reports, with "interrupted": true. Results go to $OUT (else runs/gpu_ml1m/).
+# short still reports, with "interrupted": true. Results go to $OUT (else runs/gpu_ml1m/): gpu.txt,
+# one JSON per run and logs.tar.gz (6 files with the default seeds; a device call returns 8 at most).
 # DEVICE=cpu and EXTRA="--epochs 1 --max-batches 3" make a dry run on a CPU (the tests do).
 set -u -o pipefail
 
@@ -29,16 +30,20 @@ if [ ! -f "$DATA" ]; then
   exit 2
 fi
 mkdir -p "$RESULTS"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The package as pip would install it (hdccf_triton with kernels/ as hdccf_triton.kernels), without
+# pip: the device image has no network, and a bare checkout on PYTHONPATH lacks hdccf_triton.kernels.
+SITE="$(mktemp -d)"
+cp -r hdccf_triton "$SITE/" && cp -r kernels "$SITE/hdccf_triton/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"; } > "$RESULTS/gpu.txt" 2>&1
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$RESULTS/gpu.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$RESULTS/gpu.txt" 2>&1
 cat "$RESULTS/gpu.txt"
 
 run() {  # NAME FLAGS...: one training, stopped cleanly after BUDGET seconds (killed 120 s later)
   local name=$1; shift
   # shellcheck disable=SC2086  # EXTRA is a list of flags
-  timeout -k 120 "$BUDGET" python examples/train_ml1m.py --dataset "$DATA" --device "$DEVICE" \
+  timeout -k 120 "$BUDGET" python3 examples/train_ml1m.py --dataset "$DATA" --device "$DEVICE" \
     --threads 2 --no-progress --run-dir "$RESULTS/$name" --out "$RESULTS/$name.json" "$@" $EXTRA \
     > "$RESULTS/$name.log" 2>&1
   echo "$name: exit status $? ($(grep -c '^epoch' "$RESULTS/$name.log") epochs logged)"
@@ -50,4 +55,7 @@ done
 run hdccf_dot_gpu_s0 --seed 0 &
 wait
 rm -f "$RESULTS"/*/best.pt  # checkpoints stay behind: only the JSONs and logs come back
+# a device call returns at most 8 files: gpu.txt, one JSON per run and the logs in one archive
+tar -czf "$RESULTS/logs.tar.gz" -C "$RESULTS" $(cd "$RESULTS" && ls ./*.log) && rm -f "$RESULTS"/*.log
+rmdir "$RESULTS"/*/ 2>/dev/null  # the emptied run folders
 ls "$RESULTS"/*.json 2>/dev/null || { echo "no results JSON written" >&2; exit 1; }

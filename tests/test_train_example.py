@@ -136,6 +136,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     modulated = json.loads((tmp_path / "out" / "hdccf_modulated_s1.json").read_text())
     assert modulated["config"]["similarity"] == "modulated" and modulated["config"]["seed"] == 1
     assert not list((tmp_path / "out").glob("*/best.pt"))  # checkpoints are not sent back
+    sent = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert sent == ["gpu.txt", "hdccf_dot_gpu_s0.json", "hdccf_modulated_s0.json", "hdccf_modulated_s1.json",
+                    "logs.tar.gz"]  # a device call returns at most 8 files
     missing = subprocess.run(["bash", str(REPO / "examples" / "gpu_ml1m.sh")], capture_output=True, text=True,
                              env={**env, "DATA": str(tmp_path / "nope.pt")}, timeout=60)
     assert missing.returncode == 2 and "--save-data" in missing.stderr

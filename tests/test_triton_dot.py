@@ -352,6 +352,13 @@ def test_unavailable_reason(monkeypatch):
     assert "TRITON_INTERPRET=1" in runtime.unavailable_reason(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "CPU tensors only" in runtime.unavailable_reason(torch.device("cuda"))
+    # a checkout on PYTHONPATH, not installed: no hdccf_triton.kernels (kernels/ lies beside the package)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hdccf_triton.kernels" else real(name, *a))
+    assert "pip install -e ." in runtime.unavailable_reason(torch.device("cpu"))
 
 
 def test_kernels_follow_the_interpreter_setting(monkeypatch):

@@ -12,6 +12,7 @@ checkout).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -35,6 +36,10 @@ def unavailable_reason(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the machine
         return f"Triton is not installed ({err}); install it with `pip install triton` (Linux only)"
+    if importlib.util.find_spec("hdccf_triton.kernels") is None:
+        return ("the kernels package hdccf_triton.kernels is not installed: install the package "
+                "(`pip install -e .` in a checkout); a checkout on PYTHONPATH lacks it, since its "
+                "kernels/ folder lies beside hdccf_triton/")
     interpreted = interpreting()
     if device.type != "cuda" and not interpreted:
         return (

@@ -235,9 +235,9 @@ class LaunchConfig:
 
 #: GPU tiles (block_m, block_n, num_warps) of (forward, row pass, column pass) by block_d:
 #: the largest tiles whose sweep over the score tiles ptxas compiles without register spills
-#: for sm_90 with bf16 inputs and the bitmap index (``python bench/kernels.py --compile-only``
+#: for sm_90 with bf16 inputs and the bitmap index (``python bench/kernel_bench.py --compile-only``
 #: prints the resource usage and the spill instructions inside and outside that loop; tune
-#: with ``bench/kernels.py`` on the GPU).
+#: with ``bench/kernel_bench.py`` on the GPU).
 _GPU_TILES = {
     64: ((64, 32, 4), (64, 32, 8), (64, 32, 8)),
     128: ((64, 32, 8), (32, 32, 8), (32, 32, 8)),

@@ -166,7 +166,7 @@ def launch_config(
     * 16 × 16 tiles: the pair tiles are [16, 16, BLOCK_D], and ``tl.dot`` needs 16 in every
       dimension (C and E multiply [16, 16] weight tiles by [16, BLOCK_D] operands). 8 warps
       from BLOCK_D = 64 on, to spread the [16, 16, BLOCK_D] tiles over more registers
-      (``bench/kernels_modulated.py --compile-only``, sm_90, d = 64, fp32: forward 239
+      (``bench/kernel_bench_modulated.py --compile-only``, sm_90, d = 64, fp32: forward 239
       registers and no spill, backward 255 registers and < 1 KiB of spills, 17-20 KiB of
       shared memory, 5-9 s to compile each; not yet timed on a GPU).
     * GPU: the columns (forward, row backward) or rows (column backward) are split so that

@@ -7,11 +7,11 @@ median and 20/80 % quantiles), the peak memory above the inputs
 executes, beside the GPU's peak. Results go to ``bench/results/`` as CSV, Markdown and a PNG
 plot (matplotlib, if installed).
 
-    python bench/kernels.py                 # full grid, under 4 minutes on one H100
-    python bench/kernels.py --quick         # M in {1024, 4096}, P = 4, d = 64
-    python bench/kernels.py --dry-run       # CPU: Triton interpreter, tiny shapes, all outputs
-    python bench/kernels.py --compile-only  # no GPU needed: compile the kernels for sm_90 and
-                                            # print registers, spills and shared memory
+    python bench/kernel_bench.py                 # full grid, under 4 minutes on one H100
+    python bench/kernel_bench.py --quick         # M in {1024, 4096}, P = 4, d = 64
+    python bench/kernel_bench.py --dry-run       # CPU: Triton interpreter, tiny shapes, all outputs
+    python bench/kernel_bench.py --compile-only  # no GPU needed: compile the kernels for sm_90 and
+                                                 # print registers, spills and shared memory
 
 Work counted (a product is 2·M·N·P·d flops, N = M): the Triton forward does 4 products
 (A, B, C, E), its backward 16 (the row pass and the column pass each recompute the 4 score
@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench, compile_and_report, compile_baseline, kernel_signature, peak_extra_memory, realistic_index
+from harness import (
+    REPLAYED_SMS, compile_and_report, compile_baseline, kernel_signature, loss_fn, measure_passes, realistic_index,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -46,6 +48,8 @@ COMPILE_FULL = {(4096, 4, 64, "bfloat16"), (4096, 4, 64, "float32"), (1024, 4, 6
 COMPILE_QUICK = {(4096, 4, 64, "bfloat16")}
 TARGET = (4096, 4, 64, "bfloat16")  # the shape of the performance targets
 DRY_TARGET = (32, 2, 8, "float32")  # stands in for it in --dry-run
+#: the block_d whose GPU tiles --compile-only compiles (those triton_dot tunes, 64 to 256)
+COMPILE_BLOCK_D = (64, 128, 256)
 
 #: dense peak TFLOP/s (tensor cores for bf16/fp16; plain FP32 for fp32, which runs IEEE)
 PEAKS = {
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (use --dry-run on a CPU, or --compile-only)")
+        print("bench/kernel_bench.py needs a CUDA GPU (use --dry-run on a CPU, or --compile-only)")
         return 2
     grid = DRY if args.dry_run else QUICK if args.quick else FULL
     compile_shapes = set() if args.no_compile else (
@@ -113,7 +117,7 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
     called after each shape, so that a run cut short still leaves its results."""
     import torch
 
-    from hdccf_triton import reference, triton_backend
+    from hdccf_triton.backends import reference, triton_dot
     from hdccf_triton.options import LossOptions
 
     device = torch.device("cpu" if dry_run else "cuda")
@@ -136,7 +140,7 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
                 skip = "skipped: time budget (compile warm-up)"
             elif name != "triton" and elapsed > budget:
                 skip = "skipped: time budget"
-            fn = {"triton": triton_backend.per_row_loss, "torch": reference.per_row_loss}.get(name)
+            fn = {"triton": triton_dot.per_row_loss, "torch": reference.per_row_loss}.get(name)
             if fn is None:  # compiled once per shape (dynamic=False), at its first call
                 fn = compile_baseline(reference.per_row_loss, dry_run)
             for row in measure(fn, name, batch, index, options, shape, gpu, device, skip):
@@ -151,7 +155,6 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
     return rows
 
 
-
 def make_batch(M, P, d, dtype, index, device, *, seed=0, scale=0.3):
     """Embeddings N(0, scale²) (scores ~ scale²·√d/τ ≈ 7 for d = 64) and uniform ids."""
     import torch
@@ -164,10 +167,9 @@ def make_batch(M, P, d, dtype, index, device, *, seed=0, scale=0.3):
             [ids(U, M), ids(I, M), ids(I, M, P), ids(U, M, P)])
 
 
-
 def products(backend: str, M: int, P: int, d: int, what: str) -> float:
     """Flops executed: products × 2·M·N·P·d (see the module docstring)."""
-    from hdccf_triton import reference
+    from hdccf_triton.backends import reference
 
     one = 2.0 * M * M * P * d
     if backend == "triton":
@@ -184,39 +186,15 @@ def measure(fn, name, batch, index, options, shape, gpu, device, skip):
     embeddings, ids = batch
     peak = _peak(gpu, dtype_name)
     base = dict(gpu=gpu, dtype=dtype_name, M=M, P=P, d=d, backend=name, peak_tflops=peak)
-    if skip:
-        return [dict(base, **{"pass": w, "status": skip}) for w in ("fwd", "fwd+bwd")]
     leaves = [e.detach().clone().requires_grad_() for e in embeddings]
-
-    def forward():
-        return fn(*leaves, *ids, index, options, 0)
+    forward = loss_fn(fn, leaves, ids, index, options)
 
     def forward_backward():
         loss = forward()
         torch.autograd.grad(loss.sum(), leaves)
 
-    out = []
-    for what, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        row = dict(base, **{"pass": what})
-        try:
-            median, p20, p80 = bench(call, device)
-            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, status="ok",
-                       tflops=products(name, M, P, d, what) / (median * 1e-3) / 1e12)
-            if what == "fwd+bwd" and device.type == "cuda":
-                row["extra_mib"] = peak_extra_memory(call) / 2**20
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "OOM"
-            torch.cuda.empty_cache()
-        except Exception as err:  # noqa: BLE001 - report, keep benchmarking
-            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        out.append(row)
-        if what == "fwd" and row["status"] == "OOM":  # the backward cannot fit either
-            out.append(dict(base, **{"pass": "fwd+bwd", "status": "OOM"}))
-            break
-    return out
-
-
-
+    return measure_passes(base, forward, forward_backward, device, skip, memory=("fwd+bwd",),
+                          flops=lambda what: products(name, M, P, d, what))
 
 
 def _peak(gpu: str, dtype_name: str):
@@ -356,40 +334,45 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def compile_only(arch: int) -> int:
     """Compile every kernel at the launch heuristic's tiles for ``sm_<arch>`` and print the
-    registers, stack (spills) and shared memory ptxas reports. Needs no GPU."""
+    registers, stack (spills) and shared memory ptxas reports. Needs no GPU: the tiles are
+    those ``triton_dot.launch_config`` chooses for an H100 (``LaunchOverrides(sm_count=...)``)."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from hdccf_triton import triton_backend as tb
+    from hdccf_triton.backends import triton_dot
+    from hdccf_triton.backends._triton_runtime import LaunchOverrides, load_kernels
 
-    kernels = tb._kernels()
+    kernels = load_kernels()
+    gpu = LaunchOverrides(sm_count=REPLAYED_SMS)
     target = GPUTarget("cuda", arch, 32)
     print(f"target sm_{arch}; triton {triton.__version__}")
     status = 0
-    for block_d in sorted(tb._GPU_TILES):
+    for block_d in COMPILE_BLOCK_D:
         for dtype, cosine in (("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)):
-            if dtype == "bf16":
-                tiles, maxnreg = tb._GPU_TILES[block_d], None
-            else:
-                tiles, maxnreg = tb._GPU_TILES_FMA[64 if block_d <= 64 else 128], 255
+            torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+            # the tiles depend on d and the dtype only; the shape sets the splits, unused here
+            config = triton_dot.launch_config(4096, 16384, block_d, torch.device("cpu"), torch_dtype, gpu)
             sim = "cos" if cosine else "dot"
-            for name, tile in zip(("fwd", "rows", "cols"), tiles):
-                fn = {"fwd": kernels.fwd.negative_stats_fwd_kernel,
-                      "rows": kernels.bwd.negative_stats_bwd_rows_kernel,
-                      "cols": kernels.bwd.negative_stats_bwd_cols_kernel}[name]
-                block_m, block_n, warps = tile
+            for name in ("fwd", "rows", "cols"):
+                fn = {"fwd": kernels.negative_stats_fwd.negative_stats_fwd_kernel,
+                      "rows": kernels.negative_stats_bwd.negative_stats_bwd_rows_kernel,
+                      "cols": kernels.negative_stats_bwd.negative_stats_bwd_cols_kernel}[name]
+                launch = getattr(config, name)
+                block_m, block_n, warps = launch.block_m, launch.block_n, launch.num_warps
                 constexprs = dict(DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1, UPCAST=False, COSINE=cosine,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d)
                 src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
                 head = f"{name:<5} {dtype} {sim} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
-                options = dict(num_warps=warps, num_stages=2)
-                if maxnreg:
-                    options["maxnreg"] = maxnreg
+                options = dict(num_warps=warps, num_stages=config.num_stages)
+                if config.maxnreg:
+                    options["maxnreg"] = config.maxnreg
                 status |= compile_and_report(src, target, options, head)
-            fn = kernels.fwd.own_scores_kernel
-            constexprs = dict(COSINE=cosine, BLOCK_M=tb._OWN_BLOCK_M, BLOCK_D=block_d)
+            fn = kernels.negative_stats_fwd.own_scores_kernel
+            own_block_m = triton_dot._OWN_BLOCK_M  # no public route: read, never changed
+            constexprs = dict(COSINE=cosine, BLOCK_M=own_block_m, BLOCK_D=block_d)
             src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-            head = f"own   {dtype} {sim} block_d={block_d:<4} tile={tb._OWN_BLOCK_M}x{block_d} warps=4"
+            head = f"own   {dtype} {sim} block_d={block_d:<4} tile={own_block_m}x{block_d} warps=4"
             status |= compile_and_report(src, target, dict(num_warps=4, num_stages=2), head)
     return status
 

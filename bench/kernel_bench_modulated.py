@@ -8,11 +8,11 @@ median and 20/80 % quantiles (``triton.testing.do_bench``, or 3 timed runs for c
 that runs out of memory is reported as OOM. Results go to ``bench/results/`` as
 ``kernels_modulated.csv`` and ``kernels_modulated.md``.
 
-    python bench/kernels_modulated.py                 # GPU: the grid above
-    python bench/kernels_modulated.py --dry-run       # CPU: Triton interpreter, tiny shapes
-    python bench/kernels_modulated.py --compile-only  # no GPU: compile the three kernels for
-                                                      # sm_90 at the launch tiles, print the
-                                                      # registers, spills and shared memory
+    python bench/kernel_bench_modulated.py                 # GPU: the grid above
+    python bench/kernel_bench_modulated.py --dry-run       # CPU: Triton interpreter, tiny shapes
+    python bench/kernel_bench_modulated.py --compile-only  # no GPU: compile the three kernels for
+                                                           # sm_90 at the launch tiles, print the
+                                                           # registers, spills and shared memory
 
 Work per pair (k, j) and family (A or B), d = 64: the kernels form e_r⊙e_c (d), W₃(e_r⊙e_c)
 (2d² flops), the sigmoid and f (≈ 6d); the reference does the same with [rows, N·P, d]
@@ -30,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from harness import bench, compile_and_report, compile_baseline, kernel_signature, peak_extra_memory, realistic_index
+from harness import (
+    REPLAYED_SMS, compile_and_report, compile_baseline, kernel_signature, loss_fn, measure_passes, realistic_index,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
-        print("bench/kernels_modulated.py needs a CUDA GPU (use --dry-run on a CPU)")
+        print("bench/kernel_bench_modulated.py needs a CUDA GPU (use --dry-run on a CPU)")
         return 2
     grid = DRY if args.dry_run else GRID
     compile_m = set(args.compile_m if args.compile_m is not None else [min(grid["M"])])
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
 def run_grid(grid, compile_m, args, *, dry_run):
     import torch
 
-    from hdccf_triton import ModulatedSimilarity, reference, triton_modulated
+    from hdccf_triton import ModulatedSimilarity
+    from hdccf_triton.backends import reference, triton_modulated
     from hdccf_triton.options import LossOptions
 
     device = torch.device("cpu" if dry_run else "cuda")
@@ -116,7 +119,6 @@ def run_grid(grid, compile_m, args, *, dry_run):
     return rows
 
 
-
 def _batch(M, P, d, index, device, *, seed=0, scale=0.3):
     """Embeddings [.., 2·d] = [vector ‖ factor], N(0, scale²), and uniform ids."""
     import torch
@@ -128,42 +130,19 @@ def _batch(M, P, d, index, device, *, seed=0, scale=0.3):
     return [emb(M), emb(M), emb(M, P), emb(M, P)], [ids(U, M), ids(I, M), ids(I, M, P), ids(U, M, P)]
 
 
-
 def measure(fn, base, batch, index, options, sim, device, skip):
     """Rows of fwd and fwd+bwd for one backend and shape."""
     import torch
 
-    if skip:
-        return [dict(base, **{"pass": w, "status": skip}) for w in ("fwd", "fwd+bwd")]
     embeddings, ids = batch
     leaves = [e.detach().clone().requires_grad_() for e in embeddings]
     params = list(sim.parameters())
-
-    def forward():
-        return fn(*leaves, *ids, index, options, 0)
+    forward = loss_fn(fn, leaves, ids, index, options)
 
     def forward_backward():
         torch.autograd.grad(forward().sum(), leaves + params)
 
-    out = []
-    for what, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        row = dict(base, **{"pass": what})
-        try:
-            row.update(zip(("median_ms", "p20_ms", "p80_ms"), bench(call, device)), status="ok")
-            if device.type == "cuda":
-                row["extra_mib"] = peak_extra_memory(call) / 2**20
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "OOM"
-            torch.cuda.empty_cache()
-        except Exception as err:  # noqa: BLE001 - report, keep benchmarking
-            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        out.append(row)
-        if what == "fwd" and row["status"] == "OOM":  # the backward cannot fit either
-            out.append(dict(base, **{"pass": "fwd+bwd", "status": "OOM"}))
-            break
-    return out
-
-
+    return measure_passes(base, forward, forward_backward, device, skip)
 
 
 def _line(row) -> str:
@@ -209,27 +188,31 @@ def markdown(rows) -> str:
 
 def compile_only(arch: int, d: int, normalize: bool) -> int:
     """Compile the three modulated kernels for ``sm_<arch>`` at the GPU launch tiles of
-    ``triton_modulated.launch_config`` (fp32 operands, int32 ids, bitmap index) and print
-    what ptxas reports: registers, stack (spills), shared memory. Needs no GPU."""
+    ``triton_modulated.launch_config`` (for an H100: ``LaunchOverrides(sm_count=...)``; fp32
+    operands, int32 ids, bitmap index) and print what ptxas reports: registers, stack
+    (spills), shared memory. Needs no GPU."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from hdccf_triton import triton_modulated as tm
+    from hdccf_triton.backends import triton_modulated
+    from hdccf_triton.backends._triton_runtime import LaunchOverrides, load_kernels
 
-    fwd, bwd = tm._kernels()
-    block_d = max(16, 1 << max(0, d - 1).bit_length())
-    # the GPU branch of launch_config, without a GPU to ask for its SM count
-    num_warps = 4 if block_d <= 32 else 8
-    print(f"target sm_{arch}; triton {triton.__version__}; d={d} (block_d={block_d}), "
-          f"tile 16x16, {num_warps} warps, normalize={normalize}")
+    kernels = load_kernels()
+    # the tiles depend on d only; the shape sets the splits, unused here
+    config = triton_modulated.launch_config(4096, 16384, d, torch.device("cpu"),
+                                            LaunchOverrides(sm_count=REPLAYED_SMS))
+    print(f"target sm_{arch}; triton {triton.__version__}; d={d} (block_d={config.block_d}), "
+          f"tile {config.block_m}x{config.block_n}, {config.num_warps} warps, normalize={normalize}")
     status = 0
-    for name, fn in (("fwd", fwd.modulated_stats_fwd_kernel), ("rows", bwd.modulated_stats_bwd_rows_kernel),
-                     ("cols", bwd.modulated_stats_bwd_cols_kernel)):
+    for name, fn in (("fwd", kernels.modulated_fwd.modulated_stats_fwd_kernel),
+                     ("rows", kernels.modulated_bwd.modulated_stats_bwd_rows_kernel),
+                     ("cols", kernels.modulated_bwd.modulated_stats_bwd_cols_kernel)):
         constexprs = dict(NORMALIZE=normalize, DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1,
-                          BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
+                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d)
         src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
         status |= compile_and_report(src, GPUTarget("cuda", arch, 32),
-                                     dict(num_warps=num_warps, num_stages=1), f"{name:<5}")
+                                     dict(num_warps=config.num_warps, num_stages=config.num_stages), f"{name:<5}")
     return status
 
 
