@@ -67,11 +67,15 @@ class Similarity(nn.Module):
             ``"modulated"``.
         normalize: f is a cosine (scores in [−1, 1]).
         pair_cost: entries of the reference's working set per (row, column) pair of a chunk.
+        bilinear: the negative scores are the plain dot products of the embeddings as
+            :meth:`own_scores` returns them (A = UXᵀ/τ, …): the reference then computes them
+            with its fused bilinear path instead of :meth:`negative_scorer`.
     """
 
     kernel: str = "dot"
     normalize: bool = False
     pair_cost: int = 1
+    bilinear: bool = False
 
     def width(self, dim: int) -> int:
         """Entries of one embedding row when the embeddings have ``dim`` dimensions."""
@@ -116,6 +120,8 @@ class Similarity(nn.Module):
 
 class Dot(Similarity):
     """f(u, i) = p_u · q_i."""
+
+    bilinear = True
 
     def own_scores(self, U, I, X, Y, inv_tau, row_offset):
         own_X = X[row_offset : row_offset + U.shape[0]]  # [M, P, d]

@@ -274,3 +274,83 @@ def test_same_inputs_same_bits():
         results.append([loss.detach()] + [x.grad.clone() for x in b.embeddings])
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's fast paths: kept or recomputed softmax weights, row tables or lookups, and
+# rows whose masked sum would underflow
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_loss_and_grads(b, options, upstream, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in b.embeddings]
+    loss = reference.per_row_loss(LossInputs(*leaves, *b.tensors[4:]), b.index, options, **kw)
+    return loss.detach(), torch.autograd.grad(loss, leaves, upstream)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("debias", [True, False])
+def test_recomputed_and_chunked_weights_match_the_kept_ones(similarity, debias):
+    b = make_batch(M=9, P=3, d=5, seed=21, scale=1.5)
+    options = LossOptions(similarity=similarity, debias=debias, omega_user=0.2, temperature=0.2)
+    upstream = torch.linspace(-0.7, 1.9, 9, dtype=torch.float64)
+    kept, kept_grads = _reference_loss_and_grads(b, options, upstream)
+    for kw in (dict(saved_weight_elements=0), dict(saved_weight_elements=0, chunk_elements=2 * 27),
+               dict(chunk_elements=2 * 27)):  # recomputed, recomputed in chunks of 2 rows, kept in chunks
+        got, grads = _reference_loss_and_grads(b, options, upstream, **kw)
+        torch.testing.assert_close(got, kept, rtol=1e-13, atol=1e-13, msg=str(kw))
+        for a, w in zip(grads, kept_grads):
+            torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-13, msg=str(kw))
+
+
+def _brute_force_masks(b, index, debias, row_offset=0):
+    M, P = b.users.numel(), b.pool_items.shape[1]
+    pairs = set(zip(index.keys.div(index.num_items, rounding_mode="floor").tolist(),
+                    (index.keys % index.num_items).tolist())) if index is not None else set()
+    x_ids, y_ids = b.pool_items.reshape(-1).tolist(), b.pool_users.reshape(-1).tolist()
+    t_item = torch.zeros(M, len(x_ids), dtype=torch.bool)
+    t_user = torch.zeros_like(t_item)
+    for k in range(M):
+        u, i = int(b.users[k]), int(b.items[k])
+        for j in range(len(x_ids)):
+            if j // P == row_offset + k:
+                continue
+            t_item[k, j] = not debias or not (x_ids[j] == i or (u, x_ids[j]) in pairs)
+            t_user[k, j] = not debias or not (y_ids[j] == u or (y_ids[j], i) in pairs)
+    return t_item, t_user
+
+
+@pytest.mark.parametrize("index_kind", ["table", "lookups", "none"])
+@pytest.mark.parametrize("debias", [True, False])
+def test_true_negative_masks_match_brute_force(index_kind, debias):
+    b = make_batch(M=7, P=2, d=3, seed=4, density=0.4)
+    index = {"table": b.index, "none": None,  # a huge id space: the rows of D cost more than the lookups
+             "lookups": InteractionIndex.from_pairs(*zip(*b.pairs), num_users=70_000, num_items=90_000)}[index_kind]
+    got = reference.true_negative_masks(b.tensors[4:], index, debias, 0)
+    want = _brute_force_masks(b, index, debias)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (~got[0]).any()  # the case has false negatives beyond the own blocks
+
+
+def test_rows_whose_masked_sum_underflows_are_redone():
+    # row 0's only true negative item scores 2000 below its false negative: e^(s − max) underflows
+    # even in float64, so the row must be shifted by its true-negative maximum
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    pool_items, pool_users = torch.tensor([[0], [3], [4]]), torch.tensor([[0], [1], [2]])
+    index = InteractionIndex.from_pairs([0, 0, 1, 2], [0, 3, 1, 2], 3, 5)  # (u0, item 3) observed: a false negative
+    emb = lambda *rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    user_emb, item_emb = emb([10.0, 0.0], [0.1, 0.2], [0.3, -0.1]), emb([1.0, 0.0], [0.2, 0.1], [0.0, 0.4])
+    pool_item_emb = emb([[1.0, 0.0]], [[10.0, 0.0]], [[-1.0, 0.0]])  # item 3 scores 2000, item 4 −200 for row 0
+    pool_user_emb = emb([[0.1, 0.0]], [[0.2, 0.1]], [[0.0, 0.1]])
+    options = LossOptions(temperature=0.05)
+    tensors = [user_emb, item_emb, pool_item_emb, pool_user_emb]
+    prepared = LossInputs(*tensors, users, items, pool_items, pool_users)
+    stats = reference.negative_statistics(prepared, index, options)
+    assert stats.n_item[0] == 1 and stats.lse_A[0].item() == pytest.approx(-200.0, rel=1e-12)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    loss = reference.per_row_loss(LossInputs(*leaves, users, items, pool_items, pool_users), index, options)
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    want = naive_row_losses(*tensors, users, items, pool_items, pool_users, pairs=[(0, 0), (0, 3), (1, 1), (2, 2)],
+                            temperature=0.05)
+    assert loss.tolist() == pytest.approx([float(x) for x in want], rel=1e-10)

@@ -1,15 +1,29 @@
 """The PyTorch reference of the HDCCF loss: hdccf_triton/LOSS.md as readable code.
 
 It is the test oracle of every other backend and the CPU path. The per-row log-sums over the
-negatives (the only part that touches the M × M·P score matrices) are computed here with
-masked ``logsumexp``; :mod:`hdccf_triton.terms` turns them into the loss, as for every backend.
-Rows are processed in chunks whose score matrices stay below :data:`CHUNK_ELEMENTS` entries,
-each chunk under activation checkpointing, so forward and backward at M = 8192, P = 4 fit in
-a few GiB. The similarity scores the chunks (:meth:`~hdccf_triton.similarity.Similarity.negative_scorer`)
-and says how many working entries each (row, column) pair costs (``pair_cost``: 1 for a dot
-product; for a :class:`~hdccf_triton.ModulatedSimilarity` the modulation of every pair is an
-[rows, M·P, dim] tensor, and the per-entity parts of eq. 8, W₁e_i and W₂e_u, are products of
-the un-broadcast operands, so only W₃(e_i⊙e_u) is pairwise).
+negatives (the only part that touches the M × N·P score matrices) are computed here;
+:mod:`hdccf_triton.terms` turns them into the loss, as for every backend.
+
+How it stays fast and small on a CPU:
+
+* The false-negative masks (hdccf_triton/LOSS.md, "False negatives") are computed once per
+  call, outside autograd, and read by the forward and the backward (``[M, N·P]`` bools: one
+  byte a pair, against four bytes for one fp32 score matrix).
+* For a bilinear similarity (:class:`~hdccf_triton.similarity.Dot`,
+  :class:`~hdccf_triton.similarity.Cosine` on its normalised embeddings) the log-sums are one
+  autograd.Function, :class:`_BilinearStatistics`, in the style of flash attention: the forward
+  keeps only the per-row log-sums; the backward recomputes each chunk's score matrix and turns
+  it in place into the softmax weights, so a chunk costs one ``[rows, N·P]`` temporary and the
+  whole call 4 products forward and 4 + 8 backward. 1/τ is folded into the ``[M, d]`` rows
+  before the products.
+* Any other similarity (the modulated one) runs the chunks under activation checkpointing with
+  the similarity's own scorer (:meth:`~hdccf_triton.similarity.Similarity.negative_scorer`); its
+  working set per (row, column) pair is ``pair_cost`` entries (a ModulatedSimilarity's
+  [rows, N·P, dim] modulation tensors; the per-entity parts of eq. 8, W₁e_i and W₂e_u, are
+  products of the un-broadcast operands, so only W₃(e_i⊙e_u) is pairwise).
+
+Rows are processed in chunks of at most :data:`CHUNK_ELEMENTS` working entries, so forward and
+backward at M = 8192, P = 4 fit in a few GiB.
 """
 
 from __future__ import annotations
@@ -23,16 +37,20 @@ from ..interactions import InteractionIndex
 from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
 
-__all__ = ["per_row_loss", "negative_statistics", "CHUNK_ELEMENTS"]
+__all__ = ["per_row_loss", "negative_statistics", "true_negative_masks", "CHUNK_ELEMENTS", "SAVED_WEIGHT_ELEMENTS"]
 
 #: Largest working set of one chunk, in entries: its [rows, N·P] score matrices times the
 #: similarity's ``pair_cost`` (a ModulatedSimilarity's [rows, N·P, dim] modulation tensors,
 #: of which the backward of a chunk keeps about ten).
 CHUNK_ELEMENTS = 1 << 22
+#: Largest number of softmax weights (4 families × M × N·P) the bilinear forward keeps for its
+#: backward (64 MiB in fp32); above it the backward recomputes them chunk by chunk.
+SAVED_WEIGHT_ELEMENTS = 1 << 24
 
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
-                 row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                 row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS,
+                 saved_weight_elements: int = SAVED_WEIGHT_ELEMENTS) -> torch.Tensor:
     """loss[k] of hdccf_triton/LOSS.md for every row (inputs validated, similarity reduced).
 
     Args:
@@ -43,18 +61,22 @@ def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, opti
         options: the validated options.
         row_offset: row k's own block is pool block ``row_offset + k``.
         chunk_elements: the working set of one chunk of rows (:data:`CHUNK_ELEMENTS`).
+        saved_weight_elements: the bilinear path keeps its softmax weights for the backward
+            up to this many (:data:`SAVED_WEIGHT_ELEMENTS`), else recomputes them.
 
     Returns:
         ``[M]`` per-row loss, in float32 for half-precision inputs, else the input dtype.
     """
     scores = prepare_scores(inputs, options, row_offset)
-    stats = negative_statistics(inputs.with_embeddings(*scores[:4]), interactions, options, row_offset, chunk_elements=chunk_elements)
+    stats = negative_statistics(inputs.with_embeddings(*scores[:4]), interactions, options, row_offset,
+                                chunk_elements=chunk_elements, saved_weight_elements=saved_weight_elements)
     return combine_terms(scores, stats, options)
 
 
 def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
-                        row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS) -> NegativeStats:
-    """Per-row log-sums over the (true) negatives and their counts, chunked over rows.
+                        row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS,
+                        saved_weight_elements: int = SAVED_WEIGHT_ELEMENTS) -> NegativeStats:
+    """Per-row log-sums over the true negatives and their counts, chunked over rows.
 
     Args:
         inputs: U, I ``[M, d]`` and X, Y ``[N, P, d]`` as the similarity scores them
@@ -66,21 +88,33 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
         :class:`~hdccf_triton.terms.NegativeStats`, each field ``[M]``.
     """
     U, I, X, Y = inputs.embeddings
-    users, items, pool_items, pool_users = inputs.ids
     M = U.shape[0]
     N, P, d = X.shape
-    x_ids, y_ids = pool_items.reshape(-1), pool_users.reshape(-1)
-    rows, cols, scorer = options.similarity.negative_scorer(U, I, X.reshape(N * P, d), Y.reshape(N * P, d))
-    rows_per_chunk = max(1, chunk_elements // (N * P * options.similarity.pair_cost))
-    use_checkpoint = torch.is_grad_enabled() and rows_per_chunk < M
+    X, Y = X.reshape(N * P, d), Y.reshape(N * P, d)
+    similarity = options.similarity
+    rows_per_chunk = max(1, chunk_elements // (N * P * similarity.pair_cost))
+    true_item, true_user = true_negative_masks(inputs.ids, interactions, options.debias, row_offset, chunk_elements)
     inv_tau = 1.0 / options.temperature
+    if similarity.bilinear:
+        # the masks as 0/1 in the scores' dtype: the bilinear path multiplies by them, and a
+        # bool operand would be converted at every use
+        masks = (true_item.to(U.dtype), true_user.to(U.dtype)) if true_user is not true_item else (true_item.to(U.dtype),) * 2
+        del true_item, true_user
+        counts = tuple(m.sum(-1).round_().to(torch.int64) for m in masks)  # exact: N·P < 2²⁴
+        keep = 4 * M * N * P <= saved_weight_elements
+        lse = _BilinearStatistics.apply(U, I, X, Y, *masks, counts[0] > 0, counts[1] > 0, inv_tau, rows_per_chunk, keep)
+        return NegativeStats(*lse, *counts)
+    counts = (true_item.sum(-1), true_user.sum(-1))
+
+    rows, cols, scorer = similarity.negative_scorer(U, I, X, Y)
+    use_checkpoint = torch.is_grad_enabled() and rows_per_chunk < M
 
     def chunk(r0, *tensors):
         rows_c, cols_c = tensors[: len(rows)], tensors[len(rows) :]
         r1 = r0 + rows_c[0].shape[0]
-        ids = (users[r0:r1], items[r0:r1], x_ids, y_ids)
         A, B, C, E = scorer(rows_c, cols_c, inv_tau)
-        return _chunk_statistics(A, B, C, E, *ids, row_offset + r0, P, interactions, options)
+        t_item, t_user = true_item[r0:r1], true_user[r0:r1]
+        return tuple(_masked_logsumexp(S, t) for S, t in ((A, t_item), (B, t_user), (C, t_user), (E, t_item)))
 
     pieces = []
     for r0 in range(0, M, rows_per_chunk):
@@ -89,42 +123,207 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
             pieces.append(checkpoint(chunk, r0, *args, use_reentrant=False))
         else:
             pieces.append(chunk(r0, *args))
-    return NegativeStats(*(torch.cat(parts) for parts in zip(*pieces)))
+    return NegativeStats(*(torch.cat(parts) for parts in zip(*pieces)), *counts)
 
 
-def _chunk_statistics(A, B, C, E, users, items, x_ids, y_ids, first_block, P, interactions, options):
-    """:func:`negative_statistics` for R rows whose own blocks are ``first_block ..``.
+@torch.no_grad()
+def true_negative_masks(ids: tuple, interactions: InteractionIndex | None, debias: bool, row_offset: int,
+                        chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true negatives of every row (hdccf_triton/LOSS.md, "False negatives"), as masks.
 
-    A, B, C, E: ``[R, N·P]`` scores; users, items: ``[R]``; x_ids, y_ids: ``[N·P]``.
+    Args:
+        ids: users, items ``[M]``; pool_items, pool_users ``[N, P]`` (int64).
+        interactions: the training pairs D, or None (identity false negatives only).
+        debias: False: every column outside the own block is a negative (the biased loss).
+        row_offset: row k's own block is pool block ``row_offset + k``.
+        chunk_elements: rows are looked up in chunks of about this many pairs, which bounds
+            the lookups' temporaries.
+
+    Returns:
+        ``(true_item, true_user)``, bool ``[M, N·P]``: Tᴵ_k and Tᵁ_k. Column j is a true
+        negative item of row k unless it lies in the own block, X_j is i_k, or (u_k, X_j) ∈ D
+        (φᴵ); a true negative user unless own block, Y_j is u_k, or (Y_j, i_k) ∈ D (φᵁ).
     """
-    R, NP = A.shape
-    with torch.no_grad():
-        blocks = torch.arange(first_block, first_block + R, device=A.device)
-        owner = torch.arange(NP, device=A.device) // P
-        negative = owner[None, :] != blocks[:, None]  # [R, NP]
-        if options.debias:
-            item_fn = x_ids[None, :] == items[:, None]  # φᴵ: X_j is i_k, or (u_k, X_j) ∈ D
-            user_fn = y_ids[None, :] == users[:, None]  # φᵁ: Y_j is u_k, or (Y_j, i_k) ∈ D
-            if interactions is not None:
-                item_fn |= interactions.contains(users[:, None], x_ids[None, :])
-                user_fn |= interactions.contains(y_ids[None, :], items[:, None])
-            true_item = negative & ~item_fn  # Tᴵ
-            true_user = negative & ~user_fn  # Tᵁ
-        else:
-            true_item = true_user = negative
-        n_item = true_item.sum(-1)
-        n_user = true_user.sum(-1)
+    users, items, pool_items, pool_users = ids
+    M = users.shape[0]
+    N, P = pool_items.shape
+    if not debias:
+        negative = torch.ones(M, N * P, dtype=torch.bool, device=users.device)
+        _clear_own_blocks(negative, row_offset, P)
+        return negative, negative
+    true_item = _unobserved_and_other(users, items, pool_items.reshape(-1), interactions, "items", chunk_elements)
+    true_user = _unobserved_and_other(items, users, pool_users.reshape(-1), interactions, "users", chunk_elements)
+    _clear_own_blocks(true_item, row_offset, P)
+    _clear_own_blocks(true_user, row_offset, P)
+    return true_item, true_user
 
-    return (
-        _masked_logsumexp(A, true_item),
-        _masked_logsumexp(B, true_user),
-        _masked_logsumexp(C, true_user),
-        _masked_logsumexp(E, true_item),
-        n_item,
-        n_user,
-    )
+
+def _clear_own_blocks(mask: torch.Tensor, row_offset: int, P: int) -> None:
+    """Clear the P columns of row k's own block (block ``row_offset + k``) of ``[M, N·P]``."""
+    M = mask.shape[0]
+    rows = torch.arange(M, device=mask.device)
+    mask.view(M, -1, P)[rows, rows + row_offset] = False
+
+
+def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, chunk_elements: int) -> torch.Tensor:
+    """bool ``[M, C]``: column j of row k is neither ``partners[k]`` itself nor observed with ``anchors[k]``.
+
+    ``kind="items"``: anchors are users, columns and partners items, the pairs (anchors[k],
+    columns[j]); ``kind="users"``: anchors are items, columns and partners users, the pairs
+    (columns[j], anchors[k]).
+
+    When the anchors' whole rows of D cost fewer lookups than the M × C entries (few distinct
+    anchors, a small catalogue), D is read once as a table of those rows, ``[distinct anchors,
+    catalogue]``, and every row of the result is a gather from its anchor's row. Otherwise
+    each entry is looked up.
+    """
+    M, C = anchors.shape[0], columns.shape[0]
+    out = torch.empty(M, C, dtype=torch.bool, device=anchors.device)
+    step = max(1, chunk_elements // C)
+    if interactions is None:
+        for r0 in range(0, M, step):
+            torch.ne(columns[None, :], partners[r0:r0 + step, None], out=out[r0:r0 + step])
+        return out
+    catalogue = interactions.num_items if kind == "items" else interactions.num_users
+    distinct, which = torch.unique(anchors, return_inverse=True)
+    if distinct.numel() * catalogue <= M * C:
+        every = torch.arange(catalogue, device=anchors.device)
+        if kind == "items":  # the rows of D of the distinct users: [U', num_items]
+            table = interactions.contains(distinct[:, None], every[None, :])
+        else:  # the columns of D of the distinct items: [I', num_users]
+            table = interactions.contains(every[None, :], distinct[:, None])
+        table.logical_not_()
+        rows = max(1, chunk_elements // max(C, catalogue))
+        for r0 in range(0, M, rows):
+            o_rows = slice(r0, r0 + rows)
+            b_rows = table.index_select(0, which[o_rows])  # [R, catalogue] the anchors' unobserved
+            b_rows[torch.arange(b_rows.shape[0], device=b_rows.device), partners[o_rows]] = False  # the partner itself
+            # a gather along the rows (faster than index_select along dim 1 for bools)
+            torch.gather(b_rows, 1, columns.expand(b_rows.shape[0], C), out=out[o_rows])
+        return out
+    for r0 in range(0, M, step):
+        o_rows = slice(r0, r0 + step)
+        b_out = out[o_rows]
+        torch.eq(columns[None, :], partners[o_rows, None], out=b_out)
+        if kind == "items":
+            b_out |= interactions.contains(anchors[o_rows, None], columns[None, :])
+        else:
+            b_out |= interactions.contains(columns[None, :], anchors[o_rows, None])
+        b_out.logical_not_()
+    return out
+
+
+class _BilinearStatistics(torch.autograd.Function):
+    """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E), each ``[M]``: log Σ e^score over the true
+    negatives, for A = UXᵀ/τ, B = IYᵀ/τ, C = UYᵀ/τ, E = IXᵀ/τ; −inf where a row has none.
+
+    Shapes: U, I ``[M, d]``; X, Y ``[N·P, d]``; the masks ``[M, N·P]`` (1 on a true negative,
+    else 0, in the dtype of U); has_item, has_user ``[M]`` bool: the row has a true negative.
+
+    The families come in two column groups that share their columns and their mask: X with
+    (A, E) and the item mask, Y with (C, B) and the user mask. Each group is one product of
+    the stacked rows [U; I]/τ ``[2R, d]`` with its columns, per chunk of R rows (fewer,
+    larger products: faster on a CPU).
+
+    Forward, per chunk: the scores, shifted by each row's largest score over *all* columns,
+    exponentiated and multiplied by the mask, summed. Masking by a product after the
+    exponential keeps every exponential finite (and several times faster than filling −inf
+    before it); a row whose true negatives all lie more than ~80 below its largest score would
+    underflow, so such rows (rare) are redone with the exact masked shift. With ``keep`` the
+    masked exponentials are kept for the backward, else the backward recomputes them chunk by
+    chunk from the log-sums: W = e^min(s − lse, 0) ⊙ mask. With g the upstream gradient,
+    dU = (g_A W_A X + g_C W_C Y)/τ, dI = (g_E W_E X + g_B W_B Y)/τ, dX = W_Aᵀ(g_A U)/τ +
+    W_Eᵀ(g_E I)/τ, dY = W_Cᵀ(g_C U)/τ + W_Bᵀ(g_B I)/τ, accumulated chunk by chunk in a fixed
+    order (deterministic).
+    """
+
+    @staticmethod
+    def forward(ctx, U, I, X, Y, true_item, true_user, has_item, has_user, inv_tau: float, rows: int, keep: bool):
+        M, NP = U.shape[0], X.shape[0]
+        UI = torch.stack([U, I]).mul_(inv_tau)  # [2, M, d]: 1/τ folded into the rows
+        lse = U.new_empty(2, 2, M)  # [group, (U, I) rows, M]: (A, E), (C, B)
+        # the masked exponentials of both groups ([2, 2, M, NP]), or one chunk's buffer
+        buffer = U.new_empty(2, 2, M, NP) if keep else U.new_empty(1, 2, min(rows, M), NP)
+        scale = U.new_empty(2, 2, M)  # 1 / Σ: the softmax is the masked exponentials times it
+        tiny = torch.finfo(U.dtype).tiny / torch.finfo(U.dtype).eps  # below it a sum may have underflowed
+        for r0 in range(0, M, rows):
+            o_rows = slice(r0, r0 + rows)
+            R = min(rows, M - r0)
+            b_rows = UI[:, o_rows].reshape(2 * R, -1)  # [2R, d] the chunk's U and I rows, stacked
+            for grp, (col, mask, has) in enumerate(((X, true_item, has_item), (Y, true_user, has_user))):
+                b_s = buffer[grp, :, o_rows] if keep else buffer[0, :, :R]  # [2, R, NP]
+                b_mask = mask[o_rows]  # [R, NP], shared by the U and the I rows
+                if b_s.is_contiguous():  # one chunk, or the reused buffer
+                    torch.mm(b_rows, col.T, out=b_s.view(2 * R, NP))  # the scores of both families
+                else:  # kept and chunked: the chunk's rows are strided in the [2, 2, M, NP] buffer
+                    b_s.copy_((b_rows @ col.T).view(2, R, NP))
+                b_max = b_s.amax(dim=-1, keepdim=True)  # [2, R, 1] over all columns
+                b_sum = b_s.sub_(b_max).exp_().mul_(b_mask).sum(dim=-1)  # [2, R] Σ_true e^(s − max)
+                redo = (b_sum < tiny) & has[o_rows]  # underflowed: shift by the true max instead
+                if redo.any():
+                    _redo_rows(b_s, b_rows.view(2, R, -1), col, b_mask, redo, b_max, b_sum)
+                scale[grp, :, o_rows] = b_sum.reciprocal()  # inf where no true negative (weights 0)
+                lse[grp, :, o_rows] = b_sum.log_().add_(b_max[..., 0])  # −inf where there is none
+        scale.nan_to_num_(posinf=0.0)
+        ctx.save_for_backward(UI, X, Y, true_item, true_user, lse, buffer if keep else None, scale)
+        ctx.inv_tau, ctx.rows, ctx.keep = inv_tau, rows, keep
+        (lse_a, lse_e), (lse_c, lse_b) = lse
+        return tuple(t.clone() for t in (lse_a, lse_b, lse_c, lse_e))  # independent outputs
+
+    @staticmethod
+    def backward(ctx, g_a, g_b, g_c, g_e):
+        UI, X, Y, true_item, true_user, lse, weights, scale = ctx.saved_tensors
+        inv_tau, rows, M, NP = ctx.inv_tau, ctx.rows, UI.shape[1], X.shape[0]
+        need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_cols = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        zero = UI.new_zeros(M)
+        # the upstream gradients by group and row kind, [2, 2, M]; with keep the softmax is the
+        # kept masked exponentials times 1/Σ, folded into g
+        g = torch.stack([torch.stack([t if t is not None else zero for t in pair])
+                         for pair in ((g_a, g_e), (g_c, g_b))]).to(UI.dtype)
+        if ctx.keep:
+            g = g * scale
+        dUI = torch.zeros_like(UI)  # gradients of the scaled rows, [2, M, d]
+        dX, dY = torch.zeros_like(X), torch.zeros_like(Y)
+        neg_lse = lse.masked_fill(torch.isneginf(lse), 0.0).neg_()  # rows with no true negative: weights 0
+        b_w = None if ctx.keep else UI.new_empty(2, min(rows, M), NP)  # one buffer for every chunk
+        for grp, (col, mask, d_col) in enumerate(((X, true_item, dX), (Y, true_user, dY))):
+            for r0 in range(0, M, rows):
+                o_rows = slice(r0, r0 + rows)
+                R = min(rows, M - r0)
+                b_rows = UI[:, o_rows]  # [2, R, d]
+                if ctx.keep:
+                    b_cur = weights[grp, :, o_rows].reshape(2 * R, NP)
+                else:  # softmax weights e^(s − lse) on the true negatives, 0 elsewhere
+                    b_cur = b_w[:, :R]
+                    b_stack = b_rows.reshape(2 * R, -1)
+                    torch.addmm(neg_lse[grp, :, o_rows].reshape(2 * R, 1), b_stack, col.T, out=b_cur.view(2 * R, NP))
+                    b_cur = b_cur.clamp_max_(0.0).exp_().mul_(mask[o_rows]).view(2 * R, NP)  # s ≤ lse on true negatives
+                b_g = g[grp, :, o_rows, None]  # [2, R, 1]: g scales rows, applied to the [R, d] factors
+                if need_rows:
+                    dUI[:, o_rows] += (b_cur @ col).view(2, R, -1).mul_(b_g)
+                if need_cols:
+                    d_col.addmm_(b_cur.T, (b_rows * b_g).reshape(2 * R, -1))
+        dUI.mul_(inv_tau)
+        return dUI[0], dUI[1], dX, dY, None, None, None, None, None, None, None
+
+
+def _redo_rows(b_s, b_rows, col, b_mask, redo, b_max, b_sum) -> None:
+    """Rows whose masked sum underflowed: shift by the largest *true-negative* score instead.
+
+    ``b_s`` ``[2, R, NP]`` (the masked exponentials), ``b_max`` ``[2, R, 1]`` and ``b_sum``
+    ``[2, R]`` are updated in place for the ``redo`` ``[2, R]`` rows; ``b_rows`` ``[2, R, d]``,
+    ``b_mask`` ``[R, NP]``."""
+    kind, row = redo.nonzero(as_tuple=True)
+    s = b_rows[kind, row] @ col.T  # [r, NP] the scores again
+    s.masked_fill_(b_mask[row] == 0, -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    e = s.sub_(m).exp_()  # 0 off the true negatives
+    b_s[kind, row] = e
+    b_max[kind, row] = m
+    b_sum[kind, row] = e.sum(dim=-1)
 
 
 def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log Σ_{mask} eˣ over the last dim; −inf (with zero gradient) where the mask is empty."""
-    return torch.logsumexp(x.masked_fill(~mask, -math.inf), dim=-1)
+    return torch.logsumexp(x.masked_fill(mask.logical_not(), -math.inf), dim=-1)
