@@ -54,7 +54,7 @@ for seed in $SEEDS; do
 done
 run hdccf_dot_gpu_s0 --seed 0 &
 wait
-rm -f "$RESULTS"/*/best.pt  # checkpoints stay behind: only the JSONs and logs come back
+rm -f "$RESULTS"/*/best.pt "$RESULTS"/*/last.pt  # checkpoints stay behind: only the JSONs and logs come back
 # a device call returns at most 8 files: gpu.txt, one JSON per run and the logs in one archive
 tar -czf "$RESULTS/logs.tar.gz" -C "$RESULTS" $(cd "$RESULTS" && ls ./*.log) && rm -f "$RESULTS"/*.log
 rmdir "$RESULTS"/*/ 2>/dev/null  # the emptied run folders

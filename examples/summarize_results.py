@@ -28,10 +28,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from hdccf_triton.atomic import read_json  # errors name the file
+
 RESULTS = Path(__file__).resolve().parent / "results" / "ml1m"
 METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 #: config keys that do not define a method
-IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed", "save_data"}
+IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed", "save_data",
+           "overwrite", "resume"}
 
 
 def unused_settings(config: dict) -> set[str]:
@@ -111,7 +114,7 @@ def hyperparameters(config: dict) -> str:
 
 def per_run(paths: list[Path]) -> str:
     """One row per run, best validation sampled NDCG@10 first."""
-    results = [json.loads(Path(path).read_text()) for path in paths]
+    results = [read_json(path) for path in paths]
     results.sort(key=lambda r: -r["valid"]["sampled"]["NDCG@10"])
     header = ["method", "hyperparameters", "seed", "best epoch / run", "α", "valid sampled NDCG@10",
               "valid sampled HR@10", "wall (min)"]
@@ -177,7 +180,7 @@ def metric_rows(rows: list[tuple[str, list[dict]]], split: str) -> str:
 
 
 def summarize(paths: list[Path], split: str = "test") -> str:
-    groups, names = group_runs([json.loads(Path(path).read_text()) for path in paths])
+    groups, names = group_runs([read_json(path) for path in paths])
     return metric_rows([(names[key], results) for key, results in groups.items()], split)
 
 
@@ -196,7 +199,7 @@ HEADLINE = (
 
 def headline(paths: list[Path], split: str = "test") -> str:
     """The headline table of README.md: the HEADLINE rows, mean ± std over each setting's seeds."""
-    results = [json.loads(Path(path).read_text()) for path in paths]
+    results = [read_json(path) for path in paths]
     rows = []
     for name, settings in HEADLINE:
         wanted = {**HEADLINE_BATCH, **settings}
@@ -239,7 +242,7 @@ def plot(paths: list[Path], out: Path, protocol: str = "sampled", metric: str = 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    curves = validation_curves([json.loads(Path(path).read_text()) for path in paths], protocol, metric)
+    curves = validation_curves([read_json(path) for path in paths], protocol, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in sorted(curves.items()):
         n = min(len(r) for r in runs)

@@ -16,7 +16,14 @@ every item); training stops early when validation NDCG@10 stops improving, the b
 checkpoint is reloaded and evaluated on the test split, and the results are written as JSON
 to --out and printed as the last line. Paths in the JSON that lie under the current folder are
 written relative to it. Ctrl-C (SIGINT), or SIGTERM in a single process, stops
-training and still evaluates the best checkpoint.
+training and still evaluates the best checkpoint that this run wrote.
+
+Each run has its own folder (--run-dir, by default a new runs/LOSS-DATE-TIME), locked while it
+runs (RUN_DIR/.lock); a folder that holds an earlier run is refused unless --overwrite, and
+--resume continues a run from the end of its last finished epoch (RUN_DIR/last.pt). Every file
+is written atomically, checkpoints with a checksum verified on load (hdccf_triton.atomic), and
+every flag is checked before the data is read (-M and -P against the data and the memory once
+it is).
 
 Models trained with in-batch negatives (hdccf, softmax) draw their negatives in proportion to
 item frequency q(i), so their raw scores rank items by how much more than their popularity a
@@ -31,17 +38,21 @@ scan ("prior_scan") and the metrics without the prior ("valid_without_prior",
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
 from hdccf_triton import InteractionIndex
+from hdccf_triton.atomic import CorruptFileError, check_writable, load_checked, save_checked, write_json
 from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.metrics import Evaluator
 from hdccf_triton.models import (BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior,
@@ -133,7 +144,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="cut-offs K of HR@K and NDCG@K")
     out.add_argument("--select-protocol", default="sampled", choices=["sampled", "full"],
                      help="protocol whose validation NDCG@10 selects the best epoch")
-    out.add_argument("--run-dir", default="runs/latest", help="checkpoint folder")
+    out.add_argument("--run-dir", default=None,
+                     help="checkpoint folder, locked while the run uses it; one that holds an earlier run is "
+                     "refused unless --overwrite (default: a new folder runs/LOSS-DATE-TIME)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="reuse a --run-dir that holds an earlier run: its checkpoints and results are deleted")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir from the end of its last finished epoch (last.pt), "
+                     "with the same flags; gives what an uninterrupted run gives")
     out.add_argument("--out", default=None, help="results JSON (default: RUN_DIR/results.json)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -144,7 +162,228 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--ks must include 10 (early stopping uses NDCG@10)")
     if args.item_prior == "tune" and not all(math.isfinite(a) for a in args.prior_grid):
         p.error("--prior-grid: expected finite values")
+    problem = flag_problem(args)
+    if problem:
+        p.error(problem)
+    if args.resume and (args.run_dir is None or args.overwrite or args.distributed or args.save_data):
+        p.error("--resume: needs --run-dir (the run to continue), and goes with neither --overwrite, "
+                "--distributed nor --save-data")
     return args
+
+
+#: flag -> (attribute, lowest value); None (not given) passes for --max-batches and --threads
+INT_FLAGS = {"--epochs": ("epochs", 1), "-M/--batch-size": ("batch_size", 1), "-P/--pool": ("pool", 1),
+             "--dim": ("dim", 1), "--patience": ("patience", 1), "--max-batches": ("max_batches", 1),
+             "--threads": ("threads", 1), "--min-item-interactions": ("min_item_interactions", 0)}
+#: flag -> (attribute, interval text, test)
+FLOAT_FLAGS = {
+    "--lr": ("lr", "> 0", lambda v: v > 0),
+    "--weight-decay": ("weight_decay", ">= 0", lambda v: v >= 0),
+    "--temperature": ("temperature", "> 0", lambda v: v > 0),
+    "--lambda-user": ("lambda_user", ">= 0", lambda v: v >= 0),
+    "--lambda-item": ("lambda_item", ">= 0", lambda v: v >= 0),
+    "--omega-user": ("omega_user", "in [0, 1)", lambda v: 0 <= v < 1),
+    "--omega-item": ("omega_item", "in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def flag_problem(args) -> str | None:
+    """The first flag whose value is out of its range, as an error message; None when all are fine."""
+    for flag, (key, lowest) in INT_FLAGS.items():
+        value = getattr(args, key)
+        if value is not None and value < lowest:  # --max-batches and --threads may be left unset
+            return f"{flag}: expected an integer >= {lowest}, got {value}"
+    for flag, (key, interval, ok) in FLOAT_FLAGS.items():
+        value = getattr(args, key)
+        if not (math.isfinite(value) and ok(value)):
+            return f"{flag}: expected a finite number {interval}, got {value}"
+    bad_ks = [k for k in args.ks if k < 1]
+    if bad_ks:
+        return f"--ks: expected cut-offs >= 1, got {bad_ks[0]}"
+    return None
+
+
+def data_problem(args, ds, world: int) -> str | None:
+    """-M and -P checked against the data set, as an error message; None when they fit."""
+    if args.batch_size * world > ds.num_train:
+        ranks = f" x {world} ranks" if world > 1 else ""
+        return (f"-M/--batch-size: {args.batch_size}{ranks} exceeds the {ds.num_train:,} training pairs of "
+                f"{ds.name}")
+    limit = min(ds.num_users, ds.num_items)
+    if args.pool > limit:
+        return (f"-P/--pool: {args.pool} exceeds the catalogue of {ds.name} ({ds.num_users:,} users, "
+                f"{ds.num_items:,} items); a row's pools draw P of its user's items and P of its item's users: "
+                f"use at most {limit}")
+    return None
+
+
+def working_set_bytes(args) -> int:
+    """About the memory one training step of the PyTorch backend holds: the 2·M·P pool embeddings
+    (with their gradients and gathered copies), the id pools, and one chunk of in-batch scores
+    (hdccf_triton.backends.reference: about 2^22 entries, at least one row of M·P pairs, of
+    which the backward keeps about ten copies)."""
+    m, p, d = args.batch_size, args.pool, args.dim
+    modulated = args.similarity == "modulated"
+    width, pair_cost = (2 * d, 2 * d) if modulated else (d, 1)
+    per_row = m * p * pair_cost
+    chunk = min(m, max(1, (1 << 22) // per_row)) * per_row
+    return 4 * (10 * chunk + 6 * m * p * width) + 32 * m * p
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for a new allocation on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_problem(args, device, available: int | None) -> str | None:
+    """An error message when the PyTorch backend's working set at -M, -P would not fit; else None."""
+    uses_reference = args.backend == "torch" or (args.backend == "auto" and device.type != "cuda")
+    if args.loss == "bpr" or not uses_reference or available is None:
+        return None
+    need = working_set_bytes(args)
+    if need <= 0.8 * available:
+        return None
+    return (f"-M/--batch-size {args.batch_size} and -P/--pool {args.pool}: the loss's working set is about "
+            f"{need / 2**30:.1f} GiB (it grows as M x P x d), more than the {available / 2**30:.1f} GiB free "
+            f"on {device.type}; use a smaller -M or -P")
+
+
+def check_outputs(args) -> None:
+    """--out and --save-data: fail now, naming the flag, when they could not be written at the end."""
+    for flag, value in (("--out", args.out), ("--save-data", args.save_data)):
+        if value:
+            try:
+                check_writable(value, flag)
+            except OSError as err:
+                sys.exit(f"train_ml1m.py: error: {err.strerror}")
+
+
+def default_run_dir(args) -> Path:
+    """A new folder runs/LOSS-DATE-TIME[-n], created here (so two runs never share it)."""
+    stem = Path("runs") / f"{args.loss}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{stem}: no free name")
+
+
+#: the files a run writes into its folder (and --overwrite deletes)
+RUN_FILES = ("best.pt", "last.pt", "results.json")
+#: flags that may differ between a run and its --resume
+RESUME_MAY_CHANGE = {"run_dir", "out", "threads", "no_progress", "resume", "overwrite", "epochs", "data_dir"}
+
+
+class RunLock:
+    """``RUN_DIR/.lock``, created with O_EXCL and holding the pid, so two runs cannot share a folder.
+
+    A lock whose pid no longer runs (a run that was killed) is taken over with a warning.
+    """
+
+    def __init__(self, folder: Path, created: bool = False):
+        self.path = folder / ".lock"
+        self.token = f"{os.getpid()} {uuid.uuid4().hex}\n"
+        self.held = False
+        self.created = created  # the folder is new: removed on release if the run left nothing in it
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise RuntimeError(f"--run-dir {self.path.parent} is in use by another run (pid {owner}; lock "
+                                       f"file {self.path}): wait for it to end, or choose another --run-dir")
+                warnings.warn(f"{self.path}: taking over the lock of a run that has ended "
+                              f"({'pid ' + str(owner) if owner else 'no pid'})", stacklevel=2)
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token)
+            self.held = True
+            return
+        raise RuntimeError(f"--run-dir {self.path.parent}: could not take the lock {self.path}")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(OSError):
+                if self.path.read_text() == self.token:
+                    self.path.unlink()
+                    if self.created:
+                        self.path.parent.rmdir()  # fails, as it should, unless empty
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run_dir(args) -> tuple[Path, RunLock]:
+    """The run folder, created and locked; one holding an earlier run is refused unless --overwrite,
+    which deletes that run's files. Exits with a message naming --run-dir when it cannot be used."""
+    try:
+        if args.run_dir is None:
+            folder, created = default_run_dir(args), True
+        else:
+            folder = Path(args.run_dir).expanduser()
+            created = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        sys.exit(f"train_ml1m.py: error: --run-dir: cannot create {args.run_dir} ({err.strerror or err})")
+    try:
+        check_writable(folder / RUN_FILES[0], "--run-dir")
+    except OSError as err:
+        sys.exit(f"train_ml1m.py: error: {err.strerror}")
+    lock = RunLock(folder, created)
+    try:
+        lock.acquire()
+    except RuntimeError as err:
+        sys.exit(f"train_ml1m.py: error: {err}")
+    earlier = sorted(p.name for p in folder.iterdir() if p.name != lock.path.name)
+    if args.resume:
+        if not (folder / "last.pt").is_file():
+            lock.release()
+            sys.exit(f"train_ml1m.py: error: --resume: {folder / 'last.pt'} not found (the run ended, or was "
+                     "interrupted before its first epoch ended: nothing to continue)")
+        return folder, lock
+    if earlier and not args.overwrite:
+        lock.release()
+        sys.exit(f"train_ml1m.py: error: --run-dir {folder} holds an earlier run ({', '.join(earlier[:5])}"
+                 f"{', ...' if len(earlier) > 5 else ''}): pass --overwrite to replace it, or choose another --run-dir")
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    return folder, lock
 
 
 def training_prior_strength(args) -> float:
@@ -237,6 +476,20 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args)
+    lock = None
+    if rank == 0:  # before the data is read: a run that cannot write its results does not start
+        check_outputs(args)
+        if not args.save_data:
+            run_dir, lock = claim_run_dir(args)
+            args.run_dir = str(run_dir)
+    try:
+        return run(args, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args, rank: int, world: int, device) -> dict:
     torch.manual_seed(args.seed + rank)
     t_start = time.time()
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -245,9 +498,15 @@ def main(argv=None) -> dict:
     ds = load_data(args, progress=rank == 0)
     log(ds.describe())
     if args.save_data:
-        saved = ds.save(args.save_data) if rank == 0 else None
+        try:
+            saved = ds.save(args.save_data) if rank == 0 else None
+        except OSError as err:
+            sys.exit(f"train_ml1m.py: error: --save-data: {err.strerror or err}")
         log(f"saved to {saved}; train on it with --dataset {saved}")
         return {"saved_data": str(saved)}
+    problem = data_problem(args, ds, world) or memory_problem(args, device, available_memory(device))
+    if problem:
+        sys.exit(f"train_ml1m.py: error: {problem}")
     sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
                              batch_size=args.batch_size, num_pool=args.pool, seed=args.seed, device=device,
                              drop_last=world > 1)
@@ -269,17 +528,28 @@ def main(argv=None) -> dict:
         train_step = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(objective.parameters(), lr=args.lr)
 
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "best.pt"
-    history, best, best_epoch, stale = [], -math.inf, -1, 0
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    checkpoint = run_dir / "best.pt" if run_dir else None
+    run_id = uuid.uuid4().hex  # in the checkpoint: the one loaded at the end must be this run's
+    written = None  # the epoch of the checkpoint this run wrote, if any
+    history, best, best_epoch, stale, start = [], -math.inf, -1, 0, 0
     select = f"{args.select_protocol}/NDCG@10"
+    if args.resume:
+        state = resume_state(args, run_dir / "last.pt")
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(objective, state["rng"])
+        run_id, history, best, best_epoch, stale = (state[k] for k in ("run_id", "history", "best", "best_epoch",
+                                                                         "stale"))
+        written = best_epoch if best_epoch >= 1 else None
+        start = args.epochs if stale >= args.patience else len(history)  # an early stop stays stopped
+        log(f"resuming {run_dir} after epoch {len(history)}")
 
     # ---------------------------------------------------------------- training
     interrupted = False
-    previous_handlers = stop_training_on_signals(world)
+    signals = StopOnSignals(world)
     try:
-        for epoch in range(args.epochs):
+        for epoch in range(start, args.epochs):
             objective.train()
             t_epoch, total, count = time.time(), 0.0, 0
             batches = local_batches(sampler, epoch, rank, world, args.batch_size)
@@ -300,39 +570,53 @@ def main(argv=None) -> dict:
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{total / count:.4f}")
             record = dict(epoch=epoch + 1, train_loss=total / max(count, 1), seconds=time.time() - t_epoch)
-            improved = False
             if rank == 0:
                 objective.eval()
                 valid = evaluator.evaluate(model, "valid", ks=args.ks)
                 record["valid"] = valid
                 score = valid[args.select_protocol]["NDCG@10"]
-                improved = score > best
-                if improved:
-                    best, best_epoch, stale = score, epoch + 1, 0
-                    # written aside, then renamed: a signal mid-write cannot leave a torn best checkpoint
-                    torch.save({"model": model.state_dict(), "epoch": epoch + 1, "config": vars(args)},
-                               checkpoint.with_suffix(".tmp"))
-                    os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
-                else:
-                    stale += 1
+                # the checkpoint, the best epoch and the history change together: a signal waits
+                with signals.deferred():
+                    if score > best:
+                        save_checked({"model": model.state_dict(), "epoch": epoch + 1, "run_id": run_id,
+                                      "config": vars(args)}, checkpoint)
+                        best, best_epoch, stale, written = score, epoch + 1, 0, epoch + 1
+                    else:
+                        stale += 1
+                    history.append(record)
+                    save_checked({"objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "rng": rng_state(objective), "run_id": run_id, "history": history, "best": best,
+                                  "best_epoch": best_epoch, "stale": stale, "config": vars(args)},
+                                 run_dir / "last.pt")
                 log(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  valid {select} {score:.4f}"
                     f"  (sampled HR@10 {valid['sampled']['HR@10']:.4f}, full HR@10 {valid['full']['HR@10']:.4f})"
                     f"  {record['seconds']:.0f}s")
-            history.append(record)
+            else:
+                history.append(record)
             if should_stop(stale >= args.patience, world, device):
                 log(f"early stop: no improvement of valid {select} for {args.patience} epochs")
                 break
     except KeyboardInterrupt:
         interrupted = True
         log("\ninterrupted: evaluating the best checkpoint so far")
-    for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)  # the evaluation runs under the handlers the script started with
+    signals.restore()  # the evaluation runs under the handlers the script started with
+    if rank == 0 and not interrupted:  # a run that ended is not resumed: only an interrupted one keeps last.pt
+        (run_dir / "last.pt").unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- test the best checkpoint
     result = None
     if rank == 0:
-        if checkpoint.exists():
-            model.load_state_dict(torch.load(checkpoint, map_location=device)["model"])
+        if written is not None:
+            try:
+                state = load_checked(checkpoint, what="checkpoint", map_location=device)
+            except (OSError, CorruptFileError) as err:
+                sys.exit(f"train_ml1m.py: error: {err}")
+            if state.get("run_id") != run_id or state.get("epoch") != best_epoch:
+                raise RuntimeError(f"{checkpoint}: holds epoch {state.get('epoch')} of another run, not epoch "
+                                   f"{best_epoch} of this one; was --run-dir used by two runs?")
+            model.load_state_dict(state["model"])
+        else:
+            log("no checkpoint was written in this run: scoring the model as it stands")
         result = relative_paths(dict(
             config=vars(args),
             dataset=dict(name=ds.name, num_users=ds.num_users, num_items=ds.num_items,
@@ -345,12 +629,16 @@ def main(argv=None) -> dict:
             wall_seconds=round(time.time() - t_start, 1),
             device=device_name(device),
             world_size=world,
-            checkpoint=str(checkpoint),
+            checkpoint=str(checkpoint) if written is not None else None,
         ))
         out = Path(args.out) if args.out else run_dir / "results.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+        final = StopOnSignals(world)
+        try:
+            with final.deferred():  # a signal now waits for the file to be whole
+                write_json(out, result)
+                print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+        finally:
+            final.restore()
     if world > 1:
         import torch.distributed as dist
 
@@ -396,19 +684,72 @@ def l2_of_batch(model, batch):
     return sum(r.pow(2).sum(-1).mean() for r in rows)
 
 
-def stop_training_on_signals(world: int) -> dict:
-    """Make SIGINT, and SIGTERM in a single process, stop training like Ctrl-C; returns the old handlers.
+def rng_state(objective) -> dict:
+    """The random streams a later epoch depends on (the sampler's are seeded per epoch)."""
+    state = {"torch": torch.get_rng_state()}
+    if isinstance(getattr(objective, "generator", None), torch.Generator):  # BPR's negatives
+        state["objective"] = objective.generator.get_state()
+    return state
+
+
+def restore_rng(objective, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "objective" in state:
+        objective.generator.set_state(state["objective"])
+
+
+def resume_state(args, path: Path) -> dict:
+    """The state :func:`run` saved in ``path`` after an epoch; exits when it is damaged or from other flags."""
+    try:
+        state = load_checked(path, what="checkpoint", map_location="cpu")  # RNG states must be on the CPU
+    except (OSError, CorruptFileError) as err:
+        sys.exit(f"train_ml1m.py: error: --resume: {err}")
+    saved = state.get("config", {})
+    changed = sorted(k for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in changed)
+        sys.exit(f"train_ml1m.py: error: --resume: {path} was written with other flags ({shown}); resume with "
+                 "the same flags")
+    return state
+
+
+class StopOnSignals:
+    """SIGINT, and SIGTERM in a single process, stop training like Ctrl-C (KeyboardInterrupt);
+    :meth:`restore` puts the handlers the script started with back.
 
     The best checkpoint is then still evaluated and the JSON written: `kill -INT`/`timeout` end a run
     cleanly even where a shell started it with SIGINT ignored (a background job). Under torchrun SIGTERM
-    keeps its default, as a rank stopping alone would leave the others waiting in a collective.
+    keeps its default, as a rank stopping alone would leave the others waiting in a collective. Inside
+    :meth:`deferred` a signal waits until the block has run: a checkpoint and the bookkeeping that
+    names it are written together or not at all.
     """
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
+    def __init__(self, world: int):
+        self.pending = False
+        self.depth = 0
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if world == 1 else [])
+        self.previous = {signum: signal.signal(signum, self._stop) for signum in signals}
 
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if world == 1 else [])
-    return {signum: signal.signal(signum, stop) for signum in signals}
+    def _stop(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.pending and not self.depth:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def should_stop(stop: bool, world: int, device) -> bool:

@@ -10,6 +10,9 @@ new "valid", "test", "prior_strength", "prior_scan" and raw-score metrics. The t
 history, the epochs and the wall time are kept: a run trained and evaluated today gives the
 same file, because epoch selection is unchanged (α = τ for the in-batch losses, 0 for bpr).
 
+The JSON is rewritten atomically (an interrupted rewrite leaves the old file), and the checkpoint's
+checksum is verified first: a damaged checkpoint or JSON is an error naming the file, not new metrics.
+
 The run is rebuilt from the "config" its JSON holds, with the public API of hdccf_triton only;
 settings that JSONs of older runs lack take train_ml1m.py's defaults (DEFAULTS below).
 """
@@ -17,7 +20,6 @@ settings that JSONs of older runs lack take train_ml1m.py's defaults (DEFAULTS b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hdccf_triton import Evaluator, log_frequency_prior, select_prior_strength
+from hdccf_triton.atomic import load_checked, read_json, write_json
 from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.models import EmbeddingModel
 from hdccf_triton.similarity import ModulatedSimilarity
@@ -50,7 +53,7 @@ def rebuild(config: dict, data_dir: str | None):
 
 
 def retune(path: Path, data_dir: str | None, prior_grid: list[float] | None, threads: int | None) -> dict:
-    result = json.loads(path.read_text())
+    result = read_json(path)
     config = result["config"]
     settings = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     grid = [float(a) for a in prior_grid or config.get("prior_grid") or DEFAULTS["prior_grid"]]
@@ -59,8 +62,10 @@ def retune(path: Path, data_dir: str | None, prior_grid: list[float] | None, thr
         torch.set_num_threads(threads)
     ds, evaluator, model = rebuild(settings, data_dir or config.get("data_dir") or os.environ.get("HDCCF_DATA_DIR"))
     # checkpoints from before the prior buffer existed lack only "item_prior"
-    missing, unexpected = model.load_state_dict(torch.load(result["checkpoint"], map_location="cpu")["model"],
-                                                strict=False)
+    if not result.get("checkpoint"):
+        raise ValueError(f"{path}: names no checkpoint (the run wrote none), nothing to re-evaluate")
+    state = load_checked(result["checkpoint"], what="checkpoint", map_location="cpu")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if set(missing) - {"item_prior"} or unexpected:
         raise ValueError(f"{result['checkpoint']}: does not match the run's model "
                          f"(missing {missing}, unexpected {unexpected})")
@@ -78,7 +83,7 @@ def retune(path: Path, data_dir: str | None, prior_grid: list[float] | None, thr
         model.set_item_prior(None)
         result.update({f"{split}_without_prior": evaluator.evaluate(model, split, ks=ks) for split in scored})
     config.update(item_prior="tune", prior_grid=grid)
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)  # whole or not at all: an interrupted rewrite leaves the old file
     return result
 
 
@@ -89,8 +94,13 @@ def main(argv=None) -> None:
     p.add_argument("--prior-grid", type=float, nargs="+", default=None, help="candidate alpha (default: the run's, else the script's)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected an integer >= 1, got {args.threads}")
     for path in args.results:
-        r = retune(path, args.data_dir, args.prior_grid, args.threads)
+        try:
+            r = retune(path, args.data_dir, args.prior_grid, args.threads)
+        except (OSError, ValueError) as err:  # CorruptFileError is a ValueError
+            sys.exit(f"tune_prior.py: error: {err}")
         print(f"{path}: alpha {r['prior_strength']}  test sampled NDCG@10 {r['test']['sampled']['NDCG@10']:.4f}"
               f"  full NDCG@10 {r['test']['full']['NDCG@10']:.4f}")
 

@@ -77,7 +77,8 @@ def test_settings_that_differ_from_the_saved_split_are_refused(ratings, tmp_path
 def test_files_that_are_not_saved_data_sets(tmp_path):
     other = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, other)
-    with pytest.raises(ValueError, match="not a data set saved by Dataset.save"):
+    with pytest.raises(ValueError, match="not a data set saved by Dataset.save"), \
+            pytest.warns(UserWarning, match="weights.pt: .* without a checksum .* loaded unverified"):
         load_dataset(other)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")

@@ -1,8 +1,10 @@
 """The :class:`Dataset` (dense ids and a leave-one-out split) and its one-file form.
 
 :meth:`Dataset.save` writes the filtered, remapped and split interactions with
-``torch.save``; :func:`~hdccf_triton.data.load_dataset` reads such a file (suffix ``.pt``, or
-``format="saved"``) with ``torch.load(weights_only=True)`` (:func:`read_saved_dataset`). The
+``torch.save``, atomically and behind a SHA-256 (:mod:`hdccf_triton.atomic`);
+:func:`~hdccf_triton.data.load_dataset` reads such a file (suffix ``.pt``, or ``format="saved"``)
+with ``torch.load(weights_only=True)`` after verifying the checksum (:func:`read_saved_dataset`):
+a truncated or altered file is refused with an error naming it. The
 file carries the split, so it is the way to train on a machine that has torch but not the
 loaders' polars (a GPU box without network) on exactly the split made here:
 
@@ -23,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic import load_checked, save_checked
 
 __all__ = ["Dataset", "read_saved_dataset", "save_dataset"]
 
@@ -127,18 +131,18 @@ def _from_ids(ids: Any) -> np.ndarray | None:
 
 
 def save_dataset(ds: Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to ``path`` (parents created); returns the path."""
+    """Write ``ds`` to ``path`` (parents created) atomically, with a checksum; returns the path.
+
+    Raises:
+        OSError: ``path`` cannot be written (the message names it; nothing is left behind).
+    """
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"magic": MAGIC, "version": VERSION, "name": ds.name, "num_users": ds.num_users,
                "num_items": ds.num_items, "stats": dict(ds.stats),
                "test_pairs": None if ds.test_pairs is None else tuple(t.cpu() for t in ds.test_pairs),
                "user_ids": _ids(ds.user_ids), "item_ids": _ids(ds.item_ids)}
     payload.update({name: getattr(ds, name).cpu() for name in _TENSORS})
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_checked(payload, path)
 
 
 def _check(path: Path, stats: dict, asked: dict[str, Any]) -> None:
@@ -159,10 +163,7 @@ def _check(path: Path, stats: dict, asked: dict[str, Any]) -> None:
 
 def read_saved_dataset(path: Path, **asked: Any) -> Dataset:
     """The :class:`Dataset` saved in ``path``; ``asked``: split, seed, min_item/min_user_interactions."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a file that is not its own
-        raise ValueError(f"{path}: not a data set saved by Dataset.save ({type(exc).__name__}: {exc})") from exc
+    payload = load_checked(path, what="data set saved by Dataset.save")
     if not isinstance(payload, dict) or payload.get("magic") != MAGIC:
         raise ValueError(f"{path}: not a data set saved by Dataset.save")
     if payload.get("version") != VERSION:

@@ -8,7 +8,8 @@ Formats (``format=`` of :func:`~hdccf_triton.data.load_dataset` forces one; othe
 ``"sasrec"``     ``user item`` per line (space separated, optionally ``.gz``), each user's
                  lines in time order (SASRec's ``ml-1m.txt``): file order is time order.
 ``"lightgcn"``   a folder (or its ``train.txt``) with ``train.txt``/``test.txt``, one
-                 ``user item item ...`` line per user; it comes pre-split.
+                 ``user item item ...`` line per user; it comes pre-split. A ``train.txt``
+                 of that shape without its ``test.txt`` is an error naming the missing file.
 ``"delimited"``  any delimited file (tab, ``,``, ``;``, ``::`` or space; optionally
                  ``.gz``) with user and item columns and optional rating and timestamp
                  columns, in that order unless a header names them.
@@ -26,6 +27,7 @@ import gzip
 import io
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,8 +71,8 @@ def _read_bytes(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path}: corrupt gzip data ({exc})") from exc
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: corrupt gzip data ({type(exc).__name__}: {exc})") from exc
     if not raw.strip():
         raise ValueError(f"{path}: file is empty")
     return raw
@@ -84,8 +86,8 @@ def _read_zip_member(path: Path, suffix: str) -> tuple[bytes, str]:
             if not names:
                 raise ValueError(f"{path}: no {suffix} inside the zip")
             raw = zf.read(names[0])
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ValueError(f"{path}: not a readable zip file ({exc})") from exc
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable zip file ({type(exc).__name__}: {exc})") from exc
     label = f"{path}:{names[0]}"
     if not raw.strip():
         raise ValueError(f"{label}: file is empty")
@@ -267,11 +269,34 @@ def parse(path: Path, fmt: str, *, sep: str | None, columns: Sequence[str] | Non
     return _parse_delimited(raw, label, sep, columns, header)
 
 
+def _looks_like_lightgcn(path: Path, lines: int = 200) -> bool:
+    """Whether the first lines of ``path`` are LightGCN's: integer tokens only, with lines of
+    different lengths or longer than the four fields of a delimited ratings file."""
+    try:
+        with open(path, "rb") as f:
+            head = [f.readline() for _ in range(lines)]
+    except OSError:
+        return False
+    counts = set()
+    for line in head:
+        tokens = line.split()
+        if not tokens:
+            continue
+        if not all(t.isdigit() for t in tokens):
+            return False
+        counts.add(len(tokens))
+    return len(counts) > 1 or max(counts, default=0) > 4
+
+
 def guess_format(path: Path) -> str:
     """The format of ``path`` from its name (and, for a zip, its members)."""
     if path.is_dir():
         if (path / "train.txt").is_file() and (path / "test.txt").is_file():
             return "lightgcn"
+        for present, missing in (("train.txt", "test.txt"), ("test.txt", "train.txt")):
+            if (path / present).is_file():
+                raise FileNotFoundError(f"{path / missing}: missing (the LightGCN format needs train.txt and "
+                                        "test.txt)")
         raise ValueError(f"{path}: a folder is read only in the LightGCN format (train.txt + test.txt)")
     if path.suffix == ".pt":
         return "saved"
@@ -282,8 +307,15 @@ def guess_format(path: Path) -> str:
         return "ml-100k"
     if name == "ml-1m.txt":
         return "sasrec"
-    if name in ("train.txt", "test.txt") and (path.parent / "test.txt").is_file():
-        return "lightgcn"
+    if name in ("train.txt", "test.txt"):
+        companion = path.parent / ("test.txt" if name == "train.txt" else "train.txt")
+        if companion.is_file():
+            return "lightgcn"
+        if _looks_like_lightgcn(path):
+            raise FileNotFoundError(
+                f"{path} is in the LightGCN format (one 'user item item ...' line per user), which comes "
+                f"as train.txt and test.txt together, but {companion} is missing; put it beside, or pass "
+                "format='delimited' to read this file as (user, item, rating, timestamp) rows")
     if path.suffix == ".zip":
         try:
             with zipfile.ZipFile(path) as zf:
