@@ -1,20 +1,32 @@
-"""Seconds per training step of the HDCCF objective on the CPU, per similarity, on ML-1M batches.
+"""Seconds per training step of the HDCCF objective on the CPU, per similarity, on ML-1M batches:
+the previous reference implementation (``bench/reference_previous.py``) against the current
+one, in one process.
 
     python bench/train_step_cpu.py --data-dir ../shared/data                  # dot, cosine, modulated
     python bench/train_step_cpu.py --data-dir ../shared/data --similarities dot modulated --threads 1
 
 One Adam step (forward, backward, update) of ``HDCCFObjective`` on the first batches of the
 sampler's epoch 0, at the example script's cpu preset (M = 512, P = 2, d = 64), after one
-warm-up step; prints ms per step and the implied minutes per ML-1M epoch. A wall-clock figure
+warm-up step; prints ms per step of each implementation, their ratio and the implied minutes
+per ML-1M epoch. The previous implementation is swapped in for the loss's reference backend
+(the one module attribute ``hdccf_triton.loss.reference``) while it is timed. A wall-clock figure
 of this machine at the time: run it on an otherwise idle CPU to compare similarities.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_previous  # noqa: E402
+
+import hdccf_triton.loss  # noqa: E402
 
 from hdccf_triton import EmbeddingModel, HDCCFObjective, InBatchSampler, ModulatedSimilarity, load_dataset
 
@@ -42,21 +54,37 @@ def main(argv=None) -> None:
     epoch = sampler.epoch_batches(0)
     batches = [next(epoch) for _ in range(args.steps + 1)]
     print(f"threads {torch.get_num_threads()}, M = {args.batch_size}, P = {args.pool}, d = {args.dim}")
+    current = hdccf_triton.loss.reference
+    previous = types.SimpleNamespace(per_row_loss=reference_previous.per_row_loss)
     for name in args.similarities:
-        similarity = ModulatedSimilarity(args.dim) if name == "modulated" else name
-        model = EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity)
-        objective = HDCCFObjective(model, index, temperature=0.5, omega_user=0.05, omega_item=0.05)
-        optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
-        for i, batch in enumerate(batches):
-            if i == 1:  # after the warm-up step
-                start = time.perf_counter()
-            loss = objective(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        per_step = (time.perf_counter() - start) / args.steps
-        print(f"{name:>10}: {1000 * per_step:8.0f} ms/step  {per_step * len(sampler) / 60:7.1f} min/epoch "
-              f"({len(sampler)} steps)", flush=True)
+        per_step = {}
+        for label, implementation in (("previous", previous), ("current", current)):
+            hdccf_triton.loss.reference = implementation
+            try:
+                per_step[label] = time_steps(name, args, ds, index, batches)
+            finally:
+                hdccf_triton.loss.reference = current
+        ratio = per_step["previous"] / per_step["current"]
+        print(f"{name:>10}: previous {1000 * per_step['previous']:7.0f} ms/step, current "
+              f"{1000 * per_step['current']:7.0f} ms/step ({ratio:.2f}x), "
+              f"{per_step['current'] * len(sampler) / 60:6.1f} min/epoch ({len(sampler)} steps)", flush=True)
+
+
+def time_steps(name, args, ds, index, batches) -> float:
+    """Seconds per Adam step of a fresh model (seed 0), after one warm-up step."""
+    torch.manual_seed(0)
+    similarity = ModulatedSimilarity(args.dim) if name == "modulated" else name
+    model = EmbeddingModel(ds.num_users, ds.num_items, args.dim, similarity)
+    objective = HDCCFObjective(model, index, temperature=0.5, omega_user=0.05, omega_item=0.05)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
+    for i, batch in enumerate(batches):
+        if i == 1:  # after the warm-up step
+            start = time.perf_counter()
+        loss = objective(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / args.steps
 
 
 if __name__ == "__main__":

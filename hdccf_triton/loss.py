@@ -110,7 +110,7 @@ def debiased_contrastive_loss(
 
 def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options: LossOptions) -> torch.Tensor:
     """Validate, reduce the similarity, gather across ranks if asked, run one backend, reduce."""
-    inputs = validate_inputs(tensors, interactions, options.similarity)
+    inputs = validate_inputs(tensors, interactions, options.similarity, options.temperature)
     inputs, options = reduce_similarity(inputs, options)
     backend = select_backend(options.backend, inputs.user_emb.device, options.similarity)
     row_offset = 0

@@ -6,6 +6,8 @@ small tensor and read back with a single device synchronisation.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from .interactions import InteractionIndex
@@ -19,13 +21,17 @@ _IDS = ("users", "items", "pool_items", "pool_users")
 
 
 def validate_inputs(
-    tensors: tuple, interactions: InteractionIndex | None, similarity: "Similarity | str" = "dot"
+    tensors: tuple, interactions: InteractionIndex | None, similarity: "Similarity | str" = "dot",
+    temperature: float | None = None,
 ) -> LossInputs:
     """Check shapes, dtypes, devices and values; return the inputs with int64 ids.
 
     ``similarity``: the options' similarity; it checks the embeddings' layout
     (:meth:`Similarity.check_inputs`: a ModulatedSimilarity requires a last dimension of
     ``2·similarity.dim`` and its parameters on their device), and its parameters must be finite.
+    ``temperature``: with it, finite embeddings whose scores could overflow the accumulation
+    dtype (|f| ≤ d · max|a| · max|b| / τ, unless the similarity is a cosine) are refused too:
+    they would give an infinite or NaN loss.
     """
     similarity = as_similarity(similarity)
     names = _EMBEDDINGS + _IDS
@@ -89,17 +95,22 @@ def validate_inputs(
 
     ids = [t.to(torch.int64) for t in tensors[4:]]
     params = list(similarity.named_parameters())
-    _check_values(tensors[:4], ids, interactions, params)
+    score_bound = None if temperature is None or similarity.normalize else float(temperature)
+    _check_values(tensors[:4], ids, interactions, params, score_bound)
     return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids)
 
 
-def _check_values(embeddings, ids, interactions, params=()) -> None:
+def _check_values(embeddings, ids, interactions, params=(), temperature=None) -> None:
     """Ids non-negative and in the index's range; embeddings and the similarity's parameters
-    finite: one synchronisation."""
-    probes = [torch.stack([t.min(), t.max()]) for t in ids]
+    finite; with a temperature, scores that cannot overflow: one synchronisation."""
+    probes = [torch.stack([t.min(), t.max()]).to(torch.int64) for t in ids]
     finite = [torch.isfinite(t).all() for t in embeddings] + [torch.isfinite(p.detach()).all() for _, p in params]
     probes.append(torch.stack(finite).to(torch.int64))
+    # max |entry| of each embedding tensor, as float64 bits: read back with the rest, in one sync
+    probes.append(torch.stack([t.detach().abs().amax().double() for t in embeddings]).view(torch.int64))
     values = torch.cat(probes).tolist()
+    largest = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values[-len(embeddings):]]
+    values = values[: -len(embeddings)]
     for n, name in enumerate(_IDS):
         lo, hi = values[2 * n], values[2 * n + 1]
         if lo < 0:
@@ -115,3 +126,25 @@ def _check_values(embeddings, ids, interactions, params=()) -> None:
     for name, finite in zip(names, values[2 * len(_IDS):]):
         if not finite:
             raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+    if temperature is not None:
+        _check_score_range(embeddings, largest, temperature)
+
+
+def _check_score_range(embeddings, largest, temperature) -> None:
+    """Refuse finite embeddings whose scores f/τ could overflow the accumulation dtype.
+
+    Every score is a sum of d products of one entry of each side (the modulation m ≤ 1 only
+    shrinks them), so |f|/τ ≤ d · max|a| · max|b| / τ over the pairs of tensors that are scored
+    against each other."""
+    d = embeddings[0].shape[-1]
+    acc = torch.float64 if embeddings[0].dtype == torch.float64 else torch.float32
+    u, i, x, y = largest  # user_emb, item_emb, pool_item_emb, pool_user_emb
+    bound = d * max(u * i, u * x, i * y, u * y, i * x) / temperature
+    if bound >= torch.finfo(acc).max:
+        big = max(zip(largest, _EMBEDDINGS))
+        raise ValueError(
+            f"the scores may overflow {acc}: embedding entries up to {big[0]:.3g} in magnitude ({big[1]}) "
+            f"give scores up to about {bound:.3g} at temperature {temperature:g}, beyond {torch.finfo(acc).max:.3g}; "
+            "the embeddings' scale has diverged: lower the learning rate, add weight decay, or use "
+            "similarity='cosine'"
+        )

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -14,10 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv(tmp_path):
     env_dir = tmp_path / "venv"
-    # System site-packages provide torch, numpy and pip (whose setuptools builds the wheel);
-    # the package itself is installed fresh into the venv.
+    # The environment running the tests provides torch, numpy and pip (whose setuptools builds
+    # the wheel), whether it is the system's or a virtual environment (whose packages a venv's
+    # system_site_packages would not see): a .pth file adds its site directories. The package
+    # itself is installed fresh into the venv, which comes first on its own path.
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    inner_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+    outer = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    Path(inner_site, "outer_environment.pth").write_text("\n".join(sorted(outer)) + "\n")
     subprocess.run(
         [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(REPO)],
         check=True, cwd=tmp_path, env={**os.environ, "PIP_NO_INPUT": "1"},

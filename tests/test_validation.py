@@ -174,3 +174,18 @@ def test_index_construction_errors():
         InteractionIndex.from_pairs([0], [2], 2, 2)
     with pytest.raises(ValueError, match="num_users must be a positive int"):
         InteractionIndex.from_pairs([0], [0], 0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_that_would_overflow_are_refused_naming_the_cause(b, dtype):
+    # finite embeddings of a diverged scale: the scores overflow the accumulation dtype, and the
+    # loss would be NaN; a cosine of the same embeddings is fine
+    scale = 1e30 if dtype == torch.float32 else 1e200
+    tensors = [t.to(dtype) * scale for t in b.tensors[:4]] + list(b.tensors[4:])
+    with pytest.raises(ValueError, match="the scores may overflow .* embeddings' scale has diverged"):
+        debiased_contrastive_loss(*tensors, interactions=b.index, backend="torch")
+    loss = debiased_contrastive_loss(*tensors, interactions=b.index, backend="torch", similarity="cosine")
+    assert torch.isfinite(loss)
+    # just below the bound: accepted and finite
+    ok = [t.to(dtype) * 1e3 for t in b.tensors[:4]] + list(b.tensors[4:])
+    assert torch.isfinite(debiased_contrastive_loss(*ok, interactions=b.index, backend="torch", temperature=1.0))
