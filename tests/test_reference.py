@@ -296,7 +296,8 @@ def test_recomputed_and_chunked_weights_match_the_kept_ones(similarity, debias):
     upstream = torch.linspace(-0.7, 1.9, 9, dtype=torch.float64)
     kept, kept_grads = _reference_loss_and_grads(b, options, upstream)
     for kw in (dict(saved_weight_elements=0), dict(saved_weight_elements=0, chunk_elements=2 * 27),
-               dict(chunk_elements=2 * 27)):  # recomputed, recomputed in chunks of 2 rows, kept in chunks
+               dict(chunk_elements=2 * 27), dict(saved_weight_elements=0, mask_elements=0, chunk_elements=2 * 27),
+               dict(mask_elements=0)):  # recomputed, in chunks of 2 rows, kept in chunks, bool masks
         got, grads = _reference_loss_and_grads(b, options, upstream, **kw)
         torch.testing.assert_close(got, kept, rtol=1e-13, atol=1e-13, msg=str(kw))
         for a, w in zip(grads, kept_grads):

@@ -37,12 +37,16 @@ from ..interactions import InteractionIndex
 from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
 
-__all__ = ["per_row_loss", "negative_statistics", "true_negative_masks", "CHUNK_ELEMENTS", "SAVED_WEIGHT_ELEMENTS"]
+__all__ = ["per_row_loss", "negative_statistics", "true_negative_masks", "CHUNK_ELEMENTS", "MASK_ELEMENTS",
+           "SAVED_WEIGHT_ELEMENTS"]
 
 #: Largest working set of one chunk, in entries: its [rows, N·P] score matrices times the
 #: similarity's ``pair_cost`` (a ModulatedSimilarity's [rows, N·P, dim] modulation tensors,
 #: of which the backward of a chunk keeps about ten).
 CHUNK_ELEMENTS = 1 << 22
+#: Largest number of mask entries (2 × M × N·P) kept as 0/1 in the scores' dtype (64 MiB in
+#: fp32); above, the masks stay bools and each chunk converts its rows.
+MASK_ELEMENTS = 1 << 24
 #: Largest number of softmax weights (4 families × M × N·P) the bilinear forward keeps for its
 #: backward (64 MiB in fp32); above it the backward recomputes them chunk by chunk.
 SAVED_WEIGHT_ELEMENTS = 1 << 24
@@ -50,7 +54,8 @@ SAVED_WEIGHT_ELEMENTS = 1 << 24
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
                  row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS,
-                 saved_weight_elements: int = SAVED_WEIGHT_ELEMENTS) -> torch.Tensor:
+                 saved_weight_elements: int = SAVED_WEIGHT_ELEMENTS, mask_elements: int = MASK_ELEMENTS,
+                 ) -> torch.Tensor:
     """loss[k] of hdccf_triton/LOSS.md for every row (inputs validated, similarity reduced).
 
     Args:
@@ -63,19 +68,23 @@ def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, opti
         chunk_elements: the working set of one chunk of rows (:data:`CHUNK_ELEMENTS`).
         saved_weight_elements: the bilinear path keeps its softmax weights for the backward
             up to this many (:data:`SAVED_WEIGHT_ELEMENTS`), else recomputes them.
+        mask_elements: the bilinear path keeps its masks in the scores' dtype up to this many
+            entries (:data:`MASK_ELEMENTS`), else as bools converted chunk by chunk.
 
     Returns:
         ``[M]`` per-row loss, in float32 for half-precision inputs, else the input dtype.
     """
     scores = prepare_scores(inputs, options, row_offset)
     stats = negative_statistics(inputs.with_embeddings(*scores[:4]), interactions, options, row_offset,
-                                chunk_elements=chunk_elements, saved_weight_elements=saved_weight_elements)
+                                chunk_elements=chunk_elements, saved_weight_elements=saved_weight_elements,
+                                mask_elements=mask_elements)
     return combine_terms(scores, stats, options)
 
 
 def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
                         row_offset: int = 0, *, chunk_elements: int = CHUNK_ELEMENTS,
-                        saved_weight_elements: int = SAVED_WEIGHT_ELEMENTS) -> NegativeStats:
+                        saved_weight_elements: int = SAVED_WEIGHT_ELEMENTS,
+                        mask_elements: int = MASK_ELEMENTS) -> NegativeStats:
     """Per-row log-sums over the true negatives and their counts, chunked over rows.
 
     Args:
@@ -96,11 +105,14 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
     true_item, true_user = true_negative_masks(inputs.ids, interactions, options.debias, row_offset, chunk_elements)
     inv_tau = 1.0 / options.temperature
     if similarity.bilinear:
-        # the masks as 0/1 in the scores' dtype: the bilinear path multiplies by them, and a
-        # bool operand would be converted at every use
-        masks = (true_item.to(U.dtype), true_user.to(U.dtype)) if true_user is not true_item else (true_item.to(U.dtype),) * 2
-        del true_item, true_user
-        counts = tuple(m.sum(-1).round_().to(torch.int64) for m in masks)  # exact: N·P < 2²⁴
+        # the masks as 0/1 in the scores' dtype, which the bilinear path multiplies by (a bool
+        # operand would be converted at every use); above MASK_ELEMENTS they stay bools (one
+        # byte a pair) and each chunk converts its rows into a reused buffer
+        if 2 * M * N * P <= mask_elements:
+            masks = tuple(t.to(U.dtype) for t in (true_item, true_user))
+        else:
+            masks = (true_item, true_user)
+        counts = tuple(m.sum(-1, dtype=torch.int64) for m in masks)
         keep = 4 * M * N * P <= saved_weight_elements
         lse = _BilinearStatistics.apply(U, I, X, Y, *masks, counts[0] > 0, counts[1] > 0, inv_tau, rows_per_chunk, keep)
         return NegativeStats(*lse, *counts)
@@ -246,13 +258,14 @@ class _BilinearStatistics(torch.autograd.Function):
         buffer = U.new_empty(2, 2, M, NP) if keep else U.new_empty(1, 2, min(rows, M), NP)
         scale = U.new_empty(2, 2, M)  # 1 / Σ: the softmax is the masked exponentials times it
         tiny = torch.finfo(U.dtype).tiny / torch.finfo(U.dtype).eps  # below it a sum may have underflowed
+        rows_of = _mask_rows(true_item, U.dtype, min(rows, M))
         for r0 in range(0, M, rows):
             o_rows = slice(r0, r0 + rows)
             R = min(rows, M - r0)
             b_rows = UI[:, o_rows].reshape(2 * R, -1)  # [2R, d] the chunk's U and I rows, stacked
             for grp, (col, mask, has) in enumerate(((X, true_item, has_item), (Y, true_user, has_user))):
                 b_s = buffer[grp, :, o_rows] if keep else buffer[0, :, :R]  # [2, R, NP]
-                b_mask = mask[o_rows]  # [R, NP], shared by the U and the I rows
+                b_mask = rows_of(mask, o_rows)  # [R, NP], shared by the U and the I rows
                 if b_s.is_contiguous():  # one chunk, or the reused buffer
                     torch.mm(b_rows, col.T, out=b_s.view(2 * R, NP))  # the scores of both families
                 else:  # kept and chunked: the chunk's rows are strided in the [2, 2, M, NP] buffer
@@ -288,6 +301,7 @@ class _BilinearStatistics(torch.autograd.Function):
         dXT, dYT = X.new_zeros(X.shape[1], NP), Y.new_zeros(Y.shape[1], NP)
         neg_lse = lse.masked_fill(torch.isneginf(lse), 0.0).neg_()  # rows with no true negative: weights 0
         b_w = None if ctx.keep else UI.new_empty(2, min(rows, M), NP)  # one buffer for every chunk
+        rows_of = _mask_rows(true_item, UI.dtype, min(rows, M))
         for grp, (col, mask, d_col) in enumerate(((X, true_item, dXT), (Y, true_user, dYT))):
             for r0 in range(0, M, rows):
                 o_rows = slice(r0, r0 + rows)
@@ -299,7 +313,7 @@ class _BilinearStatistics(torch.autograd.Function):
                     b_cur = b_w[:, :R]
                     b_stack = b_rows.reshape(2 * R, -1)
                     torch.addmm(neg_lse[grp, :, o_rows].reshape(2 * R, 1), b_stack, col.T, out=b_cur.view(2 * R, NP))
-                    b_cur = b_cur.clamp_max_(0.0).exp_().mul_(mask[o_rows]).view(2 * R, NP)  # s ≤ lse on true negatives
+                    b_cur = b_cur.clamp_max_(0.0).exp_().mul_(rows_of(mask, o_rows)).view(2 * R, NP)  # s ≤ lse
                 b_g = g[grp, :, o_rows, None]  # [2, R, 1]: g scales rows, applied to the [R, d] factors
                 if need_rows:
                     dUI[:, o_rows] += (b_cur @ col).view(2, R, -1).mul_(b_g)
@@ -308,6 +322,20 @@ class _BilinearStatistics(torch.autograd.Function):
         dUI.mul_(inv_tau)
         dX, dY = (dXT.T.contiguous(), dYT.T.contiguous()) if need_cols else (None, None)
         return dUI[0], dUI[1], dX, dY, None, None, None, None, None, None, None
+
+
+def _mask_rows(mask: torch.Tensor, dtype: torch.dtype, rows: int):
+    """``rows_of(mask, o_rows)``: the rows of a mask as 0/1 in ``dtype``; a bool mask is
+    converted into one reused ``[rows, N·P]`` buffer."""
+    if mask.dtype != torch.bool:
+        return lambda m, o_rows: m[o_rows]
+    buffer = torch.empty(rows, mask.shape[1], dtype=dtype, device=mask.device)
+
+    def rows_of(m, o_rows):
+        b_rows = m[o_rows]
+        return buffer[: b_rows.shape[0]].copy_(b_rows)
+
+    return rows_of
 
 
 def _redo_rows(b_s, b_rows, col, b_mask, redo, b_max, b_sum) -> None:
