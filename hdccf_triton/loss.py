@@ -127,15 +127,15 @@ def select_backend(name: str, device: torch.device, similarity: "Similarity | st
     ``device`` and a (reduced) ``similarity``: the reference for ``"torch"``, and for
     ``"auto"`` off CUDA; else the Triton backend of the similarity's kernel family. Raises
     :class:`BackendUnavailableError` when ``"triton"`` cannot run there."""
-    if name == "torch":
-        return reference
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return reference  # without importing Triton: the CPU path of every training step
     kernel = as_similarity(similarity).kernel
     reason = unavailable_reason(device)
     if name == "triton":
         if reason is not None:
             raise BackendUnavailableError(f'backend="triton" cannot run: {reason}')
         return _TRITON_BACKENDS[kernel]
-    return _TRITON_BACKENDS[kernel] if reason is None and device.type == "cuda" else reference
+    return _TRITON_BACKENDS[kernel] if reason is None else reference
 
 
 def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:

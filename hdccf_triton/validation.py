@@ -106,11 +106,12 @@ def _check_values(embeddings, ids, interactions, params=(), temperature=None) ->
     probes = [torch.stack([t.min(), t.max()]).to(torch.int64) for t in ids]
     finite = [torch.isfinite(t).all() for t in embeddings] + [torch.isfinite(p.detach()).all() for _, p in params]
     probes.append(torch.stack(finite).to(torch.int64))
-    # max |entry| of each embedding tensor, as float64 bits: read back with the rest, in one sync
-    probes.append(torch.stack([t.detach().abs().amax().double() for t in embeddings]).view(torch.int64))
+    if temperature is not None:  # max |entry| of each embedding tensor, as float64 bits: one sync with the rest
+        probes.append(torch.stack([t.detach().abs().amax().double() for t in embeddings]).view(torch.int64))
     values = torch.cat(probes).tolist()
-    largest = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values[-len(embeddings):]]
-    values = values[: -len(embeddings)]
+    if temperature is not None:
+        largest = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values[-len(embeddings):]]
+        values = values[: -len(embeddings)]
     for n, name in enumerate(_IDS):
         lo, hi = values[2 * n], values[2 * n + 1]
         if lo < 0:

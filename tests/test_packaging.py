@@ -58,3 +58,19 @@ def test_import_needs_only_torch_and_numpy():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_cpu_path_never_imports_triton():
+    # backend="auto" on CPU tensors is the reference: choosing it must not import Triton (about
+    # a second and its memory, at the first loss call of every CPU run)
+    code = (
+        "import sys, torch\n"
+        "from hdccf_triton import debiased_contrastive_loss\n"
+        "M, P, d = 4, 2, 3\n"
+        "ids = [torch.arange(M), torch.arange(M), torch.zeros(M, P, dtype=torch.long), torch.zeros(M, P, dtype=torch.long)]\n"
+        "emb = [torch.randn(M, d), torch.randn(M, d), torch.randn(M, P, d), torch.randn(M, P, d)]\n"
+        "loss = debiased_contrastive_loss(*emb, *ids)\n"
+        "assert torch.isfinite(loss)\n"
+        "assert 'triton' not in sys.modules, 'backend=auto on CPU imported triton'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "0"})

@@ -108,10 +108,10 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
         # the masks as 0/1 in the scores' dtype, which the bilinear path multiplies by (a bool
         # operand would be converted at every use); above MASK_ELEMENTS they stay bools (one
         # byte a pair) and each chunk converts its rows into a reused buffer
+        masks = (true_item, true_user)
         if 2 * M * N * P <= mask_elements:
-            masks = tuple(t.to(U.dtype) for t in (true_item, true_user))
-        else:
-            masks = (true_item, true_user)
+            as_dtype = true_item.to(U.dtype)  # without debiasing the two masks are one tensor
+            masks = (as_dtype, as_dtype if true_user is true_item else true_user.to(U.dtype))
         counts = tuple(m.sum(-1, dtype=torch.int64) for m in masks)
         keep = 4 * M * N * P <= saved_weight_elements
         lse = _BilinearStatistics.apply(U, I, X, Y, *masks, counts[0] > 0, counts[1] > 0, inv_tau, rows_per_chunk, keep)
