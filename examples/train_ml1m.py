@@ -5,16 +5,23 @@
     python examples/train_ml1m.py --loss softmax                    # in-batch softmax (no debiasing, no aux terms)
     python examples/train_ml1m.py --no-debias --lambda-user 0 --lambda-item 0   # ablations
     python examples/train_ml1m.py --data-dir ~/datasets/ml-1m --split random   # offline: a folder with ratings.dat
+    python examples/train_ml1m.py --dataset gowalla --data-dir ../shared/data   # LightGCN's Gowalla split
     python examples/train_ml1m.py --preset paper --device cuda      # paper-scale setting on a GPU
     torchrun --nproc_per_node=2 examples/train_ml1m.py --distributed # several GPUs (or CPU processes)
 
 The data is MovieLens-1M by default: found in --data-dir (ratings.dat, ml-1m.zip or SASRec's
 ml-1m.txt[.gz]), else in the download cache ($HDCCF_DATA_DIR or ~/.cache/hdccf_triton), else
 downloaded from GroupLens. Every epoch ends with a validation of HR@K and NDCG@K under both
-protocols (sampled: the held-out item against 100 sampled items, the paper's; full: against
-every item); training stops early when validation NDCG@10 stops improving, the best
-checkpoint is reloaded and evaluated on the test split, and the results are written as JSON
-to --out and printed as the last line. Paths in the JSON that lie under the current folder are
+leave-one-out protocols (sampled: the held-out item against 100 sampled items, the paper's;
+full: against every item); training stops early when validation NDCG@10 (sampled) stops
+improving, the best checkpoint is reloaded and evaluated on the test split, and the results
+are written as JSON to --out and printed as the last line. A data set with a given test set
+(--dataset gowalla, or a LightGCN folder with train.txt/test.txt) is evaluated the way the
+LightGCN/NGCF papers do: per user, every item ranked (training items excluded), Recall@K,
+NDCG@K, Precision@K and HitRate@K over the user's test items; validation is one item per user
+carved at random (seeded) from the training set and scored the same way, and Recall@20
+selects the epochs and α. The checkpoint RUN_DIR/best.pt ends as the model exactly as the
+test split scored it (its prior α·log q included). Paths in the JSON that lie under the current folder are
 written relative to it. Ctrl-C (SIGINT), or SIGTERM in a single process, stops
 training and still evaluates the best checkpoint that this run wrote.
 
@@ -56,7 +63,7 @@ from hdccf_triton.atomic import CorruptFileError, check_writable, load_checked, 
 from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.metrics import Evaluator
 from hdccf_triton.models import (BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior,
-                                 select_prior_strength)
+                                 scan_prior_strengths)
 from hdccf_triton.sampling import InBatchSampler
 from hdccf_triton.similarity import ModulatedSimilarity
 
@@ -86,7 +93,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train an embedding model on implicit feedback with the HDCCF loss "
-        "(IJCAI 2022) or a baseline, and report HR@K/NDCG@K under the sampled and full protocols.",
+        "(IJCAI 2022) or a baseline, and report HR@K/NDCG@K under the sampled and full protocols "
+        "(leave-one-out data such as ML-1M) or per-user Recall@K/NDCG@K (a given test set such as Gowalla's).",
         formatter_class=HelpFormatter,
     )
     data = p.add_argument_group("data")
@@ -141,9 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "training (epochs are selected with alpha = tau, 0 for bpr); log-frequency = alpha = tau")
     out.add_argument("--prior-grid", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0],
                      help="candidate alpha of --item-prior tune")
-    out.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="cut-offs K of HR@K and NDCG@K")
-    out.add_argument("--select-protocol", default="sampled", choices=["sampled", "full"],
-                     help="protocol whose validation NDCG@10 selects the best epoch")
+    out.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50],
+                     help="cut-offs K of the metrics (HR@K, NDCG@K; Recall@K, NDCG@K, Precision@K, HitRate@K)")
+    out.add_argument("--select-protocol", default=None, choices=["sampled", "full", "per_user"],
+                     help="protocol of the validation metric that selects the best epoch and alpha "
+                     "(default: sampled on leave-one-out data, per_user on a given test set)")
+    out.add_argument("--select-metric", default=None,
+                     help="that metric (default: NDCG@10 on leave-one-out data, Recall@20 on a given test set)")
     out.add_argument("--run-dir", default=None,
                      help="checkpoint folder, locked while the run uses it; one that holds an earlier run is "
                      "refused unless --overwrite (default: a new folder runs/LOSS-DATE-TIME)")
@@ -158,8 +170,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if 10 not in args.ks:
-        p.error("--ks must include 10 (early stopping uses NDCG@10)")
     if args.item_prior == "tune" and not all(math.isfinite(a) for a in args.prior_grid):
         p.error("--prior-grid: expected finite values")
     problem = flag_problem(args)
@@ -504,7 +514,8 @@ def run(args, rank: int, world: int, device) -> dict:
             sys.exit(f"train_ml1m.py: error: --save-data: {err.strerror or err}")
         log(f"saved to {saved}; train on it with --dataset {saved}")
         return {"saved_data": str(saved)}
-    problem = data_problem(args, ds, world) or memory_problem(args, device, available_memory(device))
+    problem = (resolve_selection(args, ds) or data_problem(args, ds, world)
+               or memory_problem(args, device, available_memory(device)))
     if problem:
         sys.exit(f"train_ml1m.py: error: {problem}")
     sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
@@ -533,7 +544,7 @@ def run(args, rank: int, world: int, device) -> dict:
     run_id = uuid.uuid4().hex  # in the checkpoint: the one loaded at the end must be this run's
     written = None  # the epoch of the checkpoint this run wrote, if any
     history, best, best_epoch, stale, start = [], -math.inf, -1, 0, 0
-    select = f"{args.select_protocol}/NDCG@10"
+    select = f"{args.select_protocol}/{args.select_metric}"
     if args.resume:
         state = resume_state(args, run_dir / "last.pt")
         objective.load_state_dict(state["objective"])
@@ -574,7 +585,7 @@ def run(args, rank: int, world: int, device) -> dict:
                 objective.eval()
                 valid = evaluator.evaluate(model, "valid", ks=args.ks)
                 record["valid"] = valid
-                score = valid[args.select_protocol]["NDCG@10"]
+                score = valid[args.select_protocol][args.select_metric]
                 # the checkpoint, the best epoch and the history change together: a signal waits
                 with signals.deferred():
                     if score > best:
@@ -589,8 +600,7 @@ def run(args, rank: int, world: int, device) -> dict:
                                   "best_epoch": best_epoch, "stale": stale, "config": vars(args)},
                                  run_dir / "last.pt")
                 log(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}  valid {select} {score:.4f}"
-                    f"  (sampled HR@10 {valid['sampled']['HR@10']:.4f}, full HR@10 {valid['full']['HR@10']:.4f})"
-                    f"  {record['seconds']:.0f}s")
+                    f"  ({brief(valid)})  {record['seconds']:.0f}s")
             else:
                 history.append(record)
             if should_stop(stale >= args.patience, world, device):
@@ -621,6 +631,10 @@ def run(args, rank: int, world: int, device) -> dict:
             config=vars(args),
             dataset=dict(name=ds.name, num_users=ds.num_users, num_items=ds.num_items,
                          num_train=ds.num_train, stats=jsonable(ds.stats)),
+            protocol=("given test set: per-user full ranking (Recall/NDCG/Precision/HitRate@K)"
+                      if evaluator.heldout_kind == "sets" else
+                      "leave-one-out: sampled (100 negatives) and full ranking (HR/NDCG@K)"),
+            selection=f"validation {args.select_protocol} {args.select_metric}",
             best_epoch=best_epoch,
             epochs_run=len(history),
             interrupted=interrupted,
@@ -634,8 +648,12 @@ def run(args, rank: int, world: int, device) -> dict:
         out = Path(args.out) if args.out else run_dir / "results.json"
         final = StopOnSignals(world)
         try:
-            with final.deferred():  # a signal now waits for the file to be whole
+            with final.deferred():  # a signal now waits for the files to be whole
+                if written is not None:  # the checkpoint becomes the model as the test split scored it
+                    state["model"], state["prior_strength"] = model.state_dict(), result["prior_strength"]
+                    save_checked(state, checkpoint)
                 write_json(out, result)
+                print(f"test ({'α = ' + str(result['prior_strength'])}): {brief(result['test'])}")
                 print(json.dumps({k: v for k, v in result.items() if k != "history"}))
         finally:
             final.restore()
@@ -646,6 +664,31 @@ def run(args, rank: int, world: int, device) -> dict:
     return result
 
 
+def resolve_selection(args, ds) -> str | None:
+    """Fill in --select-protocol/--select-metric from the data; an error message if they do not fit it."""
+    given = ds.test_pairs is not None
+    protocol = args.select_protocol or ("per_user" if given else "sampled")
+    if given != (protocol == "per_user"):
+        return (f"--select-protocol: {protocol} does not fit {ds.name}, which "
+                + ("has a given test set (use per_user)" if given else "is leave-one-out (use sampled or full)"))
+    metric = args.select_metric or ("Recall@20" if protocol == "per_user" else "NDCG@10")
+    names = ("Recall", "NDCG", "Precision", "HitRate") if protocol == "per_user" else ("HR", "NDCG")
+    name, _, k = metric.partition("@")
+    if name not in names or not k.isdigit() or int(k) not in args.ks:
+        return (f"--select-metric: {metric!r} is not one of {protocol}'s metrics at the cut-offs --ks "
+                f"{' '.join(map(str, args.ks))} ({', '.join(n + '@K' for n in names)})")
+    args.select_protocol, args.select_metric = protocol, metric
+    return None
+
+
+def brief(results: dict) -> str:
+    """The headline metrics of an evaluation, for the log."""
+    if "per_user" in results:
+        r = results["per_user"]
+        return "  ".join(f"{m} {r[m]:.4f}" for m in ("Recall@20", "NDCG@20") if m in r)
+    return f"sampled HR@10 {results['sampled']['HR@10']:.4f}, full HR@10 {results['full']['HR@10']:.4f}"
+
+
 def final_evaluation(args, model, evaluator, log_counts) -> dict:
     """Validation and test metrics of the loaded checkpoint, with the prior of --item-prior.
 
@@ -653,20 +696,27 @@ def final_evaluation(args, model, evaluator, log_counts) -> dict:
     """
     model.eval()
     out = {}
+    raw = "without prior"  # a key of item_offsets beside the α
     if args.item_prior == "tune":
-        alpha, scan = select_prior_strength(model, evaluator, log_counts, args.prior_grid, split="valid",
-                                            protocol=args.select_protocol, ks=args.ks)
-        out["prior_scan"] = {str(a): v for a, v in scan.items()}
+        scan = scan_prior_strengths(model, evaluator, log_counts, [*args.prior_grid], split="valid", ks=args.ks)
+        chosen = {a: r[args.select_protocol][args.select_metric] for a, r in scan.items()}
+        alpha = max(chosen, key=lambda a: (chosen[a], -list(chosen).index(a)))  # ties: the first
+        out["prior_scan"] = {str(a): v for a, v in chosen.items()}
+        valid = {alpha: scan[alpha], raw: scan[0.0] if 0.0 in scan else None}
     else:
-        alpha = training_prior_strength(args)
-    model.set_item_prior(alpha * log_counts)
-    out.update(valid=evaluator.evaluate(model, "valid", ks=args.ks),
-               test=evaluator.evaluate(model, "test", ks=args.ks), prior_strength=alpha)
+        alpha, valid = training_prior_strength(args), {}
+    # the model scored once per split: with the prior and without it
+    model.set_item_prior(None)
+    offsets = {alpha: alpha * log_counts, raw: torch.zeros_like(log_counts)}
+    if not alpha:  # the prior is zero: no second evaluation without it
+        offsets.pop(raw)
+    missing = {k: v for k, v in offsets.items() if valid.get(k) is None}
+    valid.update(evaluator.evaluate(model, "valid", ks=args.ks, item_offsets=missing) if missing else {})
+    test = evaluator.evaluate(model, "test", ks=args.ks, item_offsets=offsets)
+    out.update(valid=valid[alpha], test=test[alpha], prior_strength=alpha)
     if alpha:
-        model.set_item_prior(None)
-        out.update(valid_without_prior=evaluator.evaluate(model, "valid", ks=args.ks),
-                   test_without_prior=evaluator.evaluate(model, "test", ks=args.ks))
-        model.set_item_prior(alpha * log_counts)
+        out.update(valid_without_prior=valid[raw], test_without_prior=test[raw])
+    model.set_item_prior(alpha * log_counts)  # the model as the test split scored it
     return out
 
 

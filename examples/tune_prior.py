@@ -34,7 +34,7 @@ from hdccf_triton.similarity import ModulatedSimilarity
 
 #: train_ml1m.py's defaults of the settings the evaluation depends on
 DEFAULTS = dict(dataset="ml-1m", split="auto", min_item_interactions=5, similarity="dot", normalize=False,
-                seed=0, select_protocol="sampled", ks=[10, 50],
+                seed=0, select_protocol=None, select_metric=None, ks=[10, 50],
                 prior_grid=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0])
 
 
@@ -75,7 +75,7 @@ def retune(path: Path, data_dir: str | None, prior_grid: list[float] | None, thr
         result.pop(key, None)
     # α chosen on validation and left set on the model, then one test evaluation; raw scores beside
     alpha, scan = select_prior_strength(model, evaluator, log_counts, grid, split="valid",
-                                        protocol=settings["select_protocol"], ks=ks)
+                                        protocol=settings["select_protocol"], metric=settings["select_metric"], ks=ks)
     result["prior_scan"] = {str(a): v for a, v in scan.items()}
     scored = {split: evaluator.evaluate(model, split, ks=ks) for split in ("valid", "test")}
     result.update(scored, prior_strength=alpha)
@@ -101,8 +101,9 @@ def main(argv=None) -> None:
             r = retune(path, args.data_dir, args.prior_grid, args.threads)
         except (OSError, ValueError) as err:  # CorruptFileError is a ValueError
             sys.exit(f"tune_prior.py: error: {err}")
-        print(f"{path}: alpha {r['prior_strength']}  test sampled NDCG@10 {r['test']['sampled']['NDCG@10']:.4f}"
-              f"  full NDCG@10 {r['test']['full']['NDCG@10']:.4f}")
+        print(f"{path}: alpha {r['prior_strength']}  test " + "  ".join(
+            f"{protocol} {name} {value:.4f}" for protocol, metrics in r["test"].items()
+            for name, value in metrics.items() if name in ("NDCG@10", "Recall@20", "NDCG@20")))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
 from .similarity import Similarity, as_similarity
 
-__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "select_prior_strength"]
+__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "scan_prior_strengths",
+           "select_prior_strength"]
 
 
 class EmbeddingModel(nn.Module):
@@ -112,32 +113,52 @@ def log_frequency_prior(train_items: torch.Tensor, num_items: int, temperature: 
 
 @torch.no_grad()
 def select_prior_strength(model: EmbeddingModel, evaluator, log_counts: torch.Tensor, strengths, *,
-                          split: str = "valid", protocol: str = "sampled", metric: str = "NDCG@10",
+                          split: str = "valid", protocol: str | None = None, metric: str | None = None,
                           ks=(10, 50)) -> tuple[float, dict[float, float]]:
     """Choose α of the prior α·log_counts on a validation split, and leave it set on the model.
+
+    The model's scores are computed once (its own prior set to zero meanwhile); every α is
+    evaluated on them (:meth:`~hdccf_triton.metrics.Evaluator.evaluate` with ``item_offsets``),
+    so the scan costs about one evaluation.
 
     Args:
         model: the model; its prior is overwritten.
         evaluator: a :class:`~hdccf_triton.metrics.Evaluator`.
         log_counts: ``[num_items]`` log item frequencies, e.g. ``log_frequency_prior(items, n, 1.0)``.
         strengths: the candidate α (at least one, finite).
-        split, protocol, metric: what is maximised (never the test split).
+        split, protocol, metric: what is maximised (never the test split); None: the
+            evaluator's :attr:`~hdccf_triton.metrics.Evaluator.selection`.
+        ks: cut-offs evaluated (the metric's K among them).
 
     Returns:
         (the best α, {α: its metric}); ties go to the first candidate.
+    """
+    scan = scan_prior_strengths(model, evaluator, log_counts, strengths, split=split,
+                                protocols=None if protocol is None else (protocol,), ks=ks)
+    protocol, metric = protocol or evaluator.selection[0], metric or evaluator.selection[1]
+    strengths = list(scan)
+    values = {a: r[protocol][metric] for a, r in scan.items()}
+    best = max(values, key=lambda a: (values[a], -strengths.index(a)))
+    model.set_item_prior(best * log_counts)
+    return best, values
+
+
+@torch.no_grad()
+def scan_prior_strengths(model: EmbeddingModel, evaluator, log_counts: torch.Tensor, strengths, *,
+                         split: str = "valid", protocols=None, ks=(10, 50)) -> dict[float, dict]:
+    """Every metric of ``split`` at each prior α·log_counts, the model scored once.
+
+    Returns ``{α: evaluator results}`` in the order of ``strengths``; the model's prior is
+    zero afterwards.
     """
     strengths = [float(a) for a in strengths]
     if not strengths or not all(math.isfinite(a) for a in strengths):
         raise ValueError(f"strengths: expected at least one finite value, got {strengths!r}")
     if split == "test":
         raise ValueError("split: the prior strength must be chosen on a validation split, not 'test'")
-    scan = {}
-    for alpha in strengths:
-        model.set_item_prior(alpha * log_counts)
-        scan[alpha] = evaluator.evaluate(model, split, ks=ks)[protocol][metric]
-    best = max(scan, key=lambda a: (scan[a], -strengths.index(a)))
-    model.set_item_prior(best * log_counts)
-    return best, scan
+    model.set_item_prior(None)
+    offsets = {a: a * log_counts.to(model.item_prior) for a in dict.fromkeys(strengths)}
+    return evaluator.evaluate(model, split, ks=ks, protocols=protocols, item_offsets=offsets)
 
 
 class HDCCFObjective(nn.Module):

@@ -75,13 +75,18 @@ def test_bad_priors_are_refused():
 class _PriorProbe:
     """An evaluator whose validation metric peaks where the model's prior equals `target`."""
 
+    selection = ("sampled", "NDCG@10")
+
     def __init__(self, target):
         self.target, self.splits = target, []
 
-    def evaluate(self, model, split, ks):
+    def evaluate(self, model, split, ks, protocols=None, item_offsets=None):
         self.splits.append(split)
-        gap = float((model.item_prior - self.target).abs().sum())
-        return {"sampled": {"NDCG@10": 1.0 / (1.0 + gap)}, "full": {"NDCG@10": 0.0}}
+        out = {}
+        for key, offset in item_offsets.items():
+            gap = float((model.item_prior + offset - self.target).abs().sum())
+            out[key] = {"sampled": {"NDCG@10": 1.0 / (1.0 + gap)}, "full": {"NDCG@10": 0.0}}
+        return out
 
 
 def test_select_prior_strength_picks_the_best_validation_alpha_and_sets_it():

@@ -42,6 +42,7 @@ def check_result(last, full, cwd):
     grid = full["config"]["prior_grid"]
     assert full["prior_strength"] in grid and set(full["prior_scan"]) == {str(a) for a in grid}
     best = max(full["prior_scan"].values())
+    assert full["selection"] == "validation sampled NDCG@10" and full["protocol"].startswith("leave-one-out")
     assert full["prior_scan"][str(full["prior_strength"])] == best == full["valid"]["sampled"]["NDCG@10"]
     raw = full["prior_strength"] != 0  # the raw scores are reported beside when a prior was added
     splits = ("valid", "test", "valid_without_prior", "test_without_prior") if raw else ("valid", "test")
@@ -49,7 +50,7 @@ def check_result(last, full, cwd):
     for split in splits:
         for protocol in ("sampled", "full"):
             metrics = full[split][protocol]
-            assert set(metrics) == {"HR@10", "NDCG@10", "HR@50", "NDCG@50"}
+            assert set(metrics) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (10, 20, 50)}
             assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert full["epochs_run"] == 1 and full["best_epoch"] == 1
     # paths under the folder the script ran in are written relative to it
@@ -329,3 +330,70 @@ def test_plot_draws_runs_that_differ_beyond_their_seed_as_separate_curves():
         "HDCCF ω=0/0 τ=0.7 (dot), batch_size 128": [[0.40]],
         "HDCCF ω=0/0 τ=0.7": [[0.43]],
     }
+
+
+def _scored_checkpoint(full, cwd, data, **load):
+    """The test metrics of the run's best.pt, reloaded into a fresh model (nothing re-tuned)."""
+    from hdccf_triton import EmbeddingModel, Evaluator, load_dataset
+    from hdccf_triton.atomic import load_checked
+
+    ds = load_dataset(data, seed=0, **load)
+    model = EmbeddingModel(ds.num_users, ds.num_items, full["config"]["dim"])
+    state = load_checked(cwd / full["checkpoint"], what="checkpoint")
+    model.load_state_dict(state["model"])
+    assert state["prior_strength"] == full["prior_strength"]
+    return Evaluator.from_dataset(ds, seed=0).evaluate(model.eval(), "test", ks=full["config"]["ks"])
+
+
+def test_the_checkpoint_is_the_model_the_test_split_scored(tmp_path):
+    """best.pt holds the tuned prior α·log q, not α = τ: reloaded, it reproduces the JSON's test metrics."""
+    data = synthetic_ratings(tmp_path / "ratings.tsv")
+    _, full = run_script(tmp_path, "--dataset", str(data), "--min-item-interactions", "1", "-M", "32",
+                         "-P", "2", "--prior-grid", "0", "0.5", "3", "--temperature", "0.5")
+    assert full["prior_strength"] != full["config"]["temperature"]  # else the old bug would pass
+    assert _scored_checkpoint(full, tmp_path, data, min_item_interactions=1) == full["test"]
+
+
+def lightgcn_folder(path: Path, num_users=40, num_items=60, per_user=9, test_per_user=3, seed=0) -> Path:
+    """A small LightGCN-format split (train.txt / test.txt, several test items per user, one rare item)."""
+    import random
+
+    rng = random.Random(seed)
+    train, test = [], []
+    for u in range(num_users):
+        items = rng.sample(range(num_items - 1), per_user + test_per_user)
+        train.append(" ".join(map(str, [u, *items[:per_user]])))
+        test.append(" ".join(map(str, [u, *items[per_user:]])))
+    train[0] += f" {num_items - 1}"  # an item with one interaction: a filter would drop it
+    path.mkdir()
+    (path / "train.txt").write_text("\n".join(train) + "\n")
+    (path / "test.txt").write_text("\n".join(test) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("loss", ["hdccf", "bpr"])
+def test_a_given_test_set_is_scored_per_user_and_selected_on_recall(tmp_path, loss):
+    data = lightgcn_folder(tmp_path / "g")
+    last, full = run_script(tmp_path, "--dataset", str(data), "--loss", loss, "-M", "16", "-P", "2",
+                            "--prior-grid", "0", "0.5", "1")
+    assert full["protocol"].startswith("given test set") and full["selection"] == "validation per_user Recall@20"
+    assert full["dataset"]["num_items"] == 60 and full["dataset"]["stats"]["filters"].startswith("not applied")
+    names = {f"{m}@{k}" for m in ("Recall", "NDCG", "Precision", "HitRate") for k in (10, 20, 50)}
+    for split in ("valid", "test"):
+        assert list(full[split]) == ["per_user"] and set(full[split]["per_user"]) == names
+    assert full["prior_scan"][str(full["prior_strength"])] == full["valid"]["per_user"]["Recall@20"]
+    assert full["history"][0]["valid"]["per_user"]["Recall@20"] >= 0
+    assert last["test"] == full["test"]
+    assert _scored_checkpoint(full, tmp_path, data) == full["test"]
+
+
+def test_a_leave_one_out_protocol_on_a_given_test_set_is_refused(tmp_path):
+    data = lightgcn_folder(tmp_path / "g")
+    cmd = [sys.executable, str(REPO / "examples" / "train_ml1m.py"), "--dataset", str(data),
+           "--select-protocol", "sampled", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "--select-protocol: sampled" in proc.stderr and "per_user" in proc.stderr
+    cmd[cmd.index("sampled")] = "per_user"
+    proc = subprocess.run(cmd + ["--select-metric", "Recall@30"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "--select-metric: 'Recall@30'" in proc.stderr

@@ -117,7 +117,9 @@ def load_dataset(
         data_dir: folder holding local copies; read only, never written.
         seed: seed of the random choices (random split, LightGCN validation items).
         split: ``"auto"``, ``"chronological"`` or ``"random"``.
-        min_item_interactions: items with fewer interactions are removed (paper: 5).
+        min_item_interactions: items with fewer interactions are removed (paper: 5); not
+            applied to a data set with a given test set (LightGCN format), nor is
+            ``min_user_interactions``.
         min_user_interactions: users with fewer interactions are removed afterwards.
         format: one of ``"ml-1m"``, ``"ml-100k"``, ``"sasrec"``, ``"lightgcn"``,
             ``"delimited"``, ``"saved"``; guessed from the file name when None (``.pt``: saved).

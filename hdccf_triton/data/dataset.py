@@ -100,8 +100,9 @@ class Dataset:
             f"(density {s.get('density', float('nan')):.3%})",
             f"  source {s.get('source', '?')} (format {s.get('format', '?')}); "
             f"{s.get('raw_rows', 0):,} rows read, {s.get('duplicates_dropped', 0):,} duplicates dropped, "
-            f"{s.get('items_removed', 0):,} items with < {s.get('min_item_interactions', '?')} "
-            f"interactions removed ({s.get('interactions_removed', 0):,} interactions)",
+            + (f"filters {s['filters']}" if "filters" in s else
+               f"{s.get('items_removed', 0):,} items with < {s.get('min_item_interactions', '?')} "
+               f"interactions removed ({s.get('interactions_removed', 0):,} interactions)"),
             f"  split {s.get('split', '?')}: train {self.num_train:,}, valid {s.get('num_valid', 0):,}, "
             f"test {s.get('num_test', 0):,}; {s.get('users_train_only', 0):,} users kept whole in train",
         ]
@@ -155,6 +156,8 @@ def _check(path: Path, stats: dict, asked: dict[str, Any]) -> None:
     if "random" in saved_split and stats.get("split_seed") not in (None, asked["seed"]):
         raise ValueError(f"seed={asked['seed']}: {path} holds the random split of seed {stats['split_seed']}; "
                          "save one file per seed or load the source data")
+    if stats.get("filters", "").startswith("not applied"):
+        return  # a given split is never filtered, whatever was asked
     for arg in ("min_item_interactions", "min_user_interactions"):
         saved = stats.get(arg, 0 if arg == "min_user_interactions" else None)
         if saved is not None and saved != asked[arg]:

@@ -23,8 +23,11 @@ Split (``split=``):
 
 Users with fewer than 3 interactions keep all of them in training (no held-out item:
 ``valid_items``/``test_items`` hold -1 for them). The LightGCN format keeps its given
-test set (``Dataset.test_pairs``) and takes one validation item per user (with at least
-3 training interactions) out of train by a seeded random choice.
+test set (``Dataset.test_pairs``) whole: the item and user filters are not applied to it (they
+would change the benchmark), only duplicate pairs are dropped (a pair in both files stays in
+train). Its validation split is carved from the training set: one item per user with at least
+3 training interactions, chosen uniformly at random with ``seed``; the evaluator ranks it with
+the test set's protocol (per-user Recall@K/NDCG@K, :mod:`hdccf_triton.metrics`).
 """
 
 from __future__ import annotations
@@ -136,7 +139,13 @@ def build_dataset(raw: RawInteractions, name: str, *, seed: int, split: str, min
         # Train rows first, so a pair in both files counts as training (duplicates keep the first).
         frame = pl.concat([frame.select("user", "item").with_columns(pl.lit(True).alias("train")),
                            raw.test.select("user", "item").with_columns(pl.lit(False).alias("train"))])
-    frame = _filter(frame, min_item, min_user, stats)
+    if raw.test is not None:
+        # A given split is the benchmark itself: filtering it would silently change its test set.
+        stats.update(min_item_interactions=0, min_user_interactions=0,
+                     filters="not applied: the test set is given")
+        frame = _filter(frame, 0, 0, stats)
+    else:
+        frame = _filter(frame, min_item, min_user, stats)
     users, user_ids = _remap(frame, "user")
     items, item_ids = _remap(frame, "item")
     num_users, num_items = len(user_ids), len(item_ids)
