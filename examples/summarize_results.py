@@ -4,18 +4,23 @@
     python examples/summarize_results.py examples/results/ml1m/*.json --split test
     python examples/summarize_results.py examples/results/ml1m_tuning/*.json --per-run
     python examples/summarize_results.py --markdown            # README's headline table
+    python examples/summarize_results.py --markdown examples/results/gowalla/*.json   # README's Gowalla table
     python examples/summarize_results.py runs/*/results.json --plot valid_ndcg.png
 
 Without file arguments the committed runs, examples/results/ml1m/*.json, are read.
 
 Runs are grouped by everything in their config except the seed and the output paths; each
-group gives one row with the number of seeds and, for HR@10, NDCG@10 and NDCG@50 under the
-sampled and the full protocol, the mean ± the sample standard deviation over its seeds.
+group gives one row with the number of seeds and the mean ± the sample standard deviation over
+its seeds of the metrics of the runs' protocol: HR@10, NDCG@10 and NDCG@50 under the sampled and
+the full protocol for leave-one-out data (ML-1M); Recall@20 and NDCG@20 (per user), with the
+wall time, for a given test set (Gowalla). Rows of both kinds in one table are refused.
 With `--per-run`, each run gives one row instead: its hyperparameters, epochs, the tuned prior
-strength and its validation sampled NDCG@10 (the selection criterion), best first: a tuning log.
+strength and its validation selection metric (sampled NDCG@10, or Recall@20 on a given test
+set), best first: a tuning log.
 With `--markdown`, the rows are the methods of HEADLINE at their chosen settings (the table
-README.md shows between its results-table markers; tests/test_results_table.py checks that
-the two agree). With `--plot PNG`, validation NDCG@10 per epoch of each group is drawn (the
+README.md shows between its results-table markers, or its gowalla-table markers for the Gowalla
+runs; tests/test_results_table.py checks that they agree). With `--plot PNG`, the validation
+selection metric per epoch of each group is drawn (the
 mean over seeds, their range shaded); each curve is labelled by its loss and ablation flags,
 plus the settings that tell it apart from a same-named curve (e.g. "batch_size 128").
 """
@@ -32,6 +37,9 @@ from hdccf_triton.atomic import read_json  # errors name the file
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ml1m"
 METRICS = ("HR@10", "NDCG@10", "NDCG@50")
+#: the columns of each kind of evaluation: leave-one-out (both protocols) or a given test set (per user)
+COLUMNS = {"leave-one-out": [(p, m) for p in ("sampled", "full") for m in METRICS],
+           "per user": [("per_user", "Recall@20"), ("per_user", "NDCG@20")]}
 #: config keys that do not define a method
 IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed", "save_data",
            "overwrite", "resume"}
@@ -112,18 +120,40 @@ def hyperparameters(config: dict) -> str:
     return ", ".join(parts)
 
 
+def selection(result: dict) -> tuple[str, str]:
+    """(protocol, metric) that selected a run's epochs and α (JSONs from before the flags: sampled NDCG@10)."""
+    config = result["config"]
+    return config.get("select_protocol") or "sampled", config.get("select_metric") or "NDCG@10"
+
+
+def kind(result: dict) -> str:
+    """"leave-one-out" or "per user": which metrics a run's evaluation has."""
+    return "per user" if "per_user" in (result.get("test") or result["valid"]) else "leave-one-out"
+
+
+def one_kind(results: list[dict]) -> str:
+    kinds = {kind(r) for r in results}
+    if len(kinds) != 1:
+        raise ValueError("results: leave-one-out runs (HR/NDCG@K) and per-user runs (Recall/NDCG@K on a given "
+                         "test set) cannot share a table; summarise each data set on its own")
+    return kinds.pop()
+
+
 def per_run(paths: list[Path]) -> str:
-    """One row per run, best validation sampled NDCG@10 first."""
+    """One row per run, best validation selection metric first."""
     results = [read_json(path) for path in paths]
-    results.sort(key=lambda r: -r["valid"]["sampled"]["NDCG@10"])
-    header = ["method", "hyperparameters", "seed", "best epoch / run", "α", "valid sampled NDCG@10",
-              "valid sampled HR@10", "wall (min)"]
+    one_kind(results)
+    results.sort(key=lambda r: -r["valid"][selection(r)[0]][selection(r)[1]])
+    protocol, metric = selection(results[0])
+    second = ("sampled", "HR@10") if protocol != "per_user" else ("per_user", "NDCG@20")
+    header = ["method", "hyperparameters", "seed", "best epoch / run", "α", f"valid {protocol} {metric}",
+              f"valid {second[0]} {second[1]}", "wall (min)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         config = r["config"]
         cells = [describe(config), hyperparameters(config), str(config.get("seed")),
                  f"{r['best_epoch']}/{r['epochs_run']}", f"{r.get('prior_strength', 0):g}",
-                 f"{r['valid']['sampled']['NDCG@10']:.4f}", f"{r['valid']['sampled']['HR@10']:.4f}",
+                 f"{r['valid'][selection(r)[0]][selection(r)[1]]:.4f}", f"{r['valid'][second[0]][second[1]]:.4f}",
                  f"{r['wall_seconds'] / 60:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -166,15 +196,19 @@ def group_runs(results: list[dict], label=describe) -> tuple[dict[str, list[dict
 
 def metric_rows(rows: list[tuple[str, list[dict]]], split: str) -> str:
     """A Markdown table: one row per (name, runs), with the seed count and mean ± std of each metric."""
-    header = ["method", "seeds"] + [f"{p} {m}" for p in ("sampled", "full") for m in METRICS]
+    columns = COLUMNS[one_kind([r for _, results in rows for r in results])]
+    per_user = columns is COLUMNS["per user"]
+    header = ["method", "seeds"] + [f"{'' if per_user else p + ' '}{m}" for p, m in columns]
+    header += ["wall (min)"] if per_user else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, results in rows:
         cells = [name, str(len(results))]
-        for protocol in ("sampled", "full"):
-            for metric in METRICS:
-                values = [r[split][protocol][metric] for r in results]
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+        for protocol, metric in columns:
+            values = [r[split][protocol][metric] for r in results]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+        if per_user:
+            cells.append(f"{statistics.mean(r['wall_seconds'] for r in results) / 60:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -273,12 +307,14 @@ def main(argv=None) -> int:
                       help="the headline table of README.md: each method at its chosen setting, chronological split")
     mode.add_argument("--plot", metavar="PNG", type=Path, default=None,
                       help="draw validation --metric per epoch (--protocol) of each group of runs into PNG")
-    parser.add_argument("--protocol", default="sampled", choices=["sampled", "full"], help="with --plot")
-    parser.add_argument("--metric", default="NDCG@10", help="with --plot")
+    parser.add_argument("--protocol", default=None, choices=["sampled", "full", "per_user"],
+                        help="with --plot (default: the runs' selection protocol)")
+    parser.add_argument("--metric", default=None, help="with --plot (default: the runs' selection metric)")
     args = parser.parse_args(argv)
     paths = args.results or sorted(RESULTS.glob("*.json"))
     if args.plot:
-        plot(paths, args.plot, args.protocol, args.metric)
+        chosen = selection(read_json(paths[0])) if paths else ("sampled", "NDCG@10")
+        plot(paths, args.plot, args.protocol or chosen[0], args.metric or chosen[1])
     elif args.markdown:
         print(headline(paths, args.split))
     else:

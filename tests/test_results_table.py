@@ -71,3 +71,24 @@ def test_a_headline_row_matching_two_settings_is_refused(tmp_path):
     assert module.headline(paths[:-1]).count("| 1 |") == len(module.HEADLINE)
     with pytest.raises(ValueError, match="BPR.*2 settings"):
         module.headline(paths)
+
+
+def test_per_user_runs_get_recall_and_ndcg_at_20_and_cannot_share_a_table(tmp_path):
+    module = summarize_module()
+    paths = []
+    for seed, (recall, wall) in enumerate([(0.10, 600), (0.20, 1200)]):
+        metrics = {"per_user": {"Recall@20": recall, "NDCG@20": recall / 2}}
+        config = {**module.HEADLINE_BATCH, **module.HEADLINE[2][1], "seed": seed, "select_protocol": "per_user",
+                  "select_metric": "Recall@20"}
+        paths.append(tmp_path / f"gowalla{seed}.json")
+        paths[-1].write_text(json.dumps({"config": config, "test": metrics, "valid": metrics, "wall_seconds": wall,
+                                         "best_epoch": 1, "epochs_run": 1}))
+    table = module.summarize(paths).splitlines()
+    assert table[0] == "| method | seeds | Recall@20 | NDCG@20 | wall (min) |"
+    assert table[2].endswith("| 2 | 0.1500 ± 0.0707 | 0.0750 ± 0.0354 | 15 |")
+    assert "valid per_user Recall@20" in module.per_run(paths).splitlines()[0]
+    loo = tmp_path / "ml1m.json"
+    loo.write_text(json.dumps({"config": {**module.HEADLINE_BATCH, **module.HEADLINE[2][1], "seed": 0},
+                               "test": {p: {m: 0.5 for m in module.METRICS} for p in ("sampled", "full")}}))
+    with pytest.raises(ValueError, match="cannot share a table"):
+        module.summarize(paths + [loo])
