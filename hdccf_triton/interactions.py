@@ -34,6 +34,9 @@ __all__ = [
 #: Largest num_users·num_items for which D is held as a dense bitmap (one bit a pair,
 #: 256 MiB at the limit) rather than answered by a binary search over the sorted keys.
 BITMAP_MAX_BITS = 1 << 31
+#: Largest num_users·num_items for which :meth:`InteractionIndex.table` builds its dense
+#: tables (one byte a pair, two tables).
+TABLE_MAX_BYTES = 64 * 2**20
 
 
 # --------------------------------------------------------------------------- keys and search
@@ -218,6 +221,7 @@ class InteractionIndex:
         self.num_users = int(num_users)
         self.num_items = int(num_items)
         self._bitmap: torch.Tensor | None = None
+        self._tables: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_pairs(cls, users, items, num_users: int, num_items: int) -> "InteractionIndex":
@@ -283,6 +287,27 @@ class InteractionIndex:
             words = torch.zeros(n_words, dtype=torch.int32, device=keys.device)
             self._bitmap = words.index_add_(0, keys >> 5, bits)
         return self._bitmap
+
+    def table(self, kind: str) -> torch.Tensor | None:
+        """D as a dense bool table whose rows are cheap to read, or None above ``TABLE_MAX_BYTES``.
+
+        ``kind="items"``: ``[num_users, num_items]``, row u holds u's items (user-major);
+        ``kind="users"``: ``[num_items, num_users]``, row i holds i's users (item-major). Each
+        is built on its first call and kept (one byte a pair: 21 MB each for ML-1M). The
+        reference backend reads the rows of a batch's anchors and gathers the batch's
+        columns from them, which costs a few cache-resident reads a pair.
+        """
+        if kind not in ("items", "users"):
+            raise ValueError(f"kind: expected 'items' or 'users', got {kind!r}")
+        if self.num_users * self.num_items > TABLE_MAX_BYTES:
+            return None
+        if kind not in self._tables:
+            rows, cols = self.keys // self.num_items, self.keys % self.num_items
+            shape = (self.num_users, self.num_items) if kind == "items" else (self.num_items, self.num_users)
+            flat = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=self.device)
+            flat[rows * shape[1] + cols if kind == "items" else cols * shape[1] + rows] = True
+            self._tables[kind] = flat.view(shape)
+        return self._tables[kind]
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Whether each ``(users[...], items[...])`` is in D.

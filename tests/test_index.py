@@ -1,5 +1,6 @@
 """InteractionIndex: membership of (user, item) pairs as one tensor operation."""
 
+import pytest
 import torch
 
 import hdccf_triton.interactions as interactions
@@ -104,3 +105,17 @@ def test_pair_helpers():
     assert csr_keys(csr.indptr, csr.indices, 4).tolist() == [3, 7, 8, 9]
     local, flat = csr_segments(csr.indptr, torch.tensor([2, 0]))
     assert local.tolist() == [0, 0, 1] and flat.tolist() == [2, 3, 0]
+
+
+def test_dense_tables_are_d_by_user_and_by_item(monkeypatch):
+    users, items = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([1, 4, 0, 4, 2])
+    index = InteractionIndex.from_pairs(users, items, num_users=4, num_items=5)
+    by_user, by_item = index.table("items"), index.table("users")
+    want = torch.zeros(4, 5, dtype=torch.bool)
+    want[users, items] = True
+    assert torch.equal(by_user, want) and torch.equal(by_item, want.T)
+    assert index.table("items") is by_user  # built once
+    with pytest.raises(ValueError, match="kind"):
+        index.table("pairs")
+    monkeypatch.setattr(interactions, "TABLE_MAX_BYTES", 19)  # 4 x 5 = 20 entries: too large
+    assert InteractionIndex.from_pairs(users, items, num_users=4, num_items=5).table("items") is None

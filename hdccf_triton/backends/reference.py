@@ -184,10 +184,11 @@ def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, c
     columns[j]); ``kind="users"``: anchors are items, columns and partners users, the pairs
     (columns[j], anchors[k]).
 
-    When the anchors' whole rows of D cost fewer lookups than the M × C entries (few distinct
-    anchors, a small catalogue), D is read once as a table of those rows, ``[distinct anchors,
-    catalogue]``, and every row of the result is a gather from its anchor's row. Otherwise
-    each entry is looked up.
+    Where the index keeps D as a dense table (:meth:`InteractionIndex.table`: ML-1M size),
+    each row of the result is a gather from its anchor's row of it. Otherwise, when the
+    anchors' whole rows of D cost fewer lookups than the M × C entries (few distinct anchors,
+    a small catalogue), D is read once as a table of those rows, ``[distinct anchors,
+    catalogue]``, and gathered from the same way; else each entry is looked up.
     """
     M, C = anchors.shape[0], columns.shape[0]
     out = torch.empty(M, C, dtype=torch.bool, device=anchors.device)
@@ -197,6 +198,15 @@ def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, c
             torch.ne(columns[None, :], partners[r0:r0 + step, None], out=out[r0:r0 + step])
         return out
     catalogue = interactions.num_items if kind == "items" else interactions.num_users
+    observed = interactions.table(kind)  # [anchor ids, catalogue] bool, built once per index; None if large
+    if observed is not None:
+        rows = max(1, chunk_elements // max(C, catalogue))
+        for r0 in range(0, M, rows):
+            o_rows = slice(r0, r0 + rows)
+            b_rows = observed.index_select(0, anchors[o_rows])  # [R, catalogue] a copy: the anchors' rows of D
+            b_rows[torch.arange(b_rows.shape[0], device=b_rows.device), partners[o_rows]] = True  # the partner
+            torch.gather(b_rows, 1, columns.expand(b_rows.shape[0], C), out=out[o_rows])
+        return out.logical_not_()
     distinct, which = torch.unique(anchors, return_inverse=True)
     if distinct.numel() * catalogue <= M * C:
         every = torch.arange(catalogue, device=anchors.device)
