@@ -222,6 +222,7 @@ class InteractionIndex:
         self.num_items = int(num_items)
         self._bitmap: torch.Tensor | None = None
         self._tables: dict[str, torch.Tensor] = {}
+        self._lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_pairs(cls, users, items, num_users: int, num_items: int) -> "InteractionIndex":
@@ -308,6 +309,27 @@ class InteractionIndex:
             flat[rows * shape[1] + cols if kind == "items" else cols * shape[1] + rows] = True
             self._tables[kind] = flat.view(shape)
         return self._tables[kind]
+
+    def lists(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """D as sorted lists, CSR ``(indptr, indices)``, built on the first call and kept.
+
+        ``kind="items"``: ``indptr [num_users + 1]``, the items of user u are
+        ``indices[indptr[u]:indptr[u + 1]]``; ``kind="users"``: ``indptr [num_items + 1]``,
+        the users of each item. Ids ascending within a list.
+        """
+        if kind not in ("items", "users"):
+            raise ValueError(f"kind: expected 'items' or 'users', got {kind!r}")
+        if kind not in self._lists:
+            users, items = self.keys // self.num_items, self.keys % self.num_items
+            if kind == "items":  # the keys are sorted by user, then item
+                rows, cols, n_rows = users, items, self.num_users
+            else:
+                order = torch.argsort(items * self.num_users + users)
+                rows, cols, n_rows = items[order], users[order], self.num_items
+            indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=self.device)
+            indptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+            self._lists[kind] = (indptr, cols.contiguous())
+        return self._lists[kind]
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Whether each ``(users[...], items[...])`` is in D.

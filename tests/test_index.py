@@ -119,3 +119,13 @@ def test_dense_tables_are_d_by_user_and_by_item(monkeypatch):
         index.table("pairs")
     monkeypatch.setattr(interactions, "TABLE_MAX_BYTES", 19)  # 4 x 5 = 20 entries: too large
     assert InteractionIndex.from_pairs(users, items, num_users=4, num_items=5).table("items") is None
+
+
+def test_lists_are_d_by_user_and_by_item():
+    users, items = torch.tensor([3, 0, 0, 2, 3]), torch.tensor([4, 4, 1, 0, 2])
+    index = InteractionIndex.from_pairs(users, items, num_users=5, num_items=5)
+    indptr, listed = index.lists("items")
+    assert indptr.tolist() == [0, 2, 2, 3, 5, 5] and listed.tolist() == [1, 4, 0, 2, 4]
+    indptr, listed = index.lists("users")
+    assert indptr.tolist() == [0, 1, 2, 3, 3, 5] and listed.tolist() == [2, 0, 3, 0, 3]
+    assert index.lists("users")[1] is listed  # built once

@@ -8,6 +8,7 @@ import torch
 
 import hdccf_triton.backends.reference as reference
 import hdccf_triton.interactions as interactions
+from hdccf_triton.backends.reference import _observed_from_lists
 from batches import make_batch
 from hdccf_triton import InteractionIndex, LossOptions, debiased_contrastive_loss
 from hdccf_triton.terms import LossInputs
@@ -322,18 +323,22 @@ def _brute_force_masks(b, index, debias, row_offset=0):
     return t_item, t_user
 
 
-@pytest.mark.parametrize("index_kind", ["dense", "rows", "lookups", "none"])
+@pytest.mark.parametrize("index_kind", ["dense", "lists", "lookups", "none"])
 @pytest.mark.parametrize("debias", [True, False])
 def test_true_negative_masks_match_brute_force(index_kind, debias, monkeypatch):
     b = make_batch(M=7, P=2, d=3, seed=4, density=0.4)
-    index = {"dense": b.index, "rows": b.index, "none": None,  # a huge id space: the rows of D cost more than the lookups
-             "lookups": InteractionIndex.from_pairs(*zip(*b.pairs), num_users=70_000, num_items=90_000)}[index_kind]
-    if index_kind == "rows":  # no dense table: the rows of the batch's anchors are looked up
+    index = None if index_kind == "none" else b.index
+    if index_kind != "dense":  # no dense table: the anchors' lists, or a lookup per pair
         monkeypatch.setattr(interactions, "TABLE_MAX_BYTES", 0)
+    monkeypatch.setattr(reference, "LISTS_MAX_FRACTION", {"lookups": 0.0, "lists": math.inf}.get(index_kind, 0.1))
     assert (index is not None and index.table("items") is not None) == (index_kind == "dense")
+    calls = []
+    monkeypatch.setattr(reference, "_observed_from_lists", lambda *a: calls.append(1) or lists(*a))
+    lists = _observed_from_lists
     got = reference.true_negative_masks(b.tensors[4:], index, debias, 0)
     want = _brute_force_masks(b, index, debias)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(calls) == (2 if index_kind == "lists" and debias else 0)  # the path named is the path taken
     assert (~got[0]).any()  # the case has false negatives beyond the own blocks
 
 

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import math
 import os
+import weakref
 from dataclasses import dataclass, fields, replace
 from types import SimpleNamespace
 from typing import Callable
@@ -24,7 +25,8 @@ import torch
 from ..interactions import InteractionIndex
 
 __all__ = [
-    "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout", "CallSetup",
+    "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout", "row_bitmap",
+    "CallSetup",
     "kernel_ids", "check_row_offset", "split_size", "accumulation_dtype", "empty", "merge_splits",
     "cdiv", "without_dynamo",
 ]
@@ -142,7 +144,7 @@ class IndexLayout:
     """D as the kernels' ``INDEX_MODE`` reads it (``kernels/membership.py``)."""
 
     mode: int  # 0 none, 1 dense bitmap, 2 sorted keys
-    tensor: torch.Tensor  # the bitmap words, the keys, or a placeholder never read
+    tensor: torch.Tensor  # the row bitmap (uint8, :func:`row_bitmap`), the keys, or a placeholder never read
     n_keys: int
     num_items: int
     search_steps: int  # ceil(log2(n_keys + 1)) for the sorted search
@@ -161,9 +163,33 @@ def index_layout(
     if mode is None:
         mode = 1 if interactions.uses_bitmap else 2
     if mode == 1:  # SEARCH_STEPS is unused: keep it fixed, so that |D| does not recompile
-        return IndexLayout(1, interactions.bitmap(), n, interactions.num_items, 1)
+        return IndexLayout(1, row_bitmap(interactions), n, interactions.num_items, 1)
     steps = max(1, n.bit_length())  # = ceil(log2(n + 1))
     return IndexLayout(2, interactions.keys.contiguous(), n, interactions.num_items, steps)
+
+
+#: the row bitmaps made so far, one per index object (freed with it)
+_ROW_BITMAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def row_bitmap(interactions: InteractionIndex) -> torch.Tensor:
+    """D as the kernels' ``INDEX_MODE = 1`` reads it (``kernels/membership.py``): uint8
+    ``[num_users · NB]``, one row of NB = ceil(num_items / 8) bytes per user, bit ``i & 7`` of
+    byte ``u·NB + (i >> 3)`` set when (u, i) ∈ D. Rows padded to whole bytes, unlike
+    :meth:`InteractionIndex.bitmap`, so that a byte's offset splits into a user part and an
+    item part (per row and per column of a tile); at most ``num_users`` bytes larger. Made
+    once per index object (on its device) and kept while the index lives."""
+    cached = _ROW_BITMAPS.get(interactions)
+    if cached is None:
+        nb = (interactions.num_items + 7) // 8
+        keys = interactions.keys
+        users, items = keys // interactions.num_items, keys % interactions.num_items
+        cached = torch.zeros(interactions.num_users * nb, dtype=torch.uint8, device=keys.device)
+        # keys are unique: the bits of one byte are distinct, so their sum is their OR
+        bits = torch.bitwise_left_shift(torch.ones_like(items), items & 7).to(torch.uint8)
+        cached.index_put_((users * nb + (items >> 3),), bits, accumulate=True)
+        _ROW_BITMAPS[interactions] = cached
+    return cached
 
 
 def kernel_ids(ids: tuple, interactions: InteractionIndex | None) -> tuple:
@@ -207,9 +233,14 @@ class CallSetup:
 
     def index_args(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """The kernels' arguments after their operands: the four id vectors, D's layout
-        (tensor, number of keys, num_items) and the scale 1/τ (``[1]`` in ``dtype``)."""
+        (tensor, number of keys, num_items) and the scale constants ``[4]`` in ``dtype``:
+        1/τ, log2(e)/τ, log2(e), ln 2 (the kernels' ``SCALE_*`` slots; computed here in
+        float64, so that fp64 kernels get them exactly: a Python float inside a kernel is an
+        fp32 constant)."""
         layout = self.index
-        scale = torch.full((1,), 1.0 / self.temperature, dtype=dtype, device=device)
+        inv_tau = 1.0 / self.temperature
+        scale = torch.tensor([inv_tau, math.log2(math.e) * inv_tau, math.log2(math.e), math.log(2.0)],
+                             dtype=torch.float64).to(dtype=dtype, device=device)
         return (*self.ids, layout.tensor, layout.n_keys, layout.num_items, scale)
 
 
@@ -249,11 +280,16 @@ def empty(shape, dtype: torch.dtype, device: torch.device, poison: bool = False)
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def merge_splits(lse_parts: torch.Tensor, cnt_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_splits(lse_parts: torch.Tensor, cnt_parts: torch.Tensor, *, base2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``[splits, k, M]`` log-sums and int32 counts of the column splits → ``[k, M]`` log-sums
-    and int64 counts, merged in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf)."""
+    and int64 counts, merged in a fixed order: log Σ_s exp(lse_s) (−inf when all are −inf);
+    ``base2``: the log-sums are base-2, log2 Σ_s 2^(lse_s) (merged in float64)."""
     if lse_parts.shape[0] == 1:
         return lse_parts[0], cnt_parts[0].to(torch.int64)
+    if base2:
+        ln2 = math.log(2.0)
+        merged = (torch.logsumexp(lse_parts.double() * ln2, dim=0) / ln2).to(lse_parts.dtype)
+        return merged, cnt_parts.to(torch.int64).sum(0)
     return torch.logsumexp(lse_parts, dim=0), cnt_parts.to(torch.int64).sum(0)
 
 

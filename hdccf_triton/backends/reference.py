@@ -33,7 +33,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..interactions import InteractionIndex
+from ..interactions import InteractionIndex, csr_segments
 from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
 
@@ -50,6 +50,9 @@ MASK_ELEMENTS = 1 << 24
 #: Largest number of softmax weights (4 families × M × N·P) the bilinear forward keeps for its
 #: backward (64 MiB in fp32); above it the backward recomputes them chunk by chunk.
 SAVED_WEIGHT_ELEMENTS = 1 << 24
+#: The masks match the anchors' lists of D against the columns when the lists hold at most this
+#: fraction of the M × C pairs (else each pair is looked up in D); 0 forces the lookups.
+LISTS_MAX_FRACTION = 0.1
 
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
@@ -186,9 +189,9 @@ def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, c
 
     Where the index keeps D as a dense table (:meth:`InteractionIndex.table`: ML-1M size),
     each row of the result is a gather from its anchor's row of it. Otherwise, when the
-    anchors' whole rows of D cost fewer lookups than the M × C entries (few distinct anchors,
-    a small catalogue), D is read once as a table of those rows, ``[distinct anchors,
-    catalogue]``, and gathered from the same way; else each entry is looked up.
+    anchors' lists in D (:meth:`InteractionIndex.lists`) hold at most LISTS_MAX_FRACTION ·
+    M · C entries (sparse data such as Gowalla), the lists are matched against the sorted
+    columns; else each of the M × C entries is looked up in D.
     """
     M, C = anchors.shape[0], columns.shape[0]
     out = torch.empty(M, C, dtype=torch.bool, device=anchors.device)
@@ -207,22 +210,11 @@ def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, c
             b_rows[torch.arange(b_rows.shape[0], device=b_rows.device), partners[o_rows]] = True  # the partner
             torch.gather(b_rows, 1, columns.expand(b_rows.shape[0], C), out=out[o_rows])
         return out.logical_not_()
-    distinct, which = torch.unique(anchors, return_inverse=True)
-    if distinct.numel() * catalogue <= M * C:
-        every = torch.arange(catalogue, device=anchors.device)
-        if kind == "items":  # the rows of D of the distinct users: [U', num_items]
-            table = interactions.contains(distinct[:, None], every[None, :])
-        else:  # the columns of D of the distinct items: [I', num_users]
-            table = interactions.contains(every[None, :], distinct[:, None])
-        table.logical_not_()
-        rows = max(1, chunk_elements // max(C, catalogue))
-        for r0 in range(0, M, rows):
-            o_rows = slice(r0, r0 + rows)
-            b_rows = table.index_select(0, which[o_rows])  # [R, catalogue] the anchors' unobserved
-            b_rows[torch.arange(b_rows.shape[0], device=b_rows.device), partners[o_rows]] = False  # the partner itself
-            # a gather along the rows (faster than index_select along dim 1 for bools)
-            torch.gather(b_rows, 1, columns.expand(b_rows.shape[0], C), out=out[o_rows])
-        return out
+    indptr, listed = interactions.lists(kind)
+    if int((indptr[anchors + 1] - indptr[anchors]).sum()) <= LISTS_MAX_FRACTION * M * C:
+        _observed_from_lists(anchors, columns, indptr, listed, catalogue, out)
+        out |= columns[None, :] == partners[:, None]
+        return out.logical_not_()
     for r0 in range(0, M, step):
         o_rows = slice(r0, r0 + step)
         b_out = out[o_rows]
@@ -233,6 +225,30 @@ def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, c
             b_out |= interactions.contains(columns[None, :], anchors[o_rows, None])
         b_out.logical_not_()
     return out
+
+
+def _observed_from_lists(anchors, columns, indptr, listed, catalogue: int, out) -> None:
+    """``out [M, C]`` := whether column j is in row k's anchor's list (CSR ``indptr``, ``listed``;
+    column ids below ``catalogue``).
+
+    Every entry of the anchors' lists is looked up in a catalogue-sized table of the columns'
+    distinct ids (one cache-resident read), and the columns it equals (a column id may repeat)
+    are set: the cost follows the lists' lengths, not M × C lookups into D.
+    """
+    out.zero_()
+    distinct, where, repeats = torch.unique(columns, return_inverse=True, return_counts=True)
+    slot = torch.full((catalogue,), -1, dtype=torch.int64, device=out.device)
+    slot[distinct] = torch.arange(distinct.numel(), device=out.device)
+    local, flat = csr_segments(indptr, anchors)  # [T]: each list entry's row k, its place in `listed`
+    s = slot.index_select(0, listed.index_select(0, flat))  # [T] the distinct column it equals, or −1
+    hit = s >= 0
+    local, s = local[hit], s[hit]
+    order = torch.argsort(where, stable=True)  # the columns grouped by distinct id
+    n, lo = repeats[s], (torch.cumsum(repeats, 0) - repeats)[s]
+    total = int(n.sum())
+    rows = torch.repeat_interleave(local, n, output_size=total)
+    first = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n, output_size=total)
+    out[rows, order[first + torch.arange(total, device=out.device)]] = True
 
 
 class _BilinearStatistics(torch.autograd.Function):

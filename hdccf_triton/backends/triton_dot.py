@@ -30,6 +30,7 @@ Triton is imported lazily (:mod:`._triton_runtime` loads the kernels), so
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -159,11 +160,13 @@ class _FusedScores(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, U, I, X, Y, setup: _Setup):
         with torch.autocast(U.device.type, enabled=False):
-            lse, counts, s, own = _forward(U, I, X, Y, setup)
+            lse2, counts, s, own = _forward(U, I, X, Y, setup)
         ctx.setup = setup
-        ctx.save_for_backward(U, I, X, Y, lse)
-        # independent [M] outputs (O(M) copies), so that no output is a view of another
-        lse_a, lse_b, lse_c, lse_e = (t.clone() for t in lse)
+        # the backward reads the base-2 log-sum-exps as the forward wrote them (its weights
+        # 2^(t·f − lse₂) then sum to 1 with no rounding of a conversion in between)
+        ctx.save_for_backward(U, I, X, Y, lse2)
+        # independent [M] outputs in natural units, lse = ln2·lse₂ (converted in float64)
+        lse_a, lse_b, lse_c, lse_e = (lse2.double() * math.log(2.0)).to(lse2.dtype).unbind(0)
         n_item, n_user = (t.clone() for t in counts)
         ctx.mark_non_differentiable(n_item, n_user)
         return lse_a, lse_b, lse_c, lse_e, n_item, n_user, s, own
@@ -171,7 +174,7 @@ class _FusedScores(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user, g_s, g_own):
-        U, I, X, Y, lse = ctx.saved_tensors
+        U, I, X, Y, lse = ctx.saved_tensors  # lse: base 2
         need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_cols = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         M, P = U.shape[0], ctx.setup.P
@@ -233,14 +236,24 @@ class LaunchConfig:
     cols: KernelLaunch
 
 
-#: GPU tiles (block_m, block_n, num_warps) of (forward, row pass, column pass) by block_d:
-#: the largest tiles whose sweep over the score tiles ptxas compiles without register spills
-#: for sm_90 with bf16 inputs and the bitmap index (``python bench/kernel_bench.py --compile-only``
-#: prints the resource usage and the spill instructions inside and outside that loop; tune
-#: with ``bench/kernel_bench.py`` on the GPU).
+#: GPU tiles (block_m, block_n, num_warps) of (forward, row pass, column pass) by block_d, chosen
+#: from ``python bench/sass_report.py`` (SASS instructions per (row, column) pair and spills of
+#: the sweep loop, compiled exactly as the launch compiles them; a static estimate for sm_90,
+#: bf16, bitmap index, to be confirmed on the GPU by the A/B rows of bench/kernel_bench.py):
+#:
+#: * a tile's rows must match its warps: the chained dots put every warp along the rows (one
+#:   warpgroup covers 64 rows), so 8 warps on 64 rows compute every score tile twice (the old
+#:   backward tiles 64 × 32 with 8 warps: 233 and 226 instructions per pair);
+#: * the forward keeps its row sums per tile element and is register-bound: 16 columns (168
+#:   registers, no spill) beat 32 (255 registers, predicate bits juggled in registers);
+#: * d ≤ 64: 64 × 16 with 4 warps for the forward and the row pass (80 and 69 instructions per
+#:   pair; 64 rows keep 128 row-pass programs at M = 4096), 64 × 64 with 4 warps for the column
+#:   pass (79; its transposed products need 64 columns for wgmma, 109 at 64 × 32);
+#: * d = 128: the backward is register-bound with 4 warps (hundreds of spill instructions), so
+#:   it keeps 32 × 32 with 8 warps (few spills; its 32-row score tiles are computed twice).
 _GPU_TILES = {
-    64: ((64, 32, 4), (64, 32, 8), (64, 32, 8)),
-    128: ((64, 32, 8), (32, 32, 8), (32, 32, 8)),
+    64: ((64, 16, 4), (64, 16, 4), (64, 64, 4)),
+    128: ((64, 16, 4), (32, 32, 8), (32, 32, 8)),
     256: ((32, 16, 4), (16, 32, 8), (16, 16, 4)),
 }
 
@@ -328,19 +341,24 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     )
 
 
+#: most column tiles one split of the forward sweeps (its packed 16-bit counts)
+_MAX_FWD_TILES = 2**16 - 1
+
 #: rows per program of the own-block scores (a light, memory-bound kernel)
 _OWN_BLOCK_M = 16
 
 
 def _forward(U, I, X, Y, setup: _Setup):
-    """lse ``[4, M]`` (A, B, C, E) and s ``[M]``, own ``[4, M, P]`` in the accumulation dtype;
-    counts ``[2, M]`` int64."""
+    """lse₂ ``[4, M]`` (A, B, C, E; base 2: lse·log2(e)) and s ``[M]``, own ``[4, M, P]`` in the
+    accumulation dtype; counts ``[2, M]`` int64."""
     kernels = load_kernels()
     M, d = U.shape
     NP = X.shape[0]
     acc = accumulation_dtype(U.dtype)
     k = setup.config.fwd
-    cols_per_split, splits = split_size(NP, k.splits, k.block_n)
+    # the forward packs both counts of a tile element into one int32 (16 bits each): a split
+    # sweeps fewer than 2**16 column tiles
+    cols_per_split, splits = split_size(NP, max(k.splits, cdiv(NP, k.block_n * _MAX_FWD_TILES)), k.block_n)
     lse_parts = empty((splits, 4, M), acc, U.device, setup.poison)
     cnt_parts = empty((splits, 2, M), torch.int32, U.device, setup.poison)
     s = empty((M,), acc, U.device, setup.poison)
@@ -355,7 +373,7 @@ def _forward(U, I, X, Y, setup: _Setup):
         U, I, X, Y, *args[-5:], s, own, M, d, setup.P, setup.row_offset,
         COSINE=setup.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
-    return (*merge_splits(lse_parts, cnt_parts), s, own)
+    return (*merge_splits(lse_parts, cnt_parts, base2=True), s, own)
 
 
 def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need_cols: bool):
