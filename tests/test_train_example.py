@@ -332,6 +332,18 @@ def test_plot_draws_runs_that_differ_beyond_their_seed_as_separate_curves():
     }
 
 
+def test_plot_of_per_user_runs_draws_their_selection_metric(tmp_path):
+    summarize = load_summarize()
+    result = {"config": {"loss": "bpr", "seed": 0, "select_protocol": "per_user", "select_metric": "Recall@20"},
+              "history": [{"valid": {"per_user": {"Recall@20": r}}} for r in (0.1, 0.12)],
+              "valid": {"per_user": {"Recall@20": 0.12}}}
+    assert summarize.validation_curves([result], "per_user", "Recall@20") == {"BPR": [[0.1, 0.12]]}
+    path = tmp_path / "bpr.json"
+    path.write_text(json.dumps(result))
+    summarize.main([str(path), "--plot", str(tmp_path / "curves.png")])  # the selection metric by default
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def _scored_checkpoint(full, cwd, data, **load):
     """The test metrics of the run's best.pt, reloaded into a fresh model (nothing re-tuned)."""
     from hdccf_triton import EmbeddingModel, Evaluator, load_dataset
