@@ -4,6 +4,7 @@
     python bench/reference_large.py                                   # the grid below, about 15 minutes on 2 cores
     python bench/reference_large.py -M 8192 -P 4 --threads 2          # one shape
     python bench/reference_large.py -M 2048 --memory                  # also the peak memory of each
+    python bench/reference_large.py -M 8192 -P 4 --threads 2 --implementations current   # its peak RSS alone
 
 Grid: M in {512, 2048, 8192}, P in {2, 4}, d = 64, float32, 1 and 2 threads, dot and cosine;
 ω = 0.1 and the 1,000,000 random training pairs over ML-1M's 6,040 users × 3,416 items. Each
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeat", type=int, default=1, help="timed runs per implementation (the best counts)")
     p.add_argument("--memory", action="store_true", help="also measure each implementation's peak memory")
+    p.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS),
+                   help="time only these (one alone: the process's peak RSS is its own)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     print(f"reference forward + backward, d = {args.d}, {args.dtype}, ω = 0.1: previous (bench/reference_previous.py) "
@@ -100,19 +103,23 @@ def main(argv=None) -> int:
         index.bitmap()  # built once, outside the measurement (as in training)
         options = LossOptions(similarity=sim, omega_user=0.1, omega_item=0.1)
         times, outputs = {}, {}
-        for name, fn in IMPLEMENTATIONS.items():
+        chosen = {name: IMPLEMENTATIONS[name] for name in args.implementations}
+        for name, fn in chosen.items():
             run(fn, emb, ids, index, options)  # warm-up
             best = None
             for _ in range(args.repeat):
                 loss, grads, fwd, bwd = run(fn, emb, ids, index, options)
                 best = (fwd, bwd) if best is None or fwd + bwd < sum(best) else best
             times[name], outputs[name] = best, (loss, *grads)
-        ratio = sum(times["previous"]) / sum(times["current"])
-        diff = max(rel_diff(a, b) for a, b in zip(outputs["current"], outputs["previous"]))
-        row = (f"| {M} | {P} | {sim} | {threads} | {times['previous'][0]:.2f} | {times['previous'][1]:.2f} | "
-               f"{times['current'][0]:.2f} | {times['current'][1]:.2f} | {ratio:.2f} | {diff:.1e} |")
+        both = len(chosen) == 2
+        cell = lambda name, i: f"{times[name][i]:.2f}" if name in times else "-"  # noqa: E731
+        ratio = f"{sum(times['previous']) / sum(times['current']):.2f}" if both else "-"
+        diff = f"{max(rel_diff(a, b) for a, b in zip(outputs['current'], outputs['previous'])):.1e}" if both else "-"
+        row = (f"| {M} | {P} | {sim} | {threads} | {cell('previous', 0)} | {cell('previous', 1)} | "
+               f"{cell('current', 0)} | {cell('current', 1)} | {ratio} | {diff} |")
         if args.memory:
-            row += "".join(f" {peak_mib(fn, emb, ids, index, options):.0f} |" for fn in IMPLEMENTATIONS.values())
+            row += "".join(f" {peak_mib(fn, emb, ids, index, options):.0f} |" if name in chosen else " - |"
+                           for name, fn in IMPLEMENTATIONS.items())
         print(row, flush=True)
     print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0
