@@ -179,8 +179,8 @@ class LiveBytes:
         return _LiveBytes()
 
 
-#: int32 pointers of every kernel here: ids, the bitmap of D, counts
-_INT32_POINTERS = ("users", "items", "x_ids", "y_ids", "index", "CNT")
+#: int32 pointers of every kernel here: ids, counts (the bitmap of D is read as bytes: "*u8")
+_INT32_POINTERS = ("users", "items", "x_ids", "y_ids", "CNT")
 
 
 def kernel_signature(fn, pointers: dict) -> dict:
@@ -191,6 +191,8 @@ def kernel_signature(fn, pointers: dict) -> dict:
     for name in fn.arg_names:
         if name in pointers:
             types[name] = pointers[name]
+        elif name == "index":
+            types[name] = "*u8"
         elif name in _INT32_POINTERS:
             types[name] = "*i32"
         elif name.isupper() and name not in ("M", "NP", "D", "P"):
@@ -201,23 +203,15 @@ def kernel_signature(fn, pointers: dict) -> dict:
 
 
 def spill_ops(sass: str) -> tuple[int, int]:
-    """Local-memory loads/stores (register spills) in the SASS: (inside the first loop, the
-    kernel's sweep over the score tiles; everywhere else). A loop is a backward branch."""
-    import re
+    """Local-memory loads/stores (register spills) in the SASS: (inside the sweep over the score
+    tiles, the outermost loop with the most instructions, as ``bench/sass_report.py`` finds it;
+    everywhere else). A loop is a backward branch."""
+    import sass_report
 
-    ops, loops = [], []
-    for line in sass.splitlines():
-        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", line)
-        if not m:
-            continue
-        addr, ins = int(m.group(1), 16), m.group(2)
-        target = re.search(r"BRA[^0-9]*0x([0-9a-f]+)", ins)
-        if target and int(target.group(1), 16) < addr:
-            loops.append((int(target.group(1), 16), addr))
-        if "LDL" in ins or "STL" in ins:
-            ops.append(addr)
-    first = loops[0] if loops else (1, 0)
-    inside = sum(first[0] <= a <= first[1] for a in ops)
+    ins = sass_report.parse_sass(sass)
+    best, _ = sass_report.sweep_loop(ins)
+    ops = [a for a, op, _ in ins if op.split(".")[0] in ("LDL", "STL")]
+    inside = sum(best[0] <= a <= best[1] for a in ops) if best else 0
     return inside, len(ops) - inside
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from harness import (
-    REPLAYED_SMS, compile_and_report, compile_baseline, kernel_signature, loss_fn, measure_passes, realistic_index,
+    compile_and_report, compile_baseline, loss_fn, measure_passes, realistic_index,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,10 @@ DRY = dict(M=(16, 32), P=(1, 2), d=(8,), dtype=("float32",))
 COMPILE_FULL = {(4096, 4, 64, "bfloat16"), (4096, 4, 64, "float32"), (1024, 4, 64, "bfloat16")}
 COMPILE_QUICK = {(4096, 4, 64, "bfloat16")}
 TARGET = (4096, 4, 64, "bfloat16")  # the shape of the performance targets
+#: A/B rows at the target shape: the Triton backend with these tiles (block_m, block_n, num_warps)
+#: forced on all three kernels, beside the launch heuristic's own choice ("triton"); the
+#: backend is then labelled ``triton[BMxBNwW]``. bench/sass_report.py estimates the same statically.
+AB_TILES = ((64, 32, 4), (128, 32, 8), (128, 64, 8))
 DRY_TARGET = (32, 2, 8, "float32")  # stands in for it in --dry-run
 #: the block_d whose GPU tiles --compile-only compiles (those triton_dot tunes, 64 to 256)
 COMPILE_BLOCK_D = (64, 128, 256)
@@ -128,6 +132,8 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
     options = LossOptions(temperature=0.1, omega_user=0.1, omega_item=0.1, similarity="dot")
     shapes = [(M, P, d, t) for t in grid["dtype"] for M in grid["M"] for P in grid["P"] for d in grid["d"]]
     plan = [(shape, ("triton", "torch")) for shape in shapes]
+    if not dry_run:  # A/B: other tiles at the target shape (bench/sass_report.py explains them)
+        plan += [(shape, tuple(_ab_name(t) for t in AB_TILES)) for shape in shapes if shape == TARGET]
     plan += [(shape, ("torch.compile",)) for shape in shapes if shape in compile_shapes]
     rows = []
     for shape, names in plan:
@@ -141,7 +147,9 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
             elif name != "triton" and elapsed > budget:
                 skip = "skipped: time budget"
             fn = {"triton": triton_dot.per_row_loss, "torch": reference.per_row_loss}.get(name)
-            if fn is None:  # compiled once per shape (dynamic=False), at its first call
+            if name.startswith("triton["):  # an A/B row: the tiles forced on all three kernels
+                fn = _ab_fn(triton_dot.per_row_loss, name)
+            elif fn is None:  # compiled once per shape (dynamic=False), at its first call
                 fn = compile_baseline(reference.per_row_loss, dry_run)
             for row in measure(fn, name, batch, index, options, shape, gpu, device, skip):
                 rows.append(row)
@@ -153,6 +161,21 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
             on_rows(rows)
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     return rows
+
+
+def _ab_name(tile) -> str:
+    return "triton[{}x{}w{}]".format(*tile)
+
+
+def _ab_fn(per_row_loss, name):
+    """``per_row_loss`` with the tiles of an A/B row name ``triton[BMxBNwW]`` forced."""
+    import functools
+    import re
+
+    from hdccf_triton.backends._triton_runtime import LaunchOverrides
+
+    bm, bn, w = map(int, re.fullmatch(r"triton\[(\d+)x(\d+)w(\d+)\]", name).groups())
+    return functools.partial(per_row_loss, overrides=LaunchOverrides(block_m=bm, block_n=bn, num_warps=w))
 
 
 def make_batch(M, P, d, dtype, index, device, *, seed=0, scale=0.3):
@@ -172,7 +195,7 @@ def products(backend: str, M: int, P: int, d: int, what: str) -> float:
     from hdccf_triton.backends import reference
 
     one = 2.0 * M * M * P * d
-    if backend == "triton":
+    if backend.startswith("triton"):
         return one * (4 if what == "fwd" else 20)
     checkpointed = max(1, reference.CHUNK_ELEMENTS // (M * P)) < M
     return one * (4 if what == "fwd" else 12 + (4 if checkpointed else 0))
@@ -333,54 +356,34 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def compile_only(arch: int) -> int:
-    """Compile every kernel at the launch heuristic's tiles for ``sm_<arch>`` and print the
-    registers, stack (spills) and shared memory ptxas reports. Needs no GPU: the tiles are
-    those ``triton_dot.launch_config`` chooses for an H100 (``LaunchOverrides(sm_count=...)``)."""
-    import torch
+    """Compile every kernel for ``sm_<arch>`` exactly as a launch compiles it and print the
+    registers, stack (spills) and shared memory ptxas reports. Needs no GPU: the backend runs
+    on CPU tensors with the launch configuration of an H100 (``LaunchOverrides(sm_count=...)``)
+    and each launch is intercepted and compiled with the JIT's own binding and specialization
+    (``bench/sass_report.py``: the same constexprs, the divisibility-by-16 hints of pointers
+    and integers, the same options). ``bench/sass_report.py`` counts the work in the SASS."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    from hdccf_triton.backends import triton_dot
-    from hdccf_triton.backends._triton_runtime import LaunchOverrides, load_kernels
+    import sass_report
 
-    kernels = load_kernels()
-    gpu = LaunchOverrides(sm_count=REPLAYED_SMS)
-    target = GPUTarget("cuda", arch, 32)
-    print(f"target sm_{arch}; triton {triton.__version__}")
+    index = sass_report._index()
     status = 0
+    print(f"target sm_{arch}; triton {triton.__version__}; M=4096, P=4 (H100 launch configuration)")
+    seen = set()
     for block_d in COMPILE_BLOCK_D:
-        for dtype, cosine in (("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)):
-            torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-            # the tiles depend on d and the dtype only; the shape sets the splits, unused here
-            config = triton_dot.launch_config(4096, 16384, block_d, torch.device("cpu"), torch_dtype, gpu)
-            sim = "cos" if cosine else "dot"
-            for name in ("fwd", "rows", "cols"):
-                fn = {"fwd": kernels.negative_stats_fwd.negative_stats_fwd_kernel,
-                      "rows": kernels.negative_stats_bwd.negative_stats_bwd_rows_kernel,
-                      "cols": kernels.negative_stats_bwd.negative_stats_bwd_cols_kernel}[name]
-                launch = getattr(config, name)
-                block_m, block_n, warps = launch.block_m, launch.block_n, launch.num_warps
-                constexprs = dict(DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1, UPCAST=False, COSINE=cosine,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d)
-                src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-                head = f"{name:<5} {dtype} {sim} block_d={block_d:<4} tile={block_m}x{block_n} warps={warps}"
-                options = dict(num_warps=warps, num_stages=config.num_stages)
-                if config.maxnreg:
-                    options["maxnreg"] = config.maxnreg
-                status |= compile_and_report(src, target, options, head)
-            fn = kernels.negative_stats_fwd.own_scores_kernel
-            own_block_m = triton_dot._OWN_BLOCK_M  # no public route: read, never changed
-            constexprs = dict(COSINE=cosine, BLOCK_M=own_block_m, BLOCK_D=block_d)
-            src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype), constexprs=constexprs)
-            head = f"own   {dtype} {sim} block_d={block_d:<4} tile={own_block_m}x{block_d} warps=4"
-            status |= compile_and_report(src, target, dict(num_warps=4, num_stages=2), head)
+        for dtype, sim in (("bfloat16", "dot"), ("bfloat16", "cosine"), ("float32", "dot"), ("float32", "cosine")):
+            launches = sass_report.dot_launches(4096, 4, block_d, dtype, sim, index, arch=arch)
+            from triton.backends.compiler import GPUTarget
+
+            for launch in launches:
+                if launch.key in seen:
+                    continue
+                seen.add(launch.key)
+                k = launch.constexprs
+                head = (f"{launch.name:<32} {dtype} {sim} block_d={k.get('BLOCK_D')} "
+                        f"tile={k.get('BLOCK_M')}x{k.get('BLOCK_N', k.get('BLOCK_D'))} warps={launch.options['num_warps']}")
+                status |= compile_and_report(launch.src, GPUTarget("cuda", arch, 32), launch.options, head)
     return status
-
-
-def _signature(fn, dtype: str) -> dict:
-    """Argument types of a negative-statistics kernel for bf16/fp32 inputs and int32 ids."""
-    fp32 = ("scale", "RU", "RI", "RX", "RY", "LSE", "G", "SC", "OWN", "GS", "GOWN", "DU", "DI", "DX", "DY")
-    return kernel_signature(fn, {**{n: "*fp32" for n in fp32}, **{n: "*" + dtype for n in "UIXY"}})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from harness import (
-    REPLAYED_SMS, compile_and_report, compile_baseline, kernel_signature, loss_fn, measure_passes, realistic_index,
+    REPLAYED_SMS, compile_and_report, compile_baseline, loss_fn, measure_passes, realistic_index,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,38 +187,37 @@ def markdown(rows) -> str:
 
 
 def compile_only(arch: int, d: int, normalize: bool) -> int:
-    """Compile the three modulated kernels for ``sm_<arch>`` at the GPU launch tiles of
-    ``triton_modulated.launch_config`` (for an H100: ``LaunchOverrides(sm_count=...)``; fp32
-    operands, int32 ids, bitmap index) and print what ptxas reports: registers, stack
-    (spills), shared memory. Needs no GPU."""
+    """Compile the three modulated kernels for ``sm_<arch>`` exactly as their launches at
+    M = 4096, P = 4 compile them (the H100 launch configuration; ``bench/sass_report.py``
+    intercepts the launches of the real host code on CPU tensors and binds and specializes
+    them as the JIT does) and print what ptxas reports: registers, stack (spills), shared
+    memory. Needs no GPU."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
 
+    import sass_report
+    from hdccf_triton.backends._triton_runtime import LaunchOverrides
     from hdccf_triton.backends import triton_modulated
-    from hdccf_triton.backends._triton_runtime import LaunchOverrides, load_kernels
+    from hdccf_triton.options import LossOptions
+    from hdccf_triton.similarity import ModulatedSimilarity
 
-    kernels = load_kernels()
-    # the tiles depend on d only; the shape sets the splits, unused here
-    config = triton_modulated.launch_config(4096, 16384, d, torch.device("cpu"),
-                                            LaunchOverrides(sm_count=REPLAYED_SMS))
-    print(f"target sm_{arch}; triton {triton.__version__}; d={d} (block_d={config.block_d}), "
-          f"tile {config.block_m}x{config.block_n}, {config.num_warps} warps, normalize={normalize}")
+    index = sass_report._index()
+    torch.manual_seed(0)
+    options = LossOptions(temperature=0.1, omega_user=0.1, omega_item=0.1,
+                          similarity=ModulatedSimilarity(d, normalize))
+    leaves, ids = sass_report._batch(4096, 4, 2 * d, torch.float32, index)
+    with sass_report.capture_launches(arch) as (launches, target):
+        sass_report._run_backend(triton_modulated.per_row_loss, leaves, ids, index, options,
+                                 overrides=LaunchOverrides(sm_count=REPLAYED_SMS))
+    print(f"target sm_{arch}; triton {triton.__version__}; d={d}, normalize={normalize}, M=4096, P=4")
     status = 0
-    for name, fn in (("fwd", kernels.modulated_fwd.modulated_stats_fwd_kernel),
-                     ("rows", kernels.modulated_bwd.modulated_stats_bwd_rows_kernel),
-                     ("cols", kernels.modulated_bwd.modulated_stats_bwd_cols_kernel)):
-        constexprs = dict(NORMALIZE=normalize, DEBIAS=True, INDEX_MODE=1, SEARCH_STEPS=1,
-                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d)
-        src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
-        status |= compile_and_report(src, GPUTarget("cuda", arch, 32),
-                                     dict(num_warps=config.num_warps, num_stages=config.num_stages), f"{name:<5}")
+    for launch in launches:
+        k = launch.constexprs
+        head = (f"{launch.name:<34} tile={k.get('BLOCK_M')}x{k.get('BLOCK_N')} block_d={k.get('BLOCK_D')} "
+                f"warps={launch.options['num_warps']}")
+        status |= compile_and_report(launch.src, GPUTarget("cuda", arch, 32), launch.options, head)
     return status
-
-
-def _signature(fn) -> dict:
-    """Argument types of a modulated kernel: fp32 operands and buffers, int32 ids and bitmap."""
-    return kernel_signature(fn, {n: "*fp32" for n in ("R", "C", "W3", "scale", "LSE", "G", "DR", "DW3", "DC")})
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ with the anchor was observed in training. The loss asks that question for every 
 column) of the in-batch score matrix, so membership must be a tensor operation on the
 embeddings' device. A pair (u, i) is stored as the 64-bit key ``u * num_items + i``
 (:func:`pair_keys`); D is the sorted, unique keys, answered either from a dense bitmap
-(:meth:`InteractionIndex.bitmap`, also read by the Triton kernels) or by a binary search
-over the keys (:func:`sorted_contains`, the search the kernels run inside a tile).
+(:meth:`InteractionIndex.bitmap`; the Triton kernels read a byte-aligned variant, one row a
+user, made by ``backends._triton_runtime.row_bitmap``) or by a binary search over the keys
+(:func:`sorted_contains`, the search the kernels run inside a tile). The reference backend
+reads the dense tables of :meth:`InteractionIndex.table` where they are small and the lists of
+:meth:`InteractionIndex.lists` on sparse data.
 
 The sampler (:mod:`hdccf_triton.sampling`) and the evaluator (:mod:`hdccf_triton.metrics`)
 build their per-user and per-item lists with :func:`build_csr` and friends from here.
@@ -275,8 +278,7 @@ class InteractionIndex:
         ``self.device``, bit ``key & 31`` of word ``key >> 5`` set for each key.
 
         Built on the first call and kept (later calls return the same tensor), whatever
-        :attr:`uses_bitmap` says: the caller decides whether it fits. The Triton kernels
-        read these words directly (int32, as their ``*i32`` pointers expect).
+        :attr:`uses_bitmap` says: the caller decides whether it fits.
         """
         if self._bitmap is None:
             keys = self.keys

@@ -135,7 +135,7 @@ def modulated_stats_bwd_rows_kernel(
     users, items,  # [M] anchor ids (int32 or int64)
     x_ids, y_ids,  # [NP] pool ids (int32 or int64)
     index, n_keys, num_items,  # D (membership.py)
-    scale,  # [1] 1/τ
+    scale,  # [4] 1/τ (read here), log2(e)/τ, log2(e), ln 2
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients
     DR,  # [S, 8, M, D] out: partial gradients of the row operands per column split
@@ -200,8 +200,8 @@ def modulated_stats_bwd_rows_kernel(
         b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
         m_item, m_user = true_negative_masks_rows(
-            b_user, b_item, b_block, b_xid, b_yid, o_n // P, m_m, m_n,
-            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+            b_user, b_item, b_block * P, b_xid, b_yid, o_n, m_m, m_n,
+            P, index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
         )  # [BLOCK_M, BLOCK_N] each
 
         # A = f(u_k, X_j)/τ: rows (p_u, e_u, h_u), columns (q_X, e_X, h_X), on Tᴵ
@@ -253,7 +253,7 @@ def modulated_stats_bwd_cols_kernel(
     users, items,  # [M] anchor ids (int32 or int64)
     x_ids, y_ids,  # [NP] pool ids (int32 or int64)
     index, n_keys, num_items,  # D (membership.py)
-    scale,  # [1] 1/τ
+    scale,  # [4] 1/τ (read here), log2(e)/τ, log2(e), ln 2
     LSE,  # [4, M]
     G,  # [4, M]
     DC,  # [S, 8, NP, D] out: partial gradients of the column operands per row split
@@ -281,7 +281,6 @@ def modulated_stats_bwd_cols_kernel(
     b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
     b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
     b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
-    b_owner = o_n // P
 
     b_dqx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dex = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
@@ -317,8 +316,8 @@ def modulated_stats_bwd_cols_kernel(
         b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)[:, None]
         # the tiles in the forward's orientation [rows, columns]
         m_item, m_user = true_negative_masks_rows(
-            b_user, b_item, row_offset + o_m, b_xid, b_yid, b_owner, m_m, m_n,
-            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+            b_user, b_item, (row_offset + o_m) * P, b_xid, b_yid, o_n, m_m, m_n,
+            P, index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
         )  # [BLOCK_M, BLOCK_N] each
 
         # A: columns (q_X, e_X, h_X)
@@ -365,15 +364,15 @@ def store_slot(base, slot, o_r, n_rows, o_d, D, m_2d, b_val):
 
 @triton.jit
 def true_negative_masks_rows(
-    b_user, b_item, b_block, b_xid, b_yid, b_owner, m_m, m_n,
-    index, n_keys, num_items,
+    b_user, b_item, b_first, b_xid, b_yid, o_n, m_m, m_n,
+    P, index, n_keys, num_items,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     """``membership.true_negative_masks`` on a [rows, columns] tile from ``[BLOCK_M]`` row
-    and ``[BLOCK_N]`` column vectors."""
+    vectors (ids, first own column (row_offset + k)·P) and ``[BLOCK_N]`` column vectors."""
     return true_negative_masks(
-        b_user[:, None], b_item[:, None], b_block[:, None],
-        b_xid[None, :], b_yid[None, :], b_owner[None, :],
+        b_user[:, None], b_item[:, None], b_first[:, None],
+        b_xid[None, :], b_yid[None, :], o_n[None, :],
         m_m[:, None] & m_n[None, :],
-        index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+        P, index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
     )

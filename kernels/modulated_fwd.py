@@ -109,7 +109,7 @@ def modulated_stats_fwd_kernel(
     users, items,  # [M] anchor ids (int32 or int64)
     x_ids, y_ids,  # [NP] pool ids (int32 or int64)
     index, n_keys, num_items,  # D, the training pairs (membership.py)
-    scale,  # [1] 1/τ in the operands' dtype
+    scale,  # [4] 1/τ (read here), log2(e)/τ, log2(e), ln 2 in the operands' dtype
     LSE,  # [S, 4, M] out: partial log-sums of A, B, C, E per column split
     CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per column split
     M, NP, D, P, row_offset, cols_per_split,
@@ -168,10 +168,10 @@ def modulated_stats_fwd_kernel(
 
         # Tᴵ_k ∋ j (masks A, E) and Tᵁ_k ∋ j (masks B, C) on the tile
         m_item, m_user = true_negative_masks(
-            b_user[:, None], b_item[:, None], b_block[:, None],
-            b_xid[None, :], b_yid[None, :], (o_n // P)[None, :],
+            b_user[:, None], b_item[:, None], (b_block * P)[:, None],
+            b_xid[None, :], b_yid[None, :], o_n[None, :],
             m_m[:, None] & m_n[None, :],
-            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
+            P, index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
         )  # [BLOCK_M, BLOCK_N] each
         b_n_item += tl.reduce(m_item.to(tl.int32), 1, _add)
         b_n_user += tl.reduce(m_user.to(tl.int32), 1, _add)

@@ -30,6 +30,11 @@ that the sums above are the gradients of the normalised embeddings ê, and each 
 its rows' (columns') gradients back to the raw embeddings at the end
 (:func:`unnormalized_grad`): nothing normalised is stored.
 
+In base 2, as the forward: p = 2^(t·f − lse₂) with t the tile's products (times the column's
+inverse norm for cosine), f = log2(e)/τ (times the row's) and lse₂ = lse·log2(e) as the forward
+wrote it: one FFMA and one ``MUFU.EX2`` per weight. The true-negative masks are formed just
+before the two score tiles that use each (Tᴵ for A and E, Tᵁ for B and C).
+
 Two kernels, no atomics (bit-identical results run to run): a row-parallel one for dU, dI
 (each program owns BLOCK_M rows and sweeps the columns) and a column-parallel one for dX, dY
 (each program owns BLOCK_N columns and sweeps the rows). Both recompute the score tiles and
@@ -47,13 +52,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .membership import true_negative_masks
-from .negative_stats_fwd import inv_norms, load_own_block, normalized, scale_tile, score_dot
+from .membership import own_block_excluded, true_item_mask, true_user_mask
+from .negative_stats_fwd import (
+    SCALE_INV_TAU, SCALE_LOG2E_TAU, column_scaled, inv_norms, load_own_block, normalized, score_dot,
+)
 
 _add = tl.standard._sum_combine  # tl.sum's combine function (see negative_stats_fwd.py)
 
-__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights", "load_own_grads",
-           "scale_weights", "unnormalized_grad"]
+__all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights", "grad_weights2",
+           "load_own_grads", "scale_weights", "unnormalized_grad"]
 
 
 @triton.jit
@@ -61,6 +68,15 @@ def grad_weights(b_s, b_lse, b_g, m_s):
     """g · exp(s − lse) on the mask, 0 off it (lse, g broadcast along the tile's other axis)."""
     # the where comes first: off the mask s − lse may be +inf (lse = −inf on an empty row)
     return tl.exp(tl.where(m_s, b_s - b_lse, float("-inf"))) * b_g
+
+
+@triton.jit
+def grad_weights2(b_t, b_f, b_lse2, b_g, m_s):
+    """g · exp(s − lse) = g · 2^(t·f − lse₂) on the mask, 0 off it, in base 2 (as the forward):
+    t the tile's products (times r_col for cosine), f ``[BLOCK_M, 1]`` the row factor
+    log2(e)/τ (times r_row), lse₂ = lse·log2(e) and g ``[BLOCK_M, 1]``: one FFMA, one MUFU.EX2."""
+    # the where comes after the FFMA: off the mask t·f − lse₂ may be +inf (lse = −inf, empty row)
+    return tl.math.exp2(tl.where(m_s, b_t * b_f - b_lse2, float("-inf"))) * b_g
 
 
 @triton.jit
@@ -107,9 +123,9 @@ def negative_stats_bwd_rows_kernel(
     users, items,  # [M] int64 anchor ids
     x_ids, y_ids,  # [NP] int64 pool ids
     index, n_keys, num_items,  # D (see membership.py)
-    scale,  # [1] 1/τ in the accumulation dtype
+    scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
-    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
+    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E in base 2 (lse₂ = lse·log2 e, as the forward wrote them)
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (accumulation dtype)
     GOWN,  # [4, M, P] upstream gradients of own_A, own_B, own_C, own_E (accumulation dtype)
@@ -125,7 +141,8 @@ def negative_stats_bwd_rows_kernel(
     o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m_m = o_m < M
     m_d = o_d < D
-    inv_tau = tl.load(scale)
+    inv_tau = tl.load(scale + SCALE_INV_TAU)
+    scale2 = tl.load(scale + SCALE_LOG2E_TAU)  # log2(e)/τ
 
     p_row = o_m.to(tl.int64)[:, None] * D + o_d[None, :]
     m_row = m_m[:, None] & m_d[None, :]
@@ -134,19 +151,21 @@ def negative_stats_bwd_rows_kernel(
     b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
     b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
     b_block = row_offset + o_m  # [BLOCK_M]
+    b_first = b_block * P  # [BLOCK_M] first column of each row's own block
     b_ru = inv_norms(RU, o_m, m_m, COSINE)  # [BLOCK_M] (1 without COSINE)
     b_ri = inv_norms(RI, o_m, m_m, COSINE)  # [BLOCK_M]
-    b_su = b_ru * inv_tau  # per-row factors of the score tiles, as in the forward
-    b_si = b_ri * inv_tau
-    # row statistics; rows out of range get lse = −inf and g = 0 (all their weights are 0)
-    b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))  # [BLOCK_M]
-    b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))
-    b_lse_c = tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf"))
-    b_lse_e = tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf"))
-    b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
-    b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)
-    b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)
-    b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)
+    # per-row factors f of the base-2 scores, as in the forward: log2(e)/τ (times r for cosine)
+    b_fu = (b_ru * scale2 + tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype))[:, None]  # [BLOCK_M, 1]
+    b_fi = (b_ri * scale2 + tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype))[:, None]  # [BLOCK_M, 1]
+    # row statistics (lse₂: base 2); rows out of range get lse = −inf and g = 0 (all weights 0)
+    b_lse_a = (tl.load(LSE + o_m, mask=m_m, other=float("-inf")))[:, None]  # [BLOCK_M, 1]
+    b_lse_b = (tl.load(LSE + M + o_m, mask=m_m, other=float("-inf")))[:, None]
+    b_lse_c = (tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf")))[:, None]
+    b_lse_e = (tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf")))[:, None]
+    b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
+    b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)[:, None]
+    b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)[:, None]
+    b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)[:, None]
 
     b_du = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_di = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
@@ -164,30 +183,36 @@ def negative_stats_bwd_rows_kernel(
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
         b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N]
         b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
-        m_item, m_user = true_negative_masks(
-            b_user[:, None], b_item[:, None], b_block[:, None],
-            b_xid[None, :], b_yid[None, :], (o_n // P)[None, :],
-            m_m[:, None] & m_n[None, :],
-            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
-        )  # [BLOCK_M, BLOCK_N] each
+        # the negatives: in range, outside the row's own block
+        m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
 
-        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
-        b_s = scale_tile(score_dot(b_u, tl.trans(b_x), UPCAST), b_su, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_a = scale_weights(grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item), b_rx, 1, COSINE)
-        b_s = scale_tile(score_dot(b_u, tl.trans(b_y), UPCAST), b_su, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_c = scale_weights(grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user), b_ry, 1, COSINE)
-        # dU += w_A X + w_C Y   (for cosine: dÛ, the weights carry the columns' inverse norms)
-        b_du += score_dot(b_w_a.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
-        b_du += score_dot(b_w_c.to(b_y.dtype), b_y, UPCAST)
+        # Tᴵ (masks A, E);  Tᵁ (masks B, C) here too for FMA products (fp32/fp64) and d > 64, else
+        # just before its two tiles: what ptxas allocates best (bench/sass_report.py)
+        m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
+                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+        if b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64:
+            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
+        # w_A = g_A·p_A with A = U Xᵀ / τ;  dU += w_A X   (p = 2^(t·f − lse₂); cosine: w carries r_X)
+        b_t = column_scaled(score_dot(b_u, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w = scale_weights(grad_weights2(b_t, b_fu, b_lse_a, b_g_a, m_item), b_rx, 1, COSINE)
+        b_du += score_dot(b_w.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
+        # w_E = g_E·p_E with E = I Xᵀ / τ;  dI += w_E X
+        b_t = column_scaled(score_dot(b_i, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w = scale_weights(grad_weights2(b_t, b_fi, b_lse_e, b_g_e, m_item), b_rx, 1, COSINE)
+        b_di += score_dot(b_w.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
 
-        # w_B = g_B·p_B with B = I Yᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ
-        b_s = scale_tile(score_dot(b_i, tl.trans(b_y), UPCAST), b_si, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_b = scale_weights(grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user), b_ry, 1, COSINE)
-        b_s = scale_tile(score_dot(b_i, tl.trans(b_x), UPCAST), b_si, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_e = scale_weights(grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item), b_rx, 1, COSINE)
-        # dI += w_B Y + w_E X
-        b_di += score_dot(b_w_b.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
-        b_di += score_dot(b_w_e.to(b_x.dtype), b_x, UPCAST)
+        if not (b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64):
+            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
+        # w_C = g_C·p_C with C = U Yᵀ / τ;  dU += w_C Y
+        b_t = column_scaled(score_dot(b_u, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w = scale_weights(grad_weights2(b_t, b_fu, b_lse_c, b_g_c, m_user), b_ry, 1, COSINE)
+        b_du += score_dot(b_w.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
+        # w_B = g_B·p_B with B = I Yᵀ / τ;  dI += w_B Y
+        b_t = column_scaled(score_dot(b_i, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w = scale_weights(grad_weights2(b_t, b_fi, b_lse_b, b_g_b, m_user), b_ry, 1, COSINE)
+        b_di += score_dot(b_w.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
 
     if i_s == 0:  # the diagonal and the own blocks, once (in split 0)
         # dU += g_s I + Σ_p g_ownA X_o + g_ownC Y_o;  dI += g_s U + Σ_p g_ownB Y_o + g_ownE X_o
@@ -221,9 +246,9 @@ def negative_stats_bwd_cols_kernel(
     users, items,  # [M] int64 anchor ids
     x_ids, y_ids,  # [NP] int64 pool ids
     index, n_keys, num_items,  # D (see membership.py)
-    scale,  # [1] 1/τ in the accumulation dtype
+    scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
-    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
+    LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E in base 2 (lse₂ = lse·log2 e, as the forward wrote them)
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (unused here: s depends on U and I only)
     GOWN,  # [4, M, P] upstream gradients of own_A, own_B, own_C, own_E (accumulation dtype)
@@ -239,7 +264,8 @@ def negative_stats_bwd_cols_kernel(
     o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m_n = o_n < NP
     m_d = o_d < D
-    inv_tau = tl.load(scale)
+    inv_tau = tl.load(scale + SCALE_INV_TAU)
+    scale2 = tl.load(scale + SCALE_LOG2E_TAU)  # log2(e)/τ
 
     # the columns' embeddings stay in registers for the whole sweep
     p_col = o_n.to(tl.int64)[:, None] * D + o_d[None, :]
@@ -268,41 +294,49 @@ def negative_stats_bwd_cols_kernel(
         b_i = tl.load(I + p_row, mask=m_row, other=0.0)  # [BLOCK_M, BLOCK_D]
         b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M]
         b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M]
-        b_lse_a = tl.load(LSE + o_m, mask=m_m, other=float("-inf"))  # [BLOCK_M]
-        b_lse_b = tl.load(LSE + M + o_m, mask=m_m, other=float("-inf"))
-        b_lse_c = tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf"))
-        b_lse_e = tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf"))
-        b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)  # [BLOCK_M]
-        b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)
-        b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)
-        b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)
+        # lse in base 2 (rows out of range: −inf, g = 0: all their weights are 0)
+        b_lse_a = (tl.load(LSE + o_m, mask=m_m, other=float("-inf")))[:, None]  # [BLOCK_M, 1]
+        b_lse_b = (tl.load(LSE + M + o_m, mask=m_m, other=float("-inf")))[:, None]
+        b_lse_c = (tl.load(LSE + 2 * M + o_m, mask=m_m, other=float("-inf")))[:, None]
+        b_lse_e = (tl.load(LSE + 3 * M + o_m, mask=m_m, other=float("-inf")))[:, None]
+        b_g_a = tl.load(G + o_m, mask=m_m, other=0.0)[:, None]  # [BLOCK_M, 1]
+        b_g_b = tl.load(G + M + o_m, mask=m_m, other=0.0)[:, None]
+        b_g_c = tl.load(G + 2 * M + o_m, mask=m_m, other=0.0)[:, None]
+        b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)[:, None]
         b_ru = inv_norms(RU, o_m, m_m, COSINE)  # [BLOCK_M]
         b_ri = inv_norms(RI, o_m, m_m, COSINE)  # [BLOCK_M]
-        b_su = b_ru * inv_tau  # per-row factors of the score tiles, as in the forward
-        b_si = b_ri * inv_tau
+        # per-row factors f of the base-2 scores, as in the forward
+        b_fu = (b_ru * scale2 + tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype))[:, None]  # [BLOCK_M, 1]
+        b_fi = (b_ri * scale2 + tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype))[:, None]  # [BLOCK_M, 1]
         # the tiles in the forward's orientation [rows, columns], so that the recomputed
         # scores are the forward's to the bit and p sums to 1 with the forward's lse
-        m_item, m_user = true_negative_masks(
-            b_user[:, None], b_item[:, None], (row_offset + o_m)[:, None],
-            b_xid[None, :], b_yid[None, :], b_owner[None, :],
-            m_m[:, None] & m_n[None, :],
-            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
-        )  # [BLOCK_M, BLOCK_N] each
+        m_neg = own_block_excluded(((row_offset + o_m) * P)[:, None], o_n[None, :],
+                                   m_m[:, None] & m_n[None, :], P)  # [BLOCK_M, BLOCK_N]
+        # Tᴵ (masks A, E); Tᵁ (masks B, C) here too for FMA products (fp32/fp64) and d > 64, else
+        # just before its two tiles: what ptxas allocates best (bench/sass_report.py: fewest spills)
+        m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
+                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+        if b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64:
+            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
 
-        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ
-        b_s = scale_tile(score_dot(b_u, b_xt, UPCAST), b_su, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_a = scale_weights(grad_weights(b_s, b_lse_a[:, None], b_g_a[:, None], m_item), b_ru, 0, COSINE)
-        b_s = scale_tile(score_dot(b_i, b_xt, UPCAST), b_si, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_e = scale_weights(grad_weights(b_s, b_lse_e[:, None], b_g_e[:, None], m_item), b_ri, 0, COSINE)
+        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ   (p = 2^(t·f − lse₂))
+        b_t = column_scaled(score_dot(b_u, b_xt, UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_a = scale_weights(grad_weights2(b_t, b_fu, b_lse_a, b_g_a, m_item), b_ru, 0, COSINE)
+        b_t = column_scaled(score_dot(b_i, b_xt, UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_e = scale_weights(grad_weights2(b_t, b_fi, b_lse_e, b_g_e, m_item), b_ri, 0, COSINE)
         # dX += w_Aᵀ U + w_Eᵀ I   (for cosine: dX̂, the weights carry the rows' inverse norms)
         b_dx += score_dot(tl.trans(b_w_a.to(b_u.dtype)), b_u, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dx += score_dot(tl.trans(b_w_e.to(b_i.dtype)), b_i, UPCAST)
 
+        if not (b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64):
+            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
         # w_B = g_B·p_B with B = I Yᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
-        b_s = scale_tile(score_dot(b_i, b_yt, UPCAST), b_si, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_b = scale_weights(grad_weights(b_s, b_lse_b[:, None], b_g_b[:, None], m_user), b_ri, 0, COSINE)
-        b_s = scale_tile(score_dot(b_u, b_yt, UPCAST), b_su, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_c = scale_weights(grad_weights(b_s, b_lse_c[:, None], b_g_c[:, None], m_user), b_ru, 0, COSINE)
+        b_t = column_scaled(score_dot(b_i, b_yt, UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_b = scale_weights(grad_weights2(b_t, b_fi, b_lse_b, b_g_b, m_user), b_ri, 0, COSINE)
+        b_t = column_scaled(score_dot(b_u, b_yt, UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_w_c = scale_weights(grad_weights2(b_t, b_fu, b_lse_c, b_g_c, m_user), b_ru, 0, COSINE)
         # dY += w_Bᵀ I + w_Cᵀ U
         b_dy += score_dot(tl.trans(b_w_b.to(b_i.dtype)), b_i, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dy += score_dot(tl.trans(b_w_c.to(b_u.dtype)), b_u, UPCAST)

@@ -22,8 +22,14 @@ r = 1/max(‖e‖, ε) of both sides (:func:`scale_tile`), read from ``RU, RI, R
 
 In :func:`negative_stats_fwd_kernel` each program
 owns BLOCK_M rows and streams over the column blocks of its split of the columns, keeping a
-running max m and a running sum l per row and matrix (online softmax, as in flash attention):
-nothing of shape [M, N·P] exists in memory. The columns may be cut into ``grid[1]`` splits of
+running max m per row and matrix and running sums l (online softmax, as in flash attention):
+nothing of shape [M, N·P] exists in memory. As in flash attention the exponentials are base 2:
+with t = U_k·X_j (times r_X[j] for cosine) and the per-row factor f_k = log2(e)/τ (times r_U[k]),
+s·log2(e) = t·f, so exp(s − m) = 2^(t·f − m₂) is one FFMA and one ``MUFU.EX2`` (``tl.exp`` costs
+three FMULs, an FSETP and the MUFU); the kernel writes lse₂ = lse·log2(e), which the backward
+reads as it is and the host converts (in float64) for the loss. The sums l and the two counts
+are kept per tile element (tile-shaped accumulators, one FFMA or integer add per element) and
+reduced once after the sweep; only the row max is reduced per tile. The columns may be cut into ``grid[1]`` splits of
 ``cols_per_split`` columns each (to fill the GPU when M is small); each split writes its own
 partial log-sums and counts, which the host merges with a logsumexp / sum over the splits in
 a fixed order (deterministic, no atomics).
@@ -34,10 +40,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .membership import true_negative_masks
+from .membership import own_block_excluded, true_item_mask, true_user_mask
 
-__all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "load_own_block",
-           "own_scores_kernel", "inv_norms", "normalized", "scale_tile"]
+__all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "online_lse2_update",
+           "finish_lse2", "load_own_block", "own_scores_kernel", "inv_norms", "normalized", "scale_tile",
+           "column_scaled", "SCALE_INV_TAU", "SCALE_LOG2E_TAU", "SCALE_LOG2E", "SCALE_LN2"]
 
 # The kernels use Triton builtins only. tl.sum, tl.max and tl.zeros are themselves @triton.jit
 # functions of Triton's standard library, decorated when triton is imported; if that import
@@ -47,6 +54,13 @@ __all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finis
 # interpreter (which recognises these two functions).
 _add = tl.standard._sum_combine
 _maximum = tl.standard._elementwise_max
+
+# The ``scale`` argument holds four constants in the accumulation dtype, computed on the host in
+# float64 (a Python float in a kernel would be an fp32 constant, too coarse for fp64 inputs):
+SCALE_INV_TAU = tl.constexpr(0)  # 1/τ
+SCALE_LOG2E_TAU = tl.constexpr(1)  # log2(e)/τ: scores in base 2, so that exp is one exp2 (MUFU.EX2)
+SCALE_LOG2E = tl.constexpr(2)  # log2(e)
+SCALE_LN2 = tl.constexpr(3)  # ln 2
 
 
 @triton.jit
@@ -86,6 +100,46 @@ def finish_lse(b_m, b_l):
     """log Σ exp from the running (m, l): m + log l, and −inf where the set is empty (l = 0)."""
     b_log_l = tl.log(tl.where(b_l > 0, b_l, 1.0))
     return tl.where(b_l > 0, b_m + b_log_l, float("-inf"))
+
+
+@triton.jit
+def online_lse2_update(b_m, b_l, b_t, b_f, m_s):
+    """One tile of the online log-sum-exp in base 2, with the row sums kept per element.
+
+    The tile's scores in base 2 are s₂[k, j] = t[k, j]·f[k] (s₂ = s·log2 e), with f > 0 a
+    per-row factor ``[BLOCK_M]`` (log2(e)/τ, times r_k for cosine). b_m: ``[BLOCK_M]`` running
+    max of s₂ (−inf before any unmasked entry); b_l: ``[BLOCK_M, BLOCK_N]`` running sums, one
+    per tile element (reduced once, after the sweep, by :func:`finish_lse2`). Returns (m', l').
+
+        m' = max(m, f·max_{j ∈ mask} t_j)          (f > 0: the max of the products, exactly)
+        l' = l·2^(m − m') + 2^(t·f − m')            (0 off the mask: 2^(−inf) = 0)
+    """
+    b_t = tl.where(m_s, b_t, float("-inf"))  # [BLOCK_M, BLOCK_N]
+    b_mn = tl.maximum(b_m, tl.reduce(b_t, 1, _maximum) * b_f)  # [BLOCK_M]
+    # a row with nothing yet (m' = −inf) shifts by 0: 2^(−inf − 0) = 0, never 2^(−inf + inf)
+    b_shift = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # [BLOCK_M]
+    b_alpha = tl.math.exp2(b_m - b_shift)  # [BLOCK_M] rescale of the old sums
+    b_l = b_l * b_alpha[:, None] + tl.math.exp2(b_t * b_f[:, None] - b_shift[:, None])  # [BLOCK_M, BLOCK_N]
+    return b_mn, b_l
+
+
+@triton.jit
+def finish_lse2(b_m, b_l):
+    """log2 Σ 2^s₂ (the base-2 log-sum-exp lse₂ = lse·log2 e) from the running max ``b_m
+    [BLOCK_M]`` and the per-element sums ``b_l [BLOCK_M, BLOCK_N]``: m + log2 l with
+    l = Σ_j l[:, j]; −inf where l = 0. The backward reads lse₂ as it is (its weights
+    2^(t·f − lse₂) are then consistent with these sums to the rounding of one addition)."""
+    b_sum = tl.reduce(b_l, 1, _add)  # [BLOCK_M]
+    b_log_l = tl.math.log2(tl.where(b_sum > 0, b_sum, 1.0))
+    return tl.where(b_sum > 0, b_m + b_log_l, float("-inf"))
+
+
+@triton.jit
+def column_scaled(b_dot, b_col, COSINE: tl.constexpr):
+    """t = dot, or dot·r_col[j] for cosine (the column factor; the row factor goes to f)."""
+    if COSINE:
+        b_dot = b_dot * b_col[None, :]
+    return b_dot
 
 
 @triton.jit
@@ -136,22 +190,26 @@ def negative_stats_fwd_kernel(
     users, items,  # [M] int64 anchor ids
     x_ids, y_ids,  # [NP] int64 pool ids
     index, n_keys, num_items,  # D (bitmap words or sorted keys, see membership.py)
-    scale,  # [1] 1/τ in the accumulation dtype
+    scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype (SCALE_* above)
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
-    LSE,  # [S, 4, M] out: partial log-sums of A, B, C, E per split
+    LSE,  # [S, 4, M] out: partial base-2 log-sums lse₂ = lse·log2(e) of A, B, C, E per split
     CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split
     M, NP, D, P, row_offset, cols_per_split,
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr, COSINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Base 2 (as flash attention): with t = U_k·X_j (times r_X[j] for cosine) and the row factor
+    # f_k = log2(e)/τ (times r_U[k] for cosine), s·log2(e) = t·f, exp(s − m) = 2^(t·f − m₂):
+    # one FFMA and one MUFU.EX2 per score. The row sums l and the counts are kept per tile
+    # element and reduced once after the sweep; only the row max is reduced per tile.
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     o_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     m_m = o_m < M
     m_d = o_d < D
-    inv_tau = tl.load(scale)
+    scale2 = tl.load(scale + SCALE_LOG2E_TAU)  # log2(e)/τ
 
     # the rows' embeddings stay in registers for the whole sweep
     p_row = o_m.to(tl.int64)[:, None] * D + o_d[None, :]  # int64: M·D may exceed 2**31
@@ -160,22 +218,22 @@ def negative_stats_fwd_kernel(
     b_i = tl.load(I + p_row, mask=m_row, other=0.0)  # [BLOCK_M, BLOCK_D]
     b_user = tl.load(users + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
     b_item = tl.load(items + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
-    b_block = row_offset + o_m  # [BLOCK_M] own block of each row
-    # per-row factors of the score tiles: 1/τ, or r/τ for cosine
-    b_su = inv_norms(RU, o_m, m_m, COSINE) * inv_tau  # [BLOCK_M] (a scalar without COSINE)
-    b_si = inv_norms(RI, o_m, m_m, COSINE) * inv_tau  # [BLOCK_M]
+    b_first = (row_offset + o_m) * P  # [BLOCK_M] first column of each row's own block
+    # per-row factors f of the base-2 scores: log2(e)/τ, times r for cosine
+    b_fu = inv_norms(RU, o_m, m_m, COSINE) * scale2 + tl.full([BLOCK_M], 0.0, dtype=scale2.dtype)  # [BLOCK_M]
+    b_fi = inv_norms(RI, o_m, m_m, COSINE) * scale2 + tl.full([BLOCK_M], 0.0, dtype=scale2.dtype)  # [BLOCK_M]
 
-    # running max m and sum l of the four log-sum-exps; counts of Tᴵ and Tᵁ
-    b_m_a = tl.full([BLOCK_M], float("-inf"), dtype=inv_tau.dtype)
-    b_m_b = tl.full([BLOCK_M], float("-inf"), dtype=inv_tau.dtype)
-    b_m_c = tl.full([BLOCK_M], float("-inf"), dtype=inv_tau.dtype)
-    b_m_e = tl.full([BLOCK_M], float("-inf"), dtype=inv_tau.dtype)
-    b_l_a = tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype)
-    b_l_b = tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype)
-    b_l_c = tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype)
-    b_l_e = tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype)
-    b_n_item = tl.full([BLOCK_M], 0, dtype=tl.int32)
-    b_n_user = tl.full([BLOCK_M], 0, dtype=tl.int32)
+    # running max m₂ of the four base-2 log-sum-exps; per-element sums l and counts of Tᴵ, Tᵁ
+    b_m_a = tl.full([BLOCK_M], float("-inf"), dtype=scale2.dtype)
+    b_m_b = tl.full([BLOCK_M], float("-inf"), dtype=scale2.dtype)
+    b_m_c = tl.full([BLOCK_M], float("-inf"), dtype=scale2.dtype)
+    b_m_e = tl.full([BLOCK_M], float("-inf"), dtype=scale2.dtype)
+    b_l_a = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=scale2.dtype)
+    b_l_b = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=scale2.dtype)
+    b_l_c = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=scale2.dtype)
+    b_l_e = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=scale2.dtype)
+    b_n_item = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᴵ|
+    b_n_user = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᵁ|
 
     col_start = i_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, NP)
@@ -191,42 +249,42 @@ def negative_stats_fwd_kernel(
         b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N] (1 without COSINE)
         b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
 
-        # Tᴵ_k ∋ j (masks A, E) and Tᵁ_k ∋ j (masks B, C) on the tile
-        m_item, m_user = true_negative_masks(
-            b_user[:, None], b_item[:, None], b_block[:, None],
-            b_xid[None, :], b_yid[None, :], (o_n // P)[None, :],
-            m_m[:, None] & m_n[None, :],
-            index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
-        )  # [BLOCK_M, BLOCK_N] each
-        b_n_item += tl.reduce(m_item.to(tl.int32), 1, _add)
-        b_n_user += tl.reduce(m_user.to(tl.int32), 1, _add)
+        # the negatives: in range, outside the row's own block
+        m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
 
-        # A = U Xᵀ / τ (cosine: scaled by the inverse norms of both sides)
-        b_s = scale_tile(score_dot(b_u, tl.trans(b_x), UPCAST), b_su, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_a, b_l_a = online_lse_update(b_m_a, b_l_a, b_s, m_item)
+        # Tᴵ_k ∋ j (masks A, E), just before its two tiles
+        m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
+                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+        # A = U Xᵀ / τ (cosine: times r_U[k] r_X[j]):  t = U Xᵀ (·r_X), f = f_U
+        b_t = column_scaled(score_dot(b_u, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_m_a, b_l_a = online_lse2_update(b_m_a, b_l_a, b_t, b_fu, m_item)
         # E = I Xᵀ / τ
-        b_s = scale_tile(score_dot(b_i, tl.trans(b_x), UPCAST), b_si, b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_e, b_l_e = online_lse_update(b_m_e, b_l_e, b_s, m_item)
+        b_t = column_scaled(score_dot(b_i, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_m_e, b_l_e = online_lse2_update(b_m_e, b_l_e, b_t, b_fi, m_item)
+
+        # Tᵁ_k ∋ j (masks B, C)
+        m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
         # B = I Yᵀ / τ
-        b_s = scale_tile(score_dot(b_i, tl.trans(b_y), UPCAST), b_si, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_b, b_l_b = online_lse_update(b_m_b, b_l_b, b_s, m_user)
+        b_t = column_scaled(score_dot(b_i, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_m_b, b_l_b = online_lse2_update(b_m_b, b_l_b, b_t, b_fi, m_user)
         # C = U Yᵀ / τ
-        b_s = scale_tile(score_dot(b_u, tl.trans(b_y), UPCAST), b_su, b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_c, b_l_c = online_lse_update(b_m_c, b_l_c, b_s, m_user)
+        b_t = column_scaled(score_dot(b_u, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
+        b_m_c, b_l_c = online_lse2_update(b_m_c, b_l_c, b_t, b_fu, m_user)
 
-    b_lse_a = finish_lse(b_m_a, b_l_a)  # [BLOCK_M]
-    b_lse_b = finish_lse(b_m_b, b_l_b)  # [BLOCK_M]
-    b_lse_c = finish_lse(b_m_c, b_l_c)  # [BLOCK_M]
-    b_lse_e = finish_lse(b_m_e, b_l_e)  # [BLOCK_M]
+        # |Tᴵ| and |Tᵁ| per tile element (reduced after the sweep: no per-tile shuffles)
+        b_n_item += m_item.to(tl.int32)  # [BLOCK_M, BLOCK_N]
+        b_n_user += m_user.to(tl.int32)
+
+    # lse₂ = m₂ + log2 Σ_j l[:, j] (base 2: the host converts);  counts = Σ_j n[:, j]
     p_lse = LSE + i_s.to(tl.int64) * 4 * M + o_m
-    tl.store(p_lse, b_lse_a, mask=m_m)
-    tl.store(p_lse + M, b_lse_b, mask=m_m)
-    tl.store(p_lse + 2 * M, b_lse_c, mask=m_m)
-    tl.store(p_lse + 3 * M, b_lse_e, mask=m_m)
+    tl.store(p_lse, finish_lse2(b_m_a, b_l_a), mask=m_m)
+    tl.store(p_lse + M, finish_lse2(b_m_b, b_l_b), mask=m_m)
+    tl.store(p_lse + 2 * M, finish_lse2(b_m_c, b_l_c), mask=m_m)
+    tl.store(p_lse + 3 * M, finish_lse2(b_m_e, b_l_e), mask=m_m)
     p_cnt = CNT + i_s.to(tl.int64) * 2 * M + o_m
-    tl.store(p_cnt, b_n_item, mask=m_m)
-    tl.store(p_cnt + M, b_n_user, mask=m_m)
-
+    tl.store(p_cnt, tl.reduce(b_n_item, 1, _add), mask=m_m)
+    tl.store(p_cnt + M, tl.reduce(b_n_user, 1, _add), mask=m_m)
 
 
 @triton.jit

@@ -399,6 +399,19 @@ def test_membership_lookup_matches_the_index(index_mode, n_pairs):
     assert torch.equal(out.bool(), index.contains(qu, qi))
 
 
+def test_row_bitmap_matches_the_index():
+    # INDEX_MODE 1 reads D as one row of ceil(num_items / 8) bytes per user (kernels/membership.py)
+    case = make_case(5, 2, 8, num_users=7, num_items=13, density=0.4, seed=5)
+    index = case.index
+    rowmap = runtime.row_bitmap(index)
+    assert rowmap is runtime.row_bitmap(index) and rowmap.dtype == torch.uint8  # made once per index
+    nb = (index.num_items + 7) // 8
+    assert rowmap.numel() == index.num_users * nb
+    u, i = torch.meshgrid(torch.arange(index.num_users), torch.arange(index.num_items), indexing="ij")
+    bits = (rowmap.long()[u * nb + (i >> 3)] >> (i & 7)) & 1
+    assert torch.equal(bits.bool(), index.contains(u.reshape(-1), i.reshape(-1)).view(u.shape))
+
+
 def test_launch_config_on_cpu():
     for d, block_d in ((1, 16), (8, 16), (24, 32), (64, 64), (200, 256), (256, 256)):
         assert triton_dot.launch_config(37, 111, d, torch.device("cpu")).block_d == block_d

@@ -249,11 +249,13 @@ class LaunchConfig:
 #: * d ≤ 64: 64 × 16 with 4 warps for the forward and the row pass (80 and 69 instructions per
 #:   pair; 64 rows keep 128 row-pass programs at M = 4096), 64 × 64 with 4 warps for the column
 #:   pass (79; its transposed products need 64 columns for wgmma, 109 at 64 × 32);
-#: * d = 128: the backward is register-bound with 4 warps (hundreds of spill instructions), so
-#:   it keeps 32 × 32 with 8 warps (few spills; its 32-row score tiles are computed twice).
+#: * d = 128: the backward is register-bound: 32 × 16 with 4 warps for the row pass (162
+#:   instructions per pair, 1 spill instruction in its loop; 64-row tiles spill hundreds), and
+#:   the column pass keeps 32 × 32 with 8 warps (216 per pair, 25 spill instructions; 32 × 16
+#:   with 8 warps has none but 344 per pair). Its 32-row score tiles are computed twice.
 _GPU_TILES = {
     64: ((64, 16, 4), (64, 16, 4), (64, 64, 4)),
-    128: ((64, 16, 4), (32, 32, 8), (32, 32, 8)),
+    128: ((64, 16, 4), (32, 16, 4), (32, 32, 8)),
     256: ((32, 16, 4), (16, 32, 8), (16, 16, 4)),
 }
 
@@ -273,7 +275,8 @@ def launch_config(
     """The documented heuristic for M rows, NP = N·P pool columns, embedding dim d.
 
     * ``block_d = max(16, next_pow2(d))``.
-    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256), 2 stages;
+    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256; chosen from the
+      static SASS report ``bench/sass_report.py``), 2 stages;
       fp32/fp64 inputs: :data:`_GPU_TILES_FMA` and ``maxnreg = 255``.
       Splits: enough programs for one wave over the SMs, ``splits = ceil(SMs / programs)``
       with programs = row blocks (forward, row pass) or column blocks (column pass), at most
@@ -341,9 +344,6 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     )
 
 
-#: most column tiles one split of the forward sweeps (its packed 16-bit counts)
-_MAX_FWD_TILES = 2**16 - 1
-
 #: rows per program of the own-block scores (a light, memory-bound kernel)
 _OWN_BLOCK_M = 16
 
@@ -356,9 +356,7 @@ def _forward(U, I, X, Y, setup: _Setup):
     NP = X.shape[0]
     acc = accumulation_dtype(U.dtype)
     k = setup.config.fwd
-    # the forward packs both counts of a tile element into one int32 (16 bits each): a split
-    # sweeps fewer than 2**16 column tiles
-    cols_per_split, splits = split_size(NP, max(k.splits, cdiv(NP, k.block_n * _MAX_FWD_TILES)), k.block_n)
+    cols_per_split, splits = split_size(NP, k.splits, k.block_n)
     lse_parts = empty((splits, 4, M), acc, U.device, setup.poison)
     cnt_parts = empty((splits, 2, M), torch.int32, U.device, setup.poison)
     s = empty((M,), acc, U.device, setup.poison)
