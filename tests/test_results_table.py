@@ -92,3 +92,14 @@ def test_per_user_runs_get_recall_and_ndcg_at_20_and_cannot_share_a_table(tmp_pa
                                "test": {p: {m: 0.5 for m in module.METRICS} for p in ("sampled", "full")}}))
     with pytest.raises(ValueError, match="cannot share a table"):
         module.summarize(paths + [loo])
+
+
+def test_readme_gowalla_table_is_the_scripts_output():
+    module = summarize_module()
+    text = (REPO / "README.md").read_text()
+    start, end = "<!-- gowalla-table:start -->\n", "<!-- gowalla-table:end -->"
+    assert text.count(start) == 1 and text.count(end) == 1
+    runs = sorted((REPO / "examples" / "results" / "gowalla").glob("*.json"))
+    assert len(runs) == 3 and all(json.loads(p.read_text())["dataset"]["name"] == "gowalla" for p in runs)
+    assert text[text.index(start) + len(start):text.index(end)] == module.headline(runs) + "\n", \
+        "paste `python examples/summarize_results.py --markdown examples/results/gowalla/*.json` between the markers"
