@@ -585,7 +585,7 @@ def markdown(rows) -> str:
 
 
 def readme_table(before: list[dict], after: list[dict], M: int = 4096) -> str:
-    """README's table: per configuration at ``M`` rows, instructions per pair of the three passes,
+    """The results log's table (examples/results/README.md): per configuration at ``M`` rows, instructions per pair of the three passes,
     MUFU per pair, spill instructions in the loops and the issue-bound estimate, before → after,
     beside the floor. Made from the committed CSVs (no compilation)."""
     def index(rows):
@@ -696,7 +696,7 @@ def main(argv=None) -> int:
                    help="compile what bench/kernel_bench.py --quick launches, in parallel, into Triton's cache")
     p.add_argument("--jobs", type=int, default=4, help="processes for --precompile")
     p.add_argument("--readme", action="store_true",
-                   help="print README's table from the committed CSVs (sass_report_before.csv, sass_report.csv)")
+                   help="print the results log's table from the committed CSVs (sass_report_before.csv, sass_report.csv)")
     args = p.parse_args(argv)
     if args.readme:
         print(readme_table(read_csv(args.out / "sass_report_before.csv"), read_csv(args.out / "sass_report.csv")),
