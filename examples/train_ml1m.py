@@ -62,8 +62,8 @@ from hdccf_triton import InteractionIndex
 from hdccf_triton.atomic import CorruptFileError, check_writable, load_checked, save_checked, write_json
 from hdccf_triton.data import DownloadError, load_dataset
 from hdccf_triton.metrics import Evaluator
-from hdccf_triton.models import (BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior,
-                                 scan_prior_strengths)
+from hdccf_triton.models import (BPRObjective, EmbeddingModel, HDCCFObjective, best_strength,
+                                 log_frequency_prior, scan_prior_strengths)
 from hdccf_triton.sampling import InBatchSampler
 from hdccf_triton.similarity import ModulatedSimilarity
 
@@ -701,7 +701,7 @@ def final_evaluation(args, model, evaluator, log_counts) -> dict:
     if args.item_prior == "tune":
         scan = scan_prior_strengths(model, evaluator, log_counts, [*args.prior_grid], split="valid", ks=args.ks)
         chosen = {a: r[args.select_protocol][args.select_metric] for a, r in scan.items()}
-        alpha = max(chosen, key=lambda a: (chosen[a], -list(chosen).index(a)))  # ties: the first
+        alpha = best_strength(chosen)
         out["prior_scan"] = {str(a): v for a, v in chosen.items()}
         valid = {alpha: scan[alpha], raw: scan[0.0] if 0.0 in scan else None}
     else:

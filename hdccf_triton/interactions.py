@@ -6,7 +6,7 @@ column) of the in-batch score matrix, so membership must be a tensor operation o
 embeddings' device. A pair (u, i) is stored as the 64-bit key ``u * num_items + i``
 (:func:`pair_keys`); D is the sorted, unique keys, answered either from a dense bitmap
 (:meth:`InteractionIndex.bitmap`; the Triton kernels read a byte-aligned variant, one row a
-user, made by ``backends._triton_runtime.row_bitmap``) or by a binary search over the keys
+user, :meth:`InteractionIndex.row_bitmap`) or by a binary search over the keys
 (:func:`sorted_contains`, the search the kernels run inside a tile). The reference backend
 reads the dense tables of :meth:`InteractionIndex.table` where they are small and the lists of
 :meth:`InteractionIndex.lists` on sparse data.
@@ -226,6 +226,7 @@ class InteractionIndex:
         self._bitmap: torch.Tensor | None = None
         self._tables: dict[str, torch.Tensor] = {}
         self._lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._row_bitmap: torch.Tensor | None = None
 
     @classmethod
     def from_pairs(cls, users, items, num_users: int, num_items: int) -> "InteractionIndex":
@@ -290,6 +291,22 @@ class InteractionIndex:
             words = torch.zeros(n_words, dtype=torch.int32, device=keys.device)
             self._bitmap = words.index_add_(0, keys >> 5, bits)
         return self._bitmap
+
+    def row_bitmap(self) -> torch.Tensor:
+        """D as the Triton kernels' ``INDEX_MODE = 1`` reads it (``kernels/membership.py``): uint8
+        ``[num_users · NB]``, one row of NB = ceil(num_items / 8) bytes per user, bit ``i & 7`` of
+        byte ``u·NB + (i >> 3)`` set when (u, i) ∈ D. Rows padded to whole bytes, unlike
+        :meth:`bitmap`, so that a byte's offset splits into a user part and an item part (per row
+        and per column of a tile); at most ``num_users`` bytes larger. Built on the first call
+        and kept."""
+        if self._row_bitmap is None:
+            nb = (self.num_items + 7) // 8
+            users, items = self.keys // self.num_items, self.keys % self.num_items
+            rows = torch.zeros(self.num_users * nb, dtype=torch.uint8, device=self.device)
+            # keys are unique: the bits of one byte are distinct, so their sum is their OR
+            bits = torch.bitwise_left_shift(torch.ones_like(items), items & 7).to(torch.uint8)
+            self._row_bitmap = rows.index_put_((users * nb + (items >> 3),), bits, accumulate=True)
+        return self._row_bitmap
 
     def table(self, kind: str) -> torch.Tensor | None:
         """D as a dense bool table whose rows are cheap to read, or None above ``TABLE_MAX_BYTES``.

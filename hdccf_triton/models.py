@@ -34,8 +34,8 @@ from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
 from .similarity import Similarity, as_similarity
 
-__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "log_frequency_prior", "scan_prior_strengths",
-           "select_prior_strength"]
+__all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "best_strength", "log_frequency_prior",
+           "scan_prior_strengths", "select_prior_strength"]
 
 
 class EmbeddingModel(nn.Module):
@@ -136,11 +136,16 @@ def select_prior_strength(model: EmbeddingModel, evaluator, log_counts: torch.Te
     scan = scan_prior_strengths(model, evaluator, log_counts, strengths, split=split,
                                 protocols=None if protocol is None else (protocol,), ks=ks)
     protocol, metric = protocol or evaluator.selection[0], metric or evaluator.selection[1]
-    strengths = list(scan)
     values = {a: r[protocol][metric] for a, r in scan.items()}
-    best = max(values, key=lambda a: (values[a], -strengths.index(a)))
+    best = best_strength(values)
     model.set_item_prior(best * log_counts)
     return best, values
+
+
+def best_strength(values: dict[float, float]) -> float:
+    """The α of the highest value in ``{α: metric}``; ties go to the first."""
+    order = list(values)
+    return max(values, key=lambda a: (values[a], -order.index(a)))
 
 
 @torch.no_grad()

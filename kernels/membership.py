@@ -7,7 +7,7 @@ M × N·P mask in memory. Two layouts of D, chosen by the constexpr ``INDEX_MODE
 
 * ``INDEX_MODE = 1``, dense row bitmap: one row of ``NB = ceil(num_items / 8)`` bytes per
   user, bit ``i & 7`` of byte ``u·NB + (i >> 3)`` set when (u, i) ∈ D
-  (``hdccf_triton.backends._triton_runtime.row_bitmap``). The byte offset is a row part plus
+  (``hdccf_triton.InteractionIndex.row_bitmap``). The byte offset is a row part plus
   a column part, so on a [rows, columns] tile the multiplications, shifts and bit masks are
   per row or per column, never per pair: a pair costs an address add, one 8-bit gather and a
   bit test (``LOP3``). 8-bit gathers also stay plain loads, where Triton's software pipeliner

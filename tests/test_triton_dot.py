@@ -403,8 +403,8 @@ def test_row_bitmap_matches_the_index():
     # INDEX_MODE 1 reads D as one row of ceil(num_items / 8) bytes per user (kernels/membership.py)
     case = make_case(5, 2, 8, num_users=7, num_items=13, density=0.4, seed=5)
     index = case.index
-    rowmap = runtime.row_bitmap(index)
-    assert rowmap is runtime.row_bitmap(index) and rowmap.dtype == torch.uint8  # made once per index
+    rowmap = index.row_bitmap()
+    assert rowmap is index.row_bitmap() and rowmap.dtype == torch.uint8  # made once per index
     nb = (index.num_items + 7) // 8
     assert rowmap.numel() == index.num_users * nb
     u, i = torch.meshgrid(torch.arange(index.num_users), torch.arange(index.num_items), indexing="ij")

@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import math
 import os
-import weakref
 from dataclasses import dataclass, fields, replace
 from types import SimpleNamespace
 from typing import Callable
@@ -25,8 +24,7 @@ import torch
 from ..interactions import InteractionIndex
 
 __all__ = [
-    "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout", "row_bitmap",
-    "CallSetup",
+    "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout", "CallSetup",
     "kernel_ids", "check_row_offset", "split_size", "accumulation_dtype", "empty", "merge_splits",
     "cdiv", "without_dynamo",
 ]
@@ -144,7 +142,7 @@ class IndexLayout:
     """D as the kernels' ``INDEX_MODE`` reads it (``kernels/membership.py``)."""
 
     mode: int  # 0 none, 1 dense bitmap, 2 sorted keys
-    tensor: torch.Tensor  # the row bitmap (uint8, :func:`row_bitmap`), the keys, or a placeholder never read
+    tensor: torch.Tensor  # the row bitmap (uint8, :meth:`InteractionIndex.row_bitmap`), the keys, or a placeholder never read
     n_keys: int
     num_items: int
     search_steps: int  # ceil(log2(n_keys + 1)) for the sorted search
@@ -163,33 +161,9 @@ def index_layout(
     if mode is None:
         mode = 1 if interactions.uses_bitmap else 2
     if mode == 1:  # SEARCH_STEPS is unused: keep it fixed, so that |D| does not recompile
-        return IndexLayout(1, row_bitmap(interactions), n, interactions.num_items, 1)
+        return IndexLayout(1, interactions.row_bitmap(), n, interactions.num_items, 1)
     steps = max(1, n.bit_length())  # = ceil(log2(n + 1))
     return IndexLayout(2, interactions.keys.contiguous(), n, interactions.num_items, steps)
-
-
-#: the row bitmaps made so far, one per index object (freed with it)
-_ROW_BITMAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def row_bitmap(interactions: InteractionIndex) -> torch.Tensor:
-    """D as the kernels' ``INDEX_MODE = 1`` reads it (``kernels/membership.py``): uint8
-    ``[num_users · NB]``, one row of NB = ceil(num_items / 8) bytes per user, bit ``i & 7`` of
-    byte ``u·NB + (i >> 3)`` set when (u, i) ∈ D. Rows padded to whole bytes, unlike
-    :meth:`InteractionIndex.bitmap`, so that a byte's offset splits into a user part and an
-    item part (per row and per column of a tile); at most ``num_users`` bytes larger. Made
-    once per index object (on its device) and kept while the index lives."""
-    cached = _ROW_BITMAPS.get(interactions)
-    if cached is None:
-        nb = (interactions.num_items + 7) // 8
-        keys = interactions.keys
-        users, items = keys // interactions.num_items, keys % interactions.num_items
-        cached = torch.zeros(interactions.num_users * nb, dtype=torch.uint8, device=keys.device)
-        # keys are unique: the bits of one byte are distinct, so their sum is their OR
-        bits = torch.bitwise_left_shift(torch.ones_like(items), items & 7).to(torch.uint8)
-        cached.index_put_((users * nb + (items >> 3),), bits, accumulate=True)
-        _ROW_BITMAPS[interactions] = cached
-    return cached
 
 
 def kernel_ids(ids: tuple, interactions: InteractionIndex | None) -> tuple:
