@@ -36,8 +36,11 @@ Models trained with in-batch negatives (hdccf, softmax) draw their negatives in 
 item frequency q(i), so their raw scores rank items by how much more than their popularity a
 user likes them; at inference a prior α·log q(i) is added to every score (see
 hdccf_triton.models). With --item-prior tune (the default) epochs are selected with α = τ
-(0 for bpr), and α is then chosen for every loss alike from --prior-grid on the validation
-split before the test evaluation. The results JSON holds α ("prior_strength"), the validation
+(0 for bpr and with --logq), and α is then chosen for every loss alike from --prior-grid on the
+validation split before the test evaluation. --logq corrects for that popularity inside the loss
+instead (each negative's score minus the log of its sampling probability relative to uniform),
+and --mixed-negatives B adds B uniformly drawn items and users per batch as negatives of every
+row (hdccf_triton/LOSS.md, "Sampling-bias correction" and "Mixed negatives"). The results JSON holds α ("prior_strength"), the validation
 scan ("prior_scan") and the metrics without the prior ("valid_without_prior",
 "test_without_prior").
 """
@@ -125,6 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     loss.add_argument("--temperature", type=float, default=None, help="tau (preset)")
     loss.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                       help="loss backend: auto = Triton on a GPU, PyTorch elsewhere")
+    loss.add_argument("--logq", action="store_true",
+                      help="hdccf, softmax: sampling-bias correction (logQ): every negative's score minus the log "
+                      "of its sampling probability relative to uniform, estimated from the training degrees")
+    loss.add_argument("--mixed-negatives", type=int, default=0, metavar="B",
+                      help="hdccf, softmax: B items and B users drawn uniformly per batch, extra negatives of every "
+                      "row in the user-item term (mixed negative sampling)")
 
     train = p.add_argument_group("training")
     train.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the defaults of the flags marked 'preset'")
@@ -146,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--item-prior", default="tune", choices=["tune", "log-frequency", "none"],
                      help="alpha*log(item frequency) added to the inference scores, which undoes the popularity "
                      "bias of in-batch negatives: tune = alpha chosen from --prior-grid on validation after "
-                     "training (epochs are selected with alpha = tau, 0 for bpr); log-frequency = alpha = tau")
+                     "training (epochs are selected with alpha = tau, 0 for bpr and with --logq); log-frequency = alpha = tau")
     out.add_argument("--prior-grid", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0],
                      help="candidate alpha of --item-prior tune")
     out.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50],
@@ -184,7 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 #: flag -> (attribute, lowest value); None (not given) passes for --max-batches and --threads
 INT_FLAGS = {"--epochs": ("epochs", 1), "-M/--batch-size": ("batch_size", 1), "-P/--pool": ("pool", 1),
              "--dim": ("dim", 1), "--patience": ("patience", 1), "--max-batches": ("max_batches", 1),
-             "--threads": ("threads", 1), "--min-item-interactions": ("min_item_interactions", 0)}
+             "--threads": ("threads", 1), "--min-item-interactions": ("min_item_interactions", 0),
+             "--mixed-negatives": ("mixed_negatives", 0)}
 #: flag -> (attribute, interval text, test)
 FLOAT_FLAGS = {
     "--lr": ("lr", "> 0", lambda v: v > 0),
@@ -210,6 +220,8 @@ def flag_problem(args) -> str | None:
     bad_ks = [k for k in args.ks if k < 1]
     if bad_ks:
         return f"--ks: expected cut-offs >= 1, got {bad_ks[0]}"
+    if args.loss == "bpr" and (args.logq or args.mixed_negatives):
+        return "--logq and --mixed-negatives apply to the in-batch losses (hdccf, softmax), not to bpr"
     return None
 
 
@@ -397,8 +409,10 @@ def claim_run_dir(args) -> tuple[Path, RunLock]:
 
 
 def training_prior_strength(args) -> float:
-    """α of the prior α·log q(i) that the per-epoch validation uses."""
-    if args.item_prior == "none" or (args.item_prior == "tune" and args.loss == "bpr"):
+    """α of the prior α·log q(i) that the per-epoch validation uses: τ undoes the popularity the
+    in-batch negatives teach the scores (f/τ ≈ log p − log q); with --logq the loss corrects for
+    it already, and with bpr (uniform negatives) there is none to undo."""
+    if args.item_prior == "none" or (args.item_prior == "tune" and (args.loss == "bpr" or args.logq)):
         return 0.0
     return args.temperature
 
@@ -450,12 +464,15 @@ def modulated_cost_note(args, device) -> str | None:
             "epoch at M 512, P 2, and about 6 min with -M 128 -P 1 on 1 thread. Use a GPU, or a smaller batch.")
 
 
-def build_objective(args, model, index):
+def build_objective(args, model, sampler, world: int = 1):
+    index = sampler.interaction_index()
     if args.loss == "bpr":
         return BPRObjective(model, index, seed=args.seed)
     options = dict(temperature=args.temperature, omega_user=args.omega_user, omega_item=args.omega_item,
                    lambda_user=args.lambda_user, lambda_item=args.lambda_item, debias=not args.no_debias,
                    backend=args.backend, gather_across_ranks=args.distributed)
+    if args.logq:  # the pools are gathered across the W ranks: M·W rows of pool columns per row
+        options["item_log_q"], options["user_log_q"] = sampler.sampling_log_q(batch_size=args.batch_size * world)
     if args.loss == "softmax":
         options.update(debias=False, lambda_user=0.0, lambda_item=0.0, omega_user=0.0, omega_item=0.0)
     if not options["debias"]:
@@ -520,7 +537,7 @@ def run(args, rank: int, world: int, device) -> dict:
         sys.exit(f"train_ml1m.py: error: {problem}")
     sampler = InBatchSampler(ds.train_users, ds.train_items, ds.num_users, ds.num_items,
                              batch_size=args.batch_size, num_pool=args.pool, seed=args.seed, device=device,
-                             drop_last=world > 1)
+                             drop_last=world > 1, num_extra=args.mixed_negatives)
     index: InteractionIndex = sampler.interaction_index()
     evaluator = Evaluator.from_dataset(ds, seed=args.seed, device=device) if rank == 0 else None
 
@@ -531,7 +548,7 @@ def run(args, rank: int, world: int, device) -> dict:
         log(note)
     log_counts = log_frequency_prior(ds.train_items, ds.num_items, 1.0).to(device)
     model.set_item_prior(training_prior_strength(args) * log_counts)
-    objective = build_objective(args, model, index).to(device)
+    objective = build_objective(args, model, sampler, world).to(device)
     train_step = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -730,7 +747,7 @@ def progress(iterable, total, desc, disable):
 
 
 def l2_of_batch(model, batch):
-    users, items, pool_items, pool_users = batch
+    users, items = batch[0], batch[1]
     rows = [model.user_table(users), model.item_table(items)]
     return sum(r.pow(2).sum(-1).mean() for r in rows)
 

@@ -10,8 +10,9 @@ from .loss import BackendUnavailableError, DebiasedContrastiveLoss, debiased_con
 from .metrics import Evaluator, format_results
 from .models import BPRObjective, EmbeddingModel, HDCCFObjective, log_frequency_prior, select_prior_strength
 from .options import LossOptions
-from .sampling import Batch, InBatchSampler
+from .sampling import Batch, InBatchSampler, MixedBatch
 from .similarity import Cosine, Dot, ModulatedSimilarity, Similarity
+from .terms import ExtraNegatives
 
 __version__ = "0.1.0"
 
@@ -25,11 +26,13 @@ __all__ = [
     "Dot",
     "DownloadError",
     "EmbeddingModel",
+    "ExtraNegatives",
     "Evaluator",
     "HDCCFObjective",
     "InBatchSampler",
     "InteractionIndex",
     "LossOptions",
+    "MixedBatch",
     "ModulatedSimilarity",
     "Similarity",
     "debiased_contrastive_loss",

@@ -16,7 +16,7 @@ from .backends import reference, triton_dot, triton_modulated, unavailable_reaso
 from .interactions import InteractionIndex
 from .options import LossOptions
 from .similarity import Similarity, as_similarity
-from .terms import reduce_similarity
+from .terms import ExtraNegatives, reduce_similarity
 from .validation import validate_inputs
 
 __all__ = ["debiased_contrastive_loss", "DebiasedContrastiveLoss", "BackendUnavailableError", "select_backend"]
@@ -50,6 +50,9 @@ def debiased_contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     gather_across_ranks: bool = False,
+    item_log_q: torch.Tensor | None = None,
+    user_log_q: torch.Tensor | None = None,
+    extra_negatives: ExtraNegatives | None = None,
 ) -> torch.Tensor:
     """The HDCCF loss (hdccf_triton/LOSS.md) of a batch of M observed pairs with in-batch negatives.
 
@@ -87,6 +90,18 @@ def debiased_contrastive_loss(
         gather_across_ranks: under an initialised ``torch.distributed`` process group, each
             rank scores its M rows against the pools of all W ranks (Q = P·(M·W − 1)
             negatives per row; see :mod:`hdccf_triton.distributed`).
+        item_log_q, user_log_q: the sampling-bias correction (logQ): ``[num_items]`` and
+            ``[num_users]`` tables of ℓ, the log sampling probability of each id as a negative
+            (:meth:`~hdccf_triton.InBatchSampler.sampling_log_q` estimates them, relative to
+            uniform sampling); every negative's score is lowered by its ℓ in the sums over
+            negatives; the positive and the own blocks are not corrected
+            (hdccf_triton/LOSS.md, "Sampling-bias correction"). Constants: no gradient. None
+            (the default) is no correction; all zeros gives the same loss.
+        extra_negatives: the mixed negatives (:class:`~hdccf_triton.ExtraNegatives`: B′ items
+            and B′ users shared by every row, e.g. drawn uniformly by the sampler), extra
+            negatives of the user–item term with the same false-negative test:
+            Q = P·(M−1) + B′ there (hdccf_triton/LOSS.md, "Mixed negatives"). Not gathered
+            across ranks.
 
     Returns:
         The loss: a scalar, or ``[M]`` with ``reduction="none"``; float32 for half-precision
@@ -105,12 +120,16 @@ def debiased_contrastive_loss(
         gather_across_ranks=gather_across_ranks,
     )
     tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users)
-    return compute_loss(tensors, interactions, options)
+    return compute_loss(tensors, interactions, options, extra_negatives=extra_negatives, item_log_q=item_log_q,
+                        user_log_q=user_log_q)
 
 
-def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options: LossOptions) -> torch.Tensor:
+def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options: LossOptions, *,
+                 extra_negatives: ExtraNegatives | None = None, item_log_q: torch.Tensor | None = None,
+                 user_log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Validate, reduce the similarity, gather across ranks if asked, run one backend, reduce."""
-    inputs = validate_inputs(tensors, interactions, options.similarity, options.temperature)
+    inputs = validate_inputs(tensors, interactions, options.similarity, options.temperature,
+                             extra_negatives=extra_negatives, item_log_q=item_log_q, user_log_q=user_log_q)
     inputs, options = reduce_similarity(inputs, options)
     backend = select_backend(options.backend, inputs.user_emb.device, options.similarity)
     row_offset = 0
@@ -150,7 +169,9 @@ class DebiasedContrastiveLoss(nn.Module):
     """The HDCCF loss as a module; see :func:`debiased_contrastive_loss` for the arguments.
 
     Options are validated once here. ``interactions`` follows the embeddings: the module moves
-    it to their device on first use (and keeps that copy). The similarity becomes the
+    it to their device on first use (and keeps that copy). ``item_log_q`` and ``user_log_q``
+    (the sampling correction) may be given here once, as buffers that move with the module, or
+    per call to ``forward`` (which then takes precedence). The similarity becomes the
     submodule ``similarity``: for a :class:`~hdccf_triton.ModulatedSimilarity`,
     ``loss_fn.parameters()`` (and those of a model that holds ``loss_fn``) include g's weight
     and bias, ``loss_fn.to(device)`` moves them and ``state_dict`` saves them.
@@ -162,8 +183,11 @@ class DebiasedContrastiveLoss(nn.Module):
                        users, items, pool_items, pool_users)
     """
 
-    def __init__(self, interactions: InteractionIndex | None = None, **options):
+    def __init__(self, interactions: InteractionIndex | None = None, *, item_log_q: torch.Tensor | None = None,
+                 user_log_q: torch.Tensor | None = None, **options):
         super().__init__()
+        self.register_buffer("item_log_q", item_log_q, persistent=False)
+        self.register_buffer("user_log_q", user_log_q, persistent=False)
         if interactions is not None and not isinstance(interactions, InteractionIndex):
             raise TypeError(
                 f"interactions must be an InteractionIndex or None, got {type(interactions).__name__}"
@@ -182,12 +206,20 @@ class DebiasedContrastiveLoss(nn.Module):
         items: torch.Tensor,
         pool_items: torch.Tensor,
         pool_users: torch.Tensor,
+        *,
+        extra_negatives: ExtraNegatives | None = None,
+        item_log_q: torch.Tensor | None = None,
+        user_log_q: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Shapes as in :func:`debiased_contrastive_loss`."""
         if self.interactions is not None and isinstance(user_emb, torch.Tensor):
             self.interactions = self.interactions.to(user_emb.device)
         tensors = (user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users)
-        return compute_loss(tensors, self.interactions, self.options)
+        return compute_loss(
+            tensors, self.interactions, self.options, extra_negatives=extra_negatives,
+            item_log_q=item_log_q if item_log_q is not None else self.item_log_q,
+            user_log_q=user_log_q if user_log_q is not None else self.user_log_q,
+        )
 
     def extra_repr(self) -> str:
         o = self.options  # the similarity prints as the child module it is

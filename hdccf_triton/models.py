@@ -32,6 +32,7 @@ from torch import nn
 
 from .interactions import InteractionIndex
 from .loss import DebiasedContrastiveLoss
+from .terms import ExtraNegatives
 from .similarity import Similarity, as_similarity
 
 __all__ = ["EmbeddingModel", "HDCCFObjective", "BPRObjective", "best_strength", "log_frequency_prior",
@@ -172,7 +173,9 @@ class HDCCFObjective(nn.Module):
     Args:
         model: the embedding model (its similarity is the loss's).
         interactions: the training pairs (false negatives), or None.
-        **options: the loss's keyword options (temperature, omega_user, ..., backend).
+        **options: the loss's keyword options (temperature, omega_user, ..., backend, and the
+            sampling corrections ``item_log_q``, ``user_log_q``:
+            :meth:`~hdccf_triton.InBatchSampler.sampling_log_q`).
     """
 
     def __init__(self, model: EmbeddingModel, interactions: InteractionIndex | None, **options):
@@ -181,16 +184,26 @@ class HDCCFObjective(nn.Module):
         self.loss_fn = DebiasedContrastiveLoss(interactions, similarity=model.similarity, **options)
 
     def forward(self, batch) -> torch.Tensor:
-        """``batch``: (users [M], items [M], pool_items [M, P], pool_users [M, P])."""
-        users, items, pool_items, pool_users = batch
+        """``batch``: (users [M], items [M], pool_items [M, P], pool_users [M, P]) and, when the
+        sampler draws mixed negatives, (extra_items [B′], extra_users [B′])."""
+        users, items, pool_items, pool_users = batch[:4]
+        extra_items, extra_users = (batch[4], batch[5]) if len(batch) > 4 else (None, None)
         M, P = pool_items.shape
+        MP = M + M * P
         # one lookup per table: each lookup's backward zeroes a dense [rows, width] gradient, which
         # costs more than the loss on a large catalogue (Gowalla: 41k items)
-        user_rows = self.model.user_table(torch.cat([users, pool_users.reshape(-1)]))
-        item_rows = self.model.item_table(torch.cat([items, pool_items.reshape(-1)]))
+        user_ids, item_ids = [users, pool_users.reshape(-1)], [items, pool_items.reshape(-1)]
+        if extra_items is not None:
+            user_ids.append(extra_users)
+            item_ids.append(extra_items)
+        user_rows = self.model.user_table(torch.cat(user_ids))
+        item_rows = self.model.item_table(torch.cat(item_ids))
+        extra = None
+        if extra_items is not None:
+            extra = ExtraNegatives(item_rows[MP:], user_rows[MP:], extra_items, extra_users)
         return self.loss_fn(
-            user_rows[:M], item_rows[:M], item_rows[M:].view(M, P, -1), user_rows[M:].view(M, P, -1),
-            users, items, pool_items, pool_users,
+            user_rows[:M], item_rows[:M], item_rows[M:MP].view(M, P, -1), user_rows[M:MP].view(M, P, -1),
+            users, items, pool_items, pool_users, extra_negatives=extra,
         )
 
 

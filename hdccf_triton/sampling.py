@@ -14,6 +14,11 @@ the sampler's device; there is no Python loop over rows.
 Why the pools give popularity-weighted negatives (Proposition 1): a pool item of a row is
 item j with probability sum over the pairs (u, i), j in N_u, j != i, of
 (1/N)·1/(deg_u - 1) = deg_j / N, i.e. exactly proportional to the popularity of j.
+
+Two options of hdccf_triton/LOSS.md build on that: the sampling-bias correction
+(:meth:`InBatchSampler.sampling_log_q` gives ℓ of every id from the degrees) and the mixed
+negatives (``num_extra`` = B′ items and B′ users drawn uniformly per batch, shared by all rows:
+:class:`MixedBatch`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from .interactions import InteractionIndex, build_csr, check_pairs, pair_keys
 
-__all__ = ["Batch", "InBatchSampler"]
+__all__ = ["Batch", "MixedBatch", "InBatchSampler"]
 
 
 class Batch(NamedTuple):
@@ -42,6 +47,19 @@ class Batch(NamedTuple):
     items: torch.Tensor
     pool_items: torch.Tensor
     pool_users: torch.Tensor
+
+
+class MixedBatch(NamedTuple):
+    """A :class:`Batch` with mixed negatives (a sampler with ``num_extra`` = B′ > 0): its four
+    fields, then ``extra_items [B′]`` and ``extra_users [B′]``, uniform over the catalogue and
+    shared by every row (int64)."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    pool_items: torch.Tensor
+    pool_users: torch.Tensor
+    extra_items: torch.Tensor
+    extra_users: torch.Tensor
 
 
 def _mix_seed(seed: int, epoch: int) -> int:
@@ -64,6 +82,9 @@ class InBatchSampler:
             on (data, seed, e) and the device type (CPU and CUDA generators differ).
         device: where the index lives and the batches are built (default: that of ``users``).
         drop_last: drop the last, partial batch of each epoch.
+        num_extra: B′, mixed negatives per batch: B′ items and B′ users drawn uniformly with
+            replacement from the whole catalogue, from a stream of their own (so the
+            permutation and the pools are the same draws with and without them); 0: none.
 
     Iterating yields the batches of the current epoch (``set_epoch``); ``epoch_batches(e)``
     yields those of epoch e directly. ``len(sampler)`` is the number of batches per epoch.
@@ -75,6 +96,8 @@ class InBatchSampler:
         for epoch in range(epochs):
             for users, items, pool_items, pool_users in sampler.epoch_batches(epoch):
                 ...
+
+    With ``num_extra`` = B′ > 0 the batches are :class:`MixedBatch` es (two more fields).
     """
 
     def __init__(
@@ -88,11 +111,15 @@ class InBatchSampler:
         seed: int = 0,
         device: torch.device | str | None = None,
         drop_last: bool = False,
+        num_extra: int = 0,
     ) -> None:
         for arg, v in (("num_users", num_users), ("num_items", num_items),
                        ("batch_size", batch_size), ("num_pool", num_pool)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise TypeError(f"{arg}: expected a positive int, got {v!r}")
+        if not isinstance(num_extra, (int, np.integer)) or isinstance(num_extra, bool) or num_extra < 0:
+            raise TypeError(f"num_extra: expected an int >= 0, got {num_extra!r}")
+        self.num_extra = int(num_extra)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise TypeError(f"seed: expected an int, got {seed!r}")
         check_pairs(users, items, num_users, num_items)
@@ -154,18 +181,22 @@ class InBatchSampler:
         gen = generator if generator is not None else self.generator(epoch)
         return torch.randperm(self.num_train, generator=gen, device=self.device)
 
-    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+    def epoch_batches(self, epoch: int) -> Iterator[Batch | MixedBatch]:
         """Yield the batches of ``epoch``: M pairs each of one seeded permutation."""
         gen = self.generator(epoch)
         perm = self.permutation(epoch, gen)
         stop = len(self) * self.batch_size
+        # the mixed negatives' own stream: the pools do not depend on whether they are drawn
+        extra_gen = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, epoch + (1 << 31)))
         for start in range(0, min(stop, self.num_train), self.batch_size):
-            yield self.batch(perm[start:start + self.batch_size], gen)
+            yield self.batch(perm[start:start + self.batch_size], gen, extra_gen)
 
-    def batch(self, rows: torch.Tensor, generator: torch.Generator) -> Batch:
+    def batch(self, rows: torch.Tensor, generator: torch.Generator,
+              extra_generator: torch.Generator | None = None) -> Batch | MixedBatch:
         """The batch of training pairs ``rows`` (int64 ``[M]`` indices into the pairs).
 
-        Pools are drawn with ``generator``; no Python loop over the rows. For each of the
+        Pools are drawn with ``generator``, the mixed negatives with ``extra_generator``
+        (default: ``generator``, after the pools); no Python loop over the rows. For each of the
         two pools (item side, user side) and each row: draw r uniform in [0, deg-1) among
         the deg-1 other entries of the row's CSR segment, then step over the pair's own
         position (r >= own -> r + 1); a segment that holds only the pair gives the pair's
@@ -183,4 +214,40 @@ class InBatchSampler:
         r = r + (r >= own).long()
         r = torch.where(deg > 1, r, own)
         pools = torch.index_select(self._indices, 0, (start + r).flatten()).view(2, m, self.num_pool)
-        return Batch(info[0], info[1], pools[0], pools[1])
+        if not self.num_extra:
+            return Batch(info[0], info[1], pools[0], pools[1])
+        # the mixed negatives: uniform over the catalogue
+        gen = generator if extra_generator is None else extra_generator
+        extra_items = torch.randint(0, self.num_items, (self.num_extra,), generator=gen, device=self.device)
+        extra_users = torch.randint(0, self.num_users, (self.num_extra,), generator=gen, device=self.device)
+        return MixedBatch(info[0], info[1], pools[0], pools[1], extra_items, extra_users)
+
+    def sampling_log_q(self, num_extra: int | None = None, batch_size: int | None = None,
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling corrections ℓ of hdccf_triton/LOSS.md ("Sampling-bias correction") for
+        every item and user id: ``(item_log_q [num_items], user_log_q [num_users])``.
+
+        A negative column of a batch is a pool entry with probability NP / (NP + B′) (NP = M·P
+        pool columns, B′ = ``num_extra`` mixed negatives) and then id v with probability
+        deg(v)/|D| (Proposition 1), else a uniform draw, 1/|V|. So
+
+            q(v) = (NP·deg(v)/|D| + B′/|V|) / (NP + B′),      ℓ(v) = log(|V|·q(v))
+
+        relative to uniform sampling (ℓ = 0 for every id when sampling is uniform), so that
+        E_q[e^{−ℓ}] = 1: the corrected sum over Q sampled negatives estimates the sum over Q
+        uniform ones. An id without training pairs (never a pool entry) is given deg = 1.
+
+        Args:
+            num_extra: B′ (default: this sampler's ``num_extra``).
+            batch_size: M of the batches the loss sees (default: this sampler's; M·W when the
+                pools are gathered across W ranks).
+        """
+        num_extra = self.num_extra if num_extra is None else int(num_extra)
+        M = self.batch_size if batch_size is None else int(batch_size)
+        NP, n = M * self.num_pool, float(self.num_train)
+        out = []
+        for csr, size in ((self.by_item, self.num_items), (self.by_user, self.num_users)):
+            deg = csr.degree.to(torch.float64).clamp_min(1.0)
+            q = (NP * deg / n + num_extra / size) / (NP + num_extra)
+            out.append(torch.log(q * size).to(dtype))
+        return out[0], out[1]

@@ -88,6 +88,11 @@ class Similarity(nn.Module):
         """The simplest similarity equal to this one, and the embeddings it reads."""
         return self, embeddings
 
+    def prepared(self, e: torch.Tensor) -> torch.Tensor:
+        """Rows ``[.., d]`` as :meth:`own_scores` returns the pools (the mixed negatives are
+        prepared with it): as given, normalised for a cosine."""
+        return e
+
     def own_scores(self, U, I, X, Y, inv_tau: float, row_offset: int) -> tuple:
         """The embeddings as the reference scores them, the positives and the own blocks.
 
@@ -156,8 +161,11 @@ class Cosine(Dot):
 
     normalize = True
 
+    def prepared(self, e):
+        return F.normalize(e, dim=-1, eps=NORM_EPS)
+
     def own_scores(self, U, I, X, Y, inv_tau, row_offset):
-        U, I, X, Y = (F.normalize(t, dim=-1, eps=NORM_EPS) for t in (U, I, X, Y))
+        U, I, X, Y = (self.prepared(t) for t in (U, I, X, Y))
         return super().own_scores(U, I, X, Y, inv_tau, row_offset)
 
     def pair_scores(self, user_emb, item_emb):

@@ -23,19 +23,41 @@ import torch
 
 from .options import LossOptions
 
-__all__ = ["LossInputs", "Scores", "NegativeStats", "reduce_similarity", "prepare_scores", "combine_terms"]
+__all__ = ["ExtraNegatives", "LossInputs", "Scores", "NegativeStats", "reduce_similarity", "prepare_scores",
+           "column_log_q", "combine_terms"]
 
 _LN2 = math.log(2.0)
 
 
+class ExtraNegatives(NamedTuple):
+    """The mixed negatives of a batch (hdccf_triton/LOSS.md, "Mixed negatives"): B′ items and
+    B′ users shared by every row, extra negatives of the user–item term.
+
+    Shapes: item_emb, user_emb ``[B′, d]`` (laid out as the pools' rows: ``[q ‖ e]`` and
+    ``[p ‖ e]`` for a ModulatedSimilarity); items, users ``[B′]`` integer ids.
+    """
+
+    item_emb: torch.Tensor
+    user_emb: torch.Tensor
+    items: torch.Tensor
+    users: torch.Tensor
+
+    def with_embeddings(self, item_emb, user_emb) -> "ExtraNegatives":
+        """These extra negatives with other embeddings (same ids)."""
+        return ExtraNegatives(item_emb, user_emb, self.items, self.users)
+
+
 class LossInputs(NamedTuple):
-    """The eight tensors of the loss, validated; ids int64. Every backend takes them as one
+    """The tensors of the loss, validated; ids int64. Every backend takes them as one
     argument.
 
     Shapes: user_emb, item_emb ``[M, d]``; pool_item_emb, pool_user_emb ``[N, P, d]``;
     users, items ``[M]``; pool_items, pool_users ``[N, P]``. N = M in one process; under
     ``gather_across_ranks`` the pools are those of all ranks and row k's own block is pool
-    block ``row_offset + k`` (hdccf_triton/LOSS.md, "Batch").
+    block ``row_offset + k`` (hdccf_triton/LOSS.md, "Batch"). Optional: ``extra``, the mixed
+    negatives (:class:`ExtraNegatives`, never gathered across ranks), and ``log_q``, the
+    sampling corrections ``(item table [num_items] or None, user table [num_users] or None)``
+    (hdccf_triton/LOSS.md, "Sampling-bias correction").
     """
 
     user_emb: torch.Tensor
@@ -46,6 +68,8 @@ class LossInputs(NamedTuple):
     items: torch.Tensor
     pool_items: torch.Tensor
     pool_users: torch.Tensor
+    extra: ExtraNegatives | None = None
+    log_q: tuple | None = None
 
     @property
     def embeddings(self) -> tuple:
@@ -55,11 +79,19 @@ class LossInputs(NamedTuple):
     @property
     def ids(self) -> tuple:
         """(users, items, pool_items, pool_users)."""
-        return self[4:]
+        return self[4:8]
 
-    def with_embeddings(self, user_emb, item_emb, pool_item_emb, pool_user_emb) -> "LossInputs":
-        """These inputs with other embeddings (same ids)."""
-        return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *self.ids)
+    @property
+    def num_extra(self) -> int:
+        """B′, the number of mixed negatives of each kind (0 without)."""
+        return 0 if self.extra is None else int(self.extra.items.shape[0])
+
+    def with_embeddings(self, user_emb, item_emb, pool_item_emb, pool_user_emb,
+                        extra: ExtraNegatives | None = None) -> "LossInputs":
+        """These inputs with other embeddings (same ids; ``extra``: the mixed negatives with
+        other embeddings, else these)."""
+        return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *self.ids,
+                          extra if extra is not None else self.extra, self.log_q)
 
 
 class Scores(NamedTuple):
@@ -83,6 +115,7 @@ class Scores(NamedTuple):
     own_B: torch.Tensor
     own_C: torch.Tensor
     own_E: torch.Tensor
+    extra: ExtraNegatives | None = None
 
 
 class NegativeStats(NamedTuple):
@@ -90,7 +123,12 @@ class NegativeStats(NamedTuple):
 
     lse_A, lse_E: log Σ e^score over the true negative items Tᴵ_k (all negatives when
     ``debias`` is False); lse_B, lse_C: the same over Tᵁ_k; −inf where the set is empty.
-    n_item, n_user: int64 |Tᴵ_k| and |Tᵁ_k|.
+    With mixed negatives, A and B sum over the pool and the extra columns, C and E over the pool
+    columns only (hdccf_triton/LOSS.md, "Mixed negatives"). With a sampling correction every
+    exponent is the corrected score (score − ℓ of the column).
+    n_item, n_user: int64 |Tᴵ_k| and |Tᵁ_k| (user–item term: extra columns included);
+    n_item_aux, n_user_aux: the same over the pool columns only (the auxiliary terms), or None
+    when there are no extra columns (then equal to n_item, n_user).
     """
 
     lse_A: torch.Tensor
@@ -99,16 +137,20 @@ class NegativeStats(NamedTuple):
     lse_E: torch.Tensor
     n_item: torch.Tensor
     n_user: torch.Tensor
+    n_item_aux: torch.Tensor | None = None
+    n_user_aux: torch.Tensor | None = None
 
 
 def reduce_similarity(inputs: LossInputs, options: LossOptions) -> tuple[LossInputs, LossOptions]:
     """The inputs and options with the simplest equal similarity (:meth:`Similarity.reduce`):
     the all-ones modulation becomes ``Dot()`` (``Cosine()``) of the embedding halves, so that
     it runs the dot kernels and code, equal to the bit. Other similarities pass unchanged."""
-    similarity, embeddings = options.similarity.reduce(inputs.embeddings)
+    extra = () if inputs.extra is None else tuple(inputs.extra[:2])
+    similarity, embeddings = options.similarity.reduce(tuple(inputs.embeddings) + extra)
     if similarity is options.similarity:
         return inputs, options
-    return inputs.with_embeddings(*embeddings), options.with_similarity(similarity)
+    reduced_extra = inputs.extra.with_embeddings(*embeddings[4:]) if extra else None
+    return inputs.with_embeddings(*embeddings[:4], extra=reduced_extra), options.with_similarity(similarity)
 
 
 def prepare_scores(inputs: LossInputs, options: LossOptions, row_offset: int = 0) -> Scores:
@@ -122,25 +164,51 @@ def prepare_scores(inputs: LossInputs, options: LossOptions, row_offset: int = 0
     """
     dtype = torch.promote_types(inputs.user_emb.dtype, torch.float32)
     U, I, X, Y = (t.to(dtype) for t in inputs.embeddings)
-    return Scores(*options.similarity.own_scores(U, I, X, Y, 1.0 / options.temperature, row_offset))
+    extra = inputs.extra
+    if extra is not None:  # the mixed negatives as the pools are scored (cast; normalised for a cosine)
+        extra = extra.with_embeddings(*(options.similarity.prepared(t.to(dtype)) for t in extra[:2]))
+    return Scores(*options.similarity.own_scores(U, I, X, Y, 1.0 / options.temperature, row_offset), extra)
+
+
+def column_log_q(inputs: LossInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sampling correction ℓ of every negative column (hdccf_triton/LOSS.md,
+    "Sampling-bias correction"): ``(ℓᴵ [C], ℓᵁ [C])`` in ``dtype``, C = N·P + B′ (the pool
+    columns, then the extra ones), gathered from the tables of ``inputs.log_q`` by the
+    columns' ids (zeros for a missing table); None without a correction."""
+    if inputs.log_q is None:
+        return None
+    pool_items, pool_users = inputs.ids[2:]
+    x_ids, y_ids = pool_items.reshape(-1), pool_users.reshape(-1)
+    if inputs.extra is not None:
+        x_ids, y_ids = torch.cat([x_ids, inputs.extra.items]), torch.cat([y_ids, inputs.extra.users])
+    out = []
+    for table, ids in zip(inputs.log_q, (x_ids, y_ids)):
+        if table is None:
+            out.append(torch.zeros(ids.shape[0], dtype=dtype, device=ids.device))
+        else:
+            out.append(table.detach().to(dtype).index_select(0, ids))
+    return tuple(out)
 
 
 def combine_terms(scores: Scores, stats: NegativeStats, options: LossOptions) -> torch.Tensor:
     """loss[k] = L_ui[k] + λ_u·L_uu[k] + λ_i·L_ii[k] (hdccf_triton/LOSS.md, "Total"), ``[M]``."""
     s = scores.s
     N, P = scores.X.shape[:2]
-    Q = P * (N - 1)  # negatives per row: every pool column outside the row's own block
-    log_Q = math.log(Q) if Q > 0 else -math.inf
+    Q_aux = P * (N - 1)  # negatives per row: every pool column outside the row's own block
+    Q = Q_aux + (0 if scores.extra is None else scores.extra.items.shape[0])  # and the mixed negatives
+    n_user_aux = stats.n_user if stats.n_user_aux is None else stats.n_user_aux
+    n_item_aux = stats.n_item if stats.n_item_aux is None else stats.n_item_aux
     if options.debias:
-        log_floor = log_Q - 1.0 / options.temperature
+        log_floor = (math.log(Q) if Q > 0 else -math.inf) - 1.0 / options.temperature
         log_FU = _debiased_log_negative_score(
             s, stats.lse_B, stats.n_user, scores.own_B, options.omega_user, Q, log_floor
         )
         log_FI = _debiased_log_negative_score(
             s, stats.lse_A, stats.n_item, scores.own_A, options.omega_item, Q, log_floor
         )
-        log_GU = log_Q - torch.log(stats.n_user.clamp(min=1).to(s.dtype)) + stats.lse_C
-        log_GI = log_Q - torch.log(stats.n_item.clamp(min=1).to(s.dtype)) + stats.lse_E
+        log_Q_aux = math.log(Q_aux) if Q_aux > 0 else -math.inf
+        log_GU = log_Q_aux - torch.log(n_user_aux.clamp(min=1).to(s.dtype)) + stats.lse_C
+        log_GI = log_Q_aux - torch.log(n_item_aux.clamp(min=1).to(s.dtype)) + stats.lse_E
     else:
         log_FU, log_FI, log_GU, log_GI = stats.lse_B, stats.lse_A, stats.lse_C, stats.lse_E
 

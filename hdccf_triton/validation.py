@@ -12,7 +12,7 @@ import torch
 
 from .interactions import InteractionIndex
 from .similarity import Similarity, as_similarity
-from .terms import LossInputs
+from .terms import ExtraNegatives, LossInputs
 
 __all__ = ["validate_inputs"]
 
@@ -22,9 +22,13 @@ _IDS = ("users", "items", "pool_items", "pool_users")
 
 def validate_inputs(
     tensors: tuple, interactions: InteractionIndex | None, similarity: "Similarity | str" = "dot",
-    temperature: float | None = None,
+    temperature: float | None = None, *, extra_negatives: ExtraNegatives | None = None,
+    item_log_q: torch.Tensor | None = None, user_log_q: torch.Tensor | None = None,
 ) -> LossInputs:
     """Check shapes, dtypes, devices and values; return the inputs with int64 ids.
+
+    ``extra_negatives`` (the mixed negatives) and ``item_log_q``, ``user_log_q`` (the sampling
+    corrections, one value per id) are checked likewise and carried in the result.
 
     ``similarity``: the options' similarity; it checks the embeddings' layout
     (:meth:`Similarity.check_inputs`: a ModulatedSimilarity requires a last dimension of
@@ -97,7 +101,81 @@ def validate_inputs(
     params = list(similarity.named_parameters())
     score_bound = None if temperature is None or similarity.normalize else float(temperature)
     _check_values(tensors[:4], ids, interactions, params, score_bound)
-    return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids)
+    extra = None if extra_negatives is None else _validate_extra(extra_negatives, user_emb, interactions, score_bound)
+    log_q = None
+    if item_log_q is not None or user_log_q is not None:
+        x_ids, y_ids = ids[2].reshape(-1), ids[3].reshape(-1)
+        if extra is not None:
+            x_ids, y_ids = torch.cat([x_ids, extra.items]), torch.cat([y_ids, extra.users])
+        log_q = (_validate_log_q("item_log_q", item_log_q, x_ids, interactions, "num_items", device),
+                 _validate_log_q("user_log_q", user_log_q, y_ids, interactions, "num_users", device))
+    return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids, extra, log_q)
+
+
+def _validate_extra(extra, user_emb: torch.Tensor, interactions, score_bound) -> ExtraNegatives:
+    """The mixed negatives: an :class:`ExtraNegatives` of embeddings ``[B′, d]`` (the
+    embeddings' dtype and device) and ids ``[B′]``; ids in range, embeddings finite."""
+    if not isinstance(extra, ExtraNegatives):
+        raise TypeError(
+            "extra_negatives must be an ExtraNegatives(item_emb, user_emb, items, users) or None, "
+            f"got {type(extra).__name__}"
+        )
+    names = ("extra_negatives.item_emb", "extra_negatives.user_emb", "extra_negatives.items", "extra_negatives.users")
+    for name, t in zip(names, extra):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != user_emb.device:
+            raise ValueError(f"{name} is on {t.device} but user_emb is on {user_emb.device}: move all inputs to one device")
+    d = user_emb.shape[1]
+    if extra.item_emb.dim() != 2 or extra.item_emb.shape[0] == 0 or extra.item_emb.shape[1] != d:
+        raise ValueError(f"{names[0]} must have shape [B', d] with B' >= 1 and d = {d}, got {list(extra.item_emb.shape)}")
+    B = extra.item_emb.shape[0]
+    for name, t in zip(names[:2], extra[:2]):
+        if t.dtype != user_emb.dtype:
+            raise TypeError(f"{name} must have the embeddings' dtype {user_emb.dtype}, got {t.dtype}")
+        if tuple(t.shape) != (B, d):
+            raise ValueError(f"{name} must have shape [B', d] = {[B, d]}, got {list(t.shape)}")
+    for name, t in zip(names[2:], extra[2:]):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer ids (int64), got dtype {t.dtype}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must have shape [B'] = [{B}], got {list(t.shape)}")
+    items, users = extra.items.to(torch.int64), extra.users.to(torch.int64)
+    probe = torch.stack([items.min(), items.max(), users.min(), users.max(),
+                         torch.isfinite(extra.item_emb).all().long(), torch.isfinite(extra.user_emb).all().long()]).tolist()
+    for name, (lo, hi), kind in ((names[2], probe[0:2], "num_items"), (names[3], probe[2:4], "num_users")):
+        if lo < 0:
+            raise ValueError(f"{name} must be non-negative ids, got a minimum of {lo}")
+        if interactions is not None and hi >= getattr(interactions, kind):
+            upper = getattr(interactions, kind)
+            raise ValueError(f"{name} holds id {hi}, outside the interaction index's range [0, {upper}) ({kind}={upper})")
+    for name, finite in zip(names[:2], probe[4:]):
+        if not finite:
+            raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+    return ExtraNegatives(extra.item_emb, extra.user_emb, items, users)
+
+
+def _validate_log_q(name: str, table, ids: torch.Tensor, interactions, kind: str, device) -> torch.Tensor | None:
+    """A sampling-correction table: None, or a finite floating 1-D tensor on ``device`` that covers
+    every id of its columns (``interactions.num_items`` / ``num_users`` entries when given)."""
+    if table is None:
+        return None
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(table).__name__}")
+    if not table.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {table.dtype}")
+    if table.dim() != 1:
+        raise ValueError(f"{name} must have shape [{kind}] (one value per id), got {list(table.shape)}")
+    if table.device != device:
+        raise ValueError(f"{name} is on {table.device} but user_emb is on {device}: move all inputs to one device")
+    if interactions is not None and table.shape[0] != getattr(interactions, kind):
+        raise ValueError(f"{name} must have {kind} = {getattr(interactions, kind)} entries, got {table.shape[0]}")
+    finite, largest = torch.stack([torch.isfinite(table).all().long(), ids.max()]).tolist()
+    if not finite:
+        raise ValueError(f"{name} holds non-finite values (NaN or inf): give finite log-probabilities")
+    if largest >= table.shape[0]:
+        raise ValueError(f"{name} has {table.shape[0]} entries but a column has id {largest}")
+    return table.detach()
 
 
 def _check_values(embeddings, ids, interactions, params=(), temperature=None) -> None:

@@ -73,13 +73,23 @@ def test_hdccf_on_ml100k(tmp_path):
     ("--loss", "bpr"),
     ("--loss", "softmax", "--similarity", "cosine"),
     ("--similarity", "modulated", "--dim", "8", "--no-debias"),
-], ids=["bpr", "softmax-cosine", "modulated"])
+    ("--logq", "--mixed-negatives", "8"),
+    ("--loss", "softmax", "--logq"),
+], ids=["bpr", "softmax-cosine", "modulated", "hdccf-logq-mixed", "softmax-logq"])
 def test_baselines_on_synthetic_data(tmp_path, flags):
     data = synthetic_ratings(tmp_path / "ratings.tsv")
     last, full = run_script(tmp_path, "--dataset", str(data), "--min-item-interactions", "1", "-M", "32",
                             "-P", "2", *flags)
     check_result(last, full, tmp_path)
     assert full["config"]["loss"] == (flags[1] if flags[0] == "--loss" else "hdccf")
+    assert full["config"]["logq"] == ("--logq" in flags)
+    assert full["config"]["mixed_negatives"] == (8 if "--mixed-negatives" in flags else 0)
+
+
+def test_logq_and_mixed_negatives_are_refused_for_bpr(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "train_ml1m.py"), "--loss", "bpr", "--logq"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "--logq and --mixed-negatives apply to the in-batch losses" in proc.stderr
 
 
 def test_training_on_a_saved_split_matches_training_on_its_source(tmp_path):

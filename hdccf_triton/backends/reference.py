@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..interactions import InteractionIndex, csr_segments
 from ..options import LossOptions
-from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
+from ..terms import LossInputs, NegativeStats, column_log_q, combine_terms, prepare_scores
 
 __all__ = ["per_row_loss", "negative_statistics", "true_negative_masks", "CHUNK_ELEMENTS", "MASK_ELEMENTS",
            "SAVED_WEIGHT_ELEMENTS"]
@@ -78,7 +78,7 @@ def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, opti
         ``[M]`` per-row loss, in float32 for half-precision inputs, else the input dtype.
     """
     scores = prepare_scores(inputs, options, row_offset)
-    stats = negative_statistics(inputs.with_embeddings(*scores[:4]), interactions, options, row_offset,
+    stats = negative_statistics(inputs.with_embeddings(*scores[:4], extra=scores.extra), interactions, options, row_offset,
                                 chunk_elements=chunk_elements, saved_weight_elements=saved_weight_elements,
                                 mask_elements=mask_elements)
     return combine_terms(scores, stats, options)
@@ -96,29 +96,43 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
             / ``[q ‖ e]`` for a ModulatedSimilarity); users, items ``[M]``; pool_items,
             pool_users ``[N, P]``; row k's own block is pool block ``row_offset + k``.
 
+    The columns are the N·P pool columns, then the B′ mixed negatives of ``inputs.extra``
+    (prepared like X and Y), which A and B include and C and E do not; with ``inputs.log_q``
+    every column's score is lowered by its correction ℓ (:func:`~hdccf_triton.terms.column_log_q`).
+
     Returns:
         :class:`~hdccf_triton.terms.NegativeStats`, each field ``[M]``.
     """
     U, I, X, Y = inputs.embeddings
     M = U.shape[0]
     N, P, d = X.shape
-    X, Y = X.reshape(N * P, d), Y.reshape(N * P, d)
+    NP = N * P
+    X, Y = X.reshape(NP, d), Y.reshape(NP, d)
+    if inputs.extra is not None:  # the mixed negatives: columns NP .. NP + B′ − 1
+        X, Y = torch.cat([X, inputs.extra.item_emb.to(X.dtype)]), torch.cat([Y, inputs.extra.user_emb.to(Y.dtype)])
+    bias = column_log_q(inputs, U.dtype)  # (ℓᴵ [C], ℓᵁ [C]) or None
+    C = X.shape[0]
     similarity = options.similarity
-    rows_per_chunk = max(1, chunk_elements // (N * P * similarity.pair_cost))
-    true_item, true_user = true_negative_masks(inputs.ids, interactions, options.debias, row_offset, chunk_elements)
+    rows_per_chunk = max(1, chunk_elements // (C * similarity.pair_cost))
+    true_item, true_user = true_negative_masks(inputs.ids, interactions, options.debias, row_offset, chunk_elements,
+                                               extra=inputs.extra)
     inv_tau = 1.0 / options.temperature
+    aux_counts = (None, None) if C == NP else (true_item[:, :NP].sum(-1), true_user[:, :NP].sum(-1))
     if similarity.bilinear:
         # the masks as 0/1 in the scores' dtype, which the bilinear path multiplies by (a bool
         # operand would be converted at every use); above MASK_ELEMENTS they stay bools (one
         # byte a pair) and each chunk converts its rows into a reused buffer
         masks = (true_item, true_user)
-        if 2 * M * N * P <= mask_elements:
+        if 2 * M * C <= mask_elements:
             as_dtype = true_item.to(U.dtype)  # without debiasing the two masks are one tensor
             masks = (as_dtype, as_dtype if true_user is true_item else true_user.to(U.dtype))
         counts = tuple(m.sum(-1, dtype=torch.int64) for m in masks)
-        keep = 4 * M * N * P <= saved_weight_elements
-        lse = _BilinearStatistics.apply(U, I, X, Y, *masks, counts[0] > 0, counts[1] > 0, inv_tau, rows_per_chunk, keep)
-        return NegativeStats(*lse, *counts)
+        aux = tuple(c if a is None else a for c, a in zip(counts, aux_counts))
+        # whether each family has a true negative, [group, row kind, M]: (A, E), (C, B)
+        has = torch.stack([torch.stack([counts[0], aux[0]]), torch.stack([aux[1], counts[1]])]) > 0
+        keep = 4 * M * C <= saved_weight_elements
+        lse = _BilinearStatistics.apply(U, I, X, Y, *masks, has, inv_tau, rows_per_chunk, keep, bias, NP)
+        return NegativeStats(*lse, *counts, *aux_counts)
     counts = (true_item.sum(-1), true_user.sum(-1))
 
     rows, cols, scorer = similarity.negative_scorer(U, I, X, Y)
@@ -127,9 +141,13 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
     def chunk(r0, *tensors):
         rows_c, cols_c = tensors[: len(rows)], tensors[len(rows) :]
         r1 = r0 + rows_c[0].shape[0]
-        A, B, C, E = scorer(rows_c, cols_c, inv_tau)
+        A, B, C_, E = scorer(rows_c, cols_c, inv_tau)
+        if bias is not None:  # corrected scores: score − ℓ of the column
+            A, B, C_, E = A - bias[0], B - bias[1], C_ - bias[1], E - bias[0]
         t_item, t_user = true_item[r0:r1], true_user[r0:r1]
-        return tuple(_masked_logsumexp(S, t) for S, t in ((A, t_item), (B, t_user), (C, t_user), (E, t_item)))
+        # A and B over every column, C and E over the pool columns only
+        return tuple(_masked_logsumexp(S, t) for S, t in (
+            (A, t_item), (B, t_user), (C_[:, :NP], t_user[:, :NP]), (E[:, :NP], t_item[:, :NP])))
 
     pieces = []
     for r0 in range(0, M, rows_per_chunk):
@@ -138,12 +156,12 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
             pieces.append(checkpoint(chunk, r0, *args, use_reentrant=False))
         else:
             pieces.append(chunk(r0, *args))
-    return NegativeStats(*(torch.cat(parts) for parts in zip(*pieces)), *counts)
+    return NegativeStats(*(torch.cat(parts) for parts in zip(*pieces)), *counts, *aux_counts)
 
 
 @torch.no_grad()
 def true_negative_masks(ids: tuple, interactions: InteractionIndex | None, debias: bool, row_offset: int,
-                        chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_elements: int = CHUNK_ELEMENTS, extra=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The true negatives of every row (hdccf_triton/LOSS.md, "False negatives"), as masks.
 
     Args:
@@ -153,31 +171,37 @@ def true_negative_masks(ids: tuple, interactions: InteractionIndex | None, debia
         row_offset: row k's own block is pool block ``row_offset + k``.
         chunk_elements: rows are looked up in chunks of about this many pairs, which bounds
             the lookups' temporaries.
+        extra: the mixed negatives (:class:`~hdccf_triton.terms.ExtraNegatives`), or None:
+            their B′ columns follow the pool's, with the same test and no own block.
 
     Returns:
-        ``(true_item, true_user)``, bool ``[M, N·P]``: Tᴵ_k and Tᵁ_k. Column j is a true
+        ``(true_item, true_user)``, bool ``[M, N·P + B′]``: Tᴵ_k and Tᵁ_k. Column j is a true
         negative item of row k unless it lies in the own block, X_j is i_k, or (u_k, X_j) ∈ D
         (φᴵ); a true negative user unless own block, Y_j is u_k, or (Y_j, i_k) ∈ D (φᵁ).
     """
     users, items, pool_items, pool_users = ids
     M = users.shape[0]
     N, P = pool_items.shape
+    x_ids, y_ids = pool_items.reshape(-1), pool_users.reshape(-1)
+    if extra is not None:
+        x_ids, y_ids = torch.cat([x_ids, extra.items]), torch.cat([y_ids, extra.users])
     if not debias:
-        negative = torch.ones(M, N * P, dtype=torch.bool, device=users.device)
+        negative = torch.ones(M, x_ids.shape[0], dtype=torch.bool, device=users.device)
         _clear_own_blocks(negative, row_offset, P)
         return negative, negative
-    true_item = _unobserved_and_other(users, items, pool_items.reshape(-1), interactions, "items", chunk_elements)
-    true_user = _unobserved_and_other(items, users, pool_users.reshape(-1), interactions, "users", chunk_elements)
+    true_item = _unobserved_and_other(users, items, x_ids, interactions, "items", chunk_elements)
+    true_user = _unobserved_and_other(items, users, y_ids, interactions, "users", chunk_elements)
     _clear_own_blocks(true_item, row_offset, P)
     _clear_own_blocks(true_user, row_offset, P)
     return true_item, true_user
 
 
 def _clear_own_blocks(mask: torch.Tensor, row_offset: int, P: int) -> None:
-    """Clear the P columns of row k's own block (block ``row_offset + k``) of ``[M, N·P]``."""
+    """Clear the P columns of row k's own block (block ``row_offset + k``) of ``[M, C]`` (the
+    pool's N·P columns first; any further, mixed-negative, columns belong to no block)."""
     M = mask.shape[0]
     rows = torch.arange(M, device=mask.device)
-    mask.view(M, -1, P)[rows, rows + row_offset] = False
+    mask[:, : mask.shape[1] // P * P].view(M, -1, P)[rows, rows + row_offset] = False
 
 
 def _unobserved_and_other(anchors, partners, columns, interactions, kind: str, chunk_elements: int) -> torch.Tensor:
@@ -255,8 +279,10 @@ class _BilinearStatistics(torch.autograd.Function):
     """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E), each ``[M]``: log Σ e^score over the true
     negatives, for A = UXᵀ/τ, B = IYᵀ/τ, C = UYᵀ/τ, E = IXᵀ/τ; −inf where a row has none.
 
-    Shapes: U, I ``[M, d]``; X, Y ``[N·P, d]``; the masks ``[M, N·P]`` (1 on a true negative,
-    else 0, in the dtype of U); has_item, has_user ``[M]`` bool: the row has a true negative.
+    Shapes: U, I ``[M, d]``; X, Y ``[C, d]``; the masks ``[M, C]`` (1 on a true negative,
+    else 0, in the dtype of U); has ``[2, 2, M]`` bool: the row has a true negative in
+    family (A, E), (C, B). Columns from ``n_pool`` on (the mixed negatives) count for A and B
+    only. ``bias``: None, or ``(ℓᴵ, ℓᵁ)`` ``[C]``, subtracted from the X and the Y columns' scores.
 
     The families come in two column groups that share their columns and their mask: X with
     (A, E) and the item mask, Y with (C, B) and the user mask. Each group is one product of
@@ -276,7 +302,7 @@ class _BilinearStatistics(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, U, I, X, Y, true_item, true_user, has_item, has_user, inv_tau: float, rows: int, keep: bool):
+    def forward(ctx, U, I, X, Y, true_item, true_user, has, inv_tau: float, rows: int, keep: bool, bias, n_pool: int):
         M, NP = U.shape[0], X.shape[0]
         UI = torch.stack([U, I]).mul_(inv_tau)  # [2, M, d]: 1/τ folded into the rows
         lse = U.new_empty(2, 2, M)  # [group, (U, I) rows, M]: (A, E), (C, B)
@@ -289,23 +315,29 @@ class _BilinearStatistics(torch.autograd.Function):
             o_rows = slice(r0, r0 + rows)
             R = min(rows, M - r0)
             b_rows = UI[:, o_rows].reshape(2 * R, -1)  # [2R, d] the chunk's U and I rows, stacked
-            for grp, (col, mask, has) in enumerate(((X, true_item, has_item), (Y, true_user, has_user))):
+            for grp, (col, mask) in enumerate(((X, true_item), (Y, true_user))):
                 b_s = buffer[grp, :, o_rows] if keep else buffer[0, :, :R]  # [2, R, NP]
                 b_mask = rows_of(mask, o_rows)  # [R, NP], shared by the U and the I rows
                 if b_s.is_contiguous():  # one chunk, or the reused buffer
                     torch.mm(b_rows, col.T, out=b_s.view(2 * R, NP))  # the scores of both families
                 else:  # kept and chunked: the chunk's rows are strided in the [2, 2, M, NP] buffer
                     b_s.copy_((b_rows @ col.T).view(2, R, NP))
+                if bias is not None:
+                    b_s.sub_(bias[grp])  # the corrected scores s − ℓ
                 b_max = b_s.amax(dim=-1, keepdim=True)  # [2, R, 1] over all columns
-                b_sum = b_s.sub_(b_max).exp_().mul_(b_mask).sum(dim=-1)  # [2, R] Σ_true e^(s − max)
-                redo = (b_sum < tiny) & has[o_rows]  # underflowed: shift by the true max instead
+                b_s.sub_(b_max).exp_().mul_(b_mask)
+                if n_pool < NP:  # the mixed negatives are not columns of C, E
+                    b_s[_AUX_KIND[grp], :, n_pool:] = 0
+                b_sum = b_s.sum(dim=-1)  # [2, R] Σ_true e^(s − max)
+                redo = (b_sum < tiny) & has[grp, :, o_rows]  # underflowed: shift by the true max instead
                 if redo.any():
-                    _redo_rows(b_s, b_rows.view(2, R, -1), col, b_mask, redo, b_max, b_sum)
+                    _redo_rows(b_s, b_rows.view(2, R, -1), col, b_mask, redo, b_max, b_sum,
+                               None if bias is None else bias[grp], _AUX_KIND[grp], n_pool)
                 scale[grp, :, o_rows] = b_sum.reciprocal()  # inf where no true negative (weights 0)
                 lse[grp, :, o_rows] = b_sum.log_().add_(b_max[..., 0])  # −inf where there is none
         scale.nan_to_num_(posinf=0.0)
         ctx.save_for_backward(UI, X, Y, true_item, true_user, lse, buffer if keep else None, scale)
-        ctx.inv_tau, ctx.rows, ctx.keep = inv_tau, rows, keep
+        ctx.inv_tau, ctx.rows, ctx.keep, ctx.bias, ctx.n_pool = inv_tau, rows, keep, bias, n_pool
         (lse_a, lse_e), (lse_c, lse_b) = lse
         return tuple(t.clone() for t in (lse_a, lse_b, lse_c, lse_e))  # independent outputs
 
@@ -339,7 +371,12 @@ class _BilinearStatistics(torch.autograd.Function):
                     b_cur = b_w[:, :R]
                     b_stack = b_rows.reshape(2 * R, -1)
                     torch.addmm(neg_lse[grp, :, o_rows].reshape(2 * R, 1), b_stack, col.T, out=b_cur.view(2 * R, NP))
-                    b_cur = b_cur.clamp_max_(0.0).exp_().mul_(rows_of(mask, o_rows)).view(2 * R, NP)  # s ≤ lse
+                    if ctx.bias is not None:
+                        b_cur.sub_(ctx.bias[grp])  # s − ℓ − lse
+                    b_cur = b_cur.clamp_max_(0.0).exp_().mul_(rows_of(mask, o_rows))  # s ≤ lse
+                    if ctx.n_pool < NP:
+                        b_cur[_AUX_KIND[grp], :, ctx.n_pool:] = 0
+                    b_cur = b_cur.view(2 * R, NP)
                 b_g = g[grp, :, o_rows, None]  # [2, R, 1]: g scales rows, applied to the [R, d] factors
                 if need_rows:
                     dUI[:, o_rows] += (b_cur @ col).view(2, R, -1).mul_(b_g)
@@ -347,7 +384,12 @@ class _BilinearStatistics(torch.autograd.Function):
                     d_col.addmm_((b_rows * b_g).reshape(2 * R, -1).T, b_cur)  # (Wᵀ · (g ⊙ row))ᵀ
         dUI.mul_(inv_tau)
         dX, dY = (dXT.T.contiguous(), dYT.T.contiguous()) if need_cols else (None, None)
-        return dUI[0], dUI[1], dX, dY, None, None, None, None, None, None, None
+        return dUI[0], dUI[1], dX, dY, None, None, None, None, None, None, None, None
+
+
+#: the row kind (0: the U rows, 1: the I rows) of each column group's auxiliary family: E = IXᵀ in
+#: the X group (A, E), C = UYᵀ in the Y group (C, B)
+_AUX_KIND = (1, 0)
 
 
 def _mask_rows(mask: torch.Tensor, dtype: torch.dtype, rows: int):
@@ -364,7 +406,7 @@ def _mask_rows(mask: torch.Tensor, dtype: torch.dtype, rows: int):
     return rows_of
 
 
-def _redo_rows(b_s, b_rows, col, b_mask, redo, b_max, b_sum) -> None:
+def _redo_rows(b_s, b_rows, col, b_mask, redo, b_max, b_sum, bias=None, aux_kind: int = 0, n_pool: int | None = None) -> None:
     """Rows whose masked sum underflowed: shift by the largest *true-negative* score instead.
 
     ``b_s`` ``[2, R, NP]`` (the masked exponentials), ``b_max`` ``[2, R, 1]`` and ``b_sum``
@@ -372,7 +414,11 @@ def _redo_rows(b_s, b_rows, col, b_mask, redo, b_max, b_sum) -> None:
     ``b_mask`` ``[R, NP]``."""
     kind, row = redo.nonzero(as_tuple=True)
     s = b_rows[kind, row] @ col.T  # [r, NP] the scores again
+    if bias is not None:
+        s.sub_(bias)
     s.masked_fill_(b_mask[row] == 0, -math.inf)
+    if n_pool is not None and n_pool < s.shape[1]:
+        s[kind == aux_kind, n_pool:] = -math.inf  # the auxiliary family has no mixed negatives
     m = s.amax(dim=-1, keepdim=True)
     e = s.sub_(m).exp_()  # 0 off the true negatives
     b_s[kind, row] = e
