@@ -43,6 +43,21 @@ COLUMNS = {"leave-one-out": [(p, m) for p in ("sampled", "full") for m in METRIC
 #: config keys that do not define a method
 IGNORED = {"seed", "run_dir", "out", "no_progress", "threads", "data_dir", "device", "distributed", "save_data",
            "overwrite", "resume"}
+#: settings added after runs were recorded, with the value a JSON without them had
+LATER_DEFAULTS = {"logq": False, "mixed_negatives": 0}
+
+
+def setting(config: dict, key: str):
+    """A run's setting, or for a JSON from before the flag existed the value it had then."""
+    return config.get(key, LATER_DEFAULTS.get(key))
+
+
+def sampling_variant(config: dict) -> list[str]:
+    """The in-batch losses' sampling options of a run: e.g. ["logQ", "mixed 256"]."""
+    parts = ["logQ"] if setting(config, "logq") else []
+    if setting(config, "mixed_negatives"):
+        parts.append(f"mixed {setting(config, 'mixed_negatives')}")
+    return parts
 
 
 def unused_settings(config: dict) -> set[str]:
@@ -93,6 +108,7 @@ def describe(config: dict) -> str:
     parts = [loss]
     if loss == "hdccf":
         parts += hdccf_variant(config)
+    parts += sampling_variant(config)
     if loss != "bpr":
         if config.get("temperature") is not None:
             parts.append(f"τ={config['temperature']:g}")
@@ -117,6 +133,7 @@ def hyperparameters(config: dict) -> str:
         parts.append(f"λ {config.get('lambda_user', 1.0):g}/{config.get('lambda_item', 1.0):g}")
         if omegas(config):
             parts.append(f"ω {omegas(config)}")
+    parts += sampling_variant(config)
     return ", ".join(parts)
 
 
@@ -178,8 +195,10 @@ def group_key(config: dict) -> str:
     settings their loss ignores) and are averaged together."""
     config = {"item_prior": "none", **config}  # JSONs from before --item-prior
     ignored = IGNORED | unused_settings(config)
-    # a None setting is one the run did not use: JSONs from before a flag existed lack the key
-    return json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored and v is not None})
+    # a None setting is one the run did not use: JSONs from before a flag existed lack the key, and
+    # a later flag left at its default is dropped, so that such runs group with the older ones
+    return json.dumps({k: v for k, v in sorted(config.items())
+                       if k not in ignored and v is not None and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])})
 
 
 def group_runs(results: list[dict], label=describe) -> tuple[dict[str, list[dict]], dict[str, str]]:
@@ -221,7 +240,7 @@ def summarize(paths: list[Path], split: str = "test") -> str:
 #: The README's headline rows: each method at the setting its tuning chose (examples/results/README.md),
 #: at the cpu preset's batch, on the chronological split. A row's runs are those whose config has every
 #: listed value; they must form one group of :func:`group_key` (the seeds of one setting).
-HEADLINE_BATCH = dict(split="auto", batch_size=512, pool=2, dim=64, item_prior="tune")
+HEADLINE_BATCH = dict(split="auto", batch_size=512, pool=2, dim=64, item_prior="tune", logq=False, mixed_negatives=0)
 HEADLINE = (
     ("HDCCF, dot, ω = 0, τ = 0.7", dict(loss="hdccf", similarity="dot", temperature=0.7, omega_user=0.0,
                                       omega_item=0.0, lambda_user=1.0, lambda_item=1.0, no_debias=False)),
@@ -237,7 +256,7 @@ def headline(paths: list[Path], split: str = "test") -> str:
     rows = []
     for name, settings in HEADLINE:
         wanted = {**HEADLINE_BATCH, **settings}
-        runs = [r for r in results if all(r["config"].get(k) == v for k, v in wanted.items())]
+        runs = [r for r in results if all(setting(r["config"], k) == v for k, v in wanted.items())]
         settings_found = {group_key(r["config"]) for r in runs}
         if len(settings_found) != 1:
             raise ValueError(f"headline row {name!r}: expected the seeds of one setting among the results, "
@@ -254,6 +273,7 @@ def run_label(c: dict) -> str:
         parts = ["in-batch softmax"]
     else:
         parts = ["HDCCF", *hdccf_variant(c, without="w/o")]
+    parts += sampling_variant(c)
     if c.get("temperature") is not None:
         parts.append(f"τ={c['temperature']:g}")
     if c["loss"] == "hdccf" and c.get("similarity") != "modulated":
