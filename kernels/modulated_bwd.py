@@ -23,6 +23,14 @@ t = δ·W₃[:, c'] ``[BLOCK_M, BLOCK_N]`` gives column c' of de_r (Σ_j t e_c[j
 (Σ_k t e_r[k, c']), and Σ_{k, j} δ e_r[k, c'] e_c[j, c'] column c' of dW₃.
 C and E are plain dot products of the c operands (as ``negative_stats_bwd.py``).
 
+The two options of the forward (``modulated_fwd.py``; hdccf_triton/LOSS.md, "Sampling-bias
+correction" and "Mixed negatives"), the same constexprs: with ``LOGQ`` the weights are those of
+the corrected scores, w = (g[k]/τ)·exp(f[k, j]/τ − ℓ_j − lse[k]) (ℓ = ℓᴵ for A and E, ℓᵁ for B
+and C; a constant: ∂(s − ℓ)/∂s = 1, so everything else above is unchanged); with ``EXTRA`` the
+weights of C and E are 0 on the extra columns j ≥ n_pool (A and B weigh them like pool
+columns). The row-parallel kernel splits the columns as the forward (:func:`column_split`);
+the column-parallel kernel's column blocks may straddle n_pool (the masks are per column).
+
 Two kernels, like the dot/cosine backward: row-parallel (gradients of the row operands and
 dW₃; each program owns BLOCK_M rows and sweeps its split of the columns) and column-parallel
 (gradients of the column operands). Both recompute the tiles in the forward's orientation
@@ -36,7 +44,10 @@ import triton
 import triton.language as tl
 
 from .membership import true_negative_masks
-from .modulated_fwd import NORM_EPS, load_column, load_slot, modulated_score, modulation_tile
+from .modulated_fwd import (
+    NORM_EPS, column_corrections, column_split, corrected, load_column, load_slot, modulated_score, modulation_tile,
+    pool_columns,
+)
 from .negative_stats_bwd import grad_weights
 
 __all__ = ["modulated_stats_bwd_rows_kernel", "modulated_stats_bwd_cols_kernel",
@@ -52,12 +63,14 @@ def modulated_pair_grads(
     W3, o_d, m_d, D,
     b_vr, b_hr,  # [BLOCK_M, BLOCK_D] row vector v_r and pre-activation h_r
     b_vc, b_hc,  # [BLOCK_N, BLOCK_D] the columns'
+    b_lc,  # [BLOCK_N] the columns' corrections ℓ (read with LOGQ only)
     b_lse, b_g,  # [BLOCK_M, 1] the family's lse and upstream gradient
     m_s,  # [BLOCK_M, BLOCK_N] the family's true negatives
     inv_tau,
-    NORMALIZE: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOGQ: tl.constexpr,
 ):
-    """Per-pair gradient pieces of one modulated family on a tile (module doc), weighted.
+    """Per-pair gradient pieces of one modulated family on a tile (module doc), weighted by
+    w = (g/τ)·exp(f/τ − ℓ − lse) on the mask (without ℓ unless ``LOGQ``).
 
     Returns ∂/∂v_r, ∂/∂v_c and δ = ∂/∂pre as ``[BLOCK_M, BLOCK_N, BLOCK_D]`` tiles, to be
     summed over the columns (row kernel) or the rows (column kernel).
@@ -66,7 +79,7 @@ def modulated_pair_grads(
                           W3, o_d, m_d, D, b_hr, b_hc)  # [BLOCK_M, BLOCK_N, BLOCK_D]
     b_f = modulated_score(b_m, b_vr, b_vc, NORMALIZE)  # [BLOCK_M, BLOCK_N]
     # w = ∂loss/∂f: the softmax weight on the mask times g, times 1/τ (score = f/τ)
-    b_w = grad_weights(b_f * inv_tau, b_lse, b_g, m_s) * inv_tau  # [BLOCK_M, BLOCK_N]
+    b_w = grad_weights(corrected(b_f * inv_tau, b_lc, LOGQ), b_lse, b_g, m_s) * inv_tau  # [BLOCK_M, BLOCK_N]
 
     b_a = b_m * b_vr[:, None, :]  # m ⊙ v_r   [BLOCK_M, BLOCK_N, BLOCK_D]
     b_c = b_m * b_vc[None, :, :]  # m ⊙ v_c
@@ -130,19 +143,21 @@ def factor_grads_cols(
 @triton.jit
 def modulated_stats_bwd_rows_kernel(
     R,  # [8, M, D] row operands
-    C,  # [8, NP, D] column operands
+    C,  # [8, NP, D] column operands: the n_pool pool columns, then any extra ones (EXTRA)
     W3,  # [D, D]
     users, items,  # [M] anchor ids (int32 or int64)
-    x_ids, y_ids,  # [NP] pool ids (int32 or int64)
+    x_ids, y_ids,  # [NP] column ids (int32 or int64)
     index, n_keys, num_items,  # D (membership.py)
     scale,  # [4] 1/τ (read here), log2(e)/τ, log2(e), ln 2
+    QX, QY,  # [NP] ℓᴵ, ℓᵁ of the columns (read with LOGQ only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E
     G,  # [4, M] their upstream gradients
     DR,  # [S, 8, M, D] out: partial gradients of the row operands per column split
     DW3,  # [programs, D, D] out: partial dW₃ of program (i_m, i_s) at i_m·S + i_s
     M, NP, D, P, row_offset, cols_per_split,
+    n_pool,  # the pool columns N·P; the mixed negatives follow (EXTRA)
     NORMALIZE: tl.constexpr, DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -184,8 +199,7 @@ def modulated_stats_bwd_rows_kernel(
     b_dci = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dw3 = tl.full([BLOCK_D, BLOCK_D], 0.0, dtype=inv_tau.dtype)
 
-    col_start = i_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, NP)
+    col_start, col_end = column_split(i_s, NP, n_pool, cols_per_split, EXTRA)
     for j0 in range(col_start, col_end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         m_n = o_n < col_end
@@ -199,6 +213,8 @@ def modulated_stats_bwd_rows_kernel(
         b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
         b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
+        b_lx = column_corrections(QX, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᴵ (LOGQ)
+        b_ly = column_corrections(QY, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᵁ (LOGQ)
         m_item, m_user = true_negative_masks_rows(
             b_user, b_item, b_block * P, b_xid, b_yid, o_n, m_m, m_n,
             P, index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS,
@@ -207,7 +223,7 @@ def modulated_stats_bwd_rows_kernel(
         # A = f(u_k, X_j)/τ: rows (p_u, e_u, h_u), columns (q_X, e_X, h_X), on Tᴵ
         b_dvr, _, b_dpre = modulated_pair_grads(
             R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D,
-            b_pu, b_hu, b_qx, b_hx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE)
+            b_pu, b_hu, b_qx, b_hx, b_lx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE, LOGQ)
         b_dpu += tl.reduce(b_dvr, 1, _add)  # [BLOCK_M, BLOCK_D]
         b_dhu += tl.reduce(b_dpre, 1, _add)
         b_deu, b_dw3 = factor_grads_rows(
@@ -216,18 +232,19 @@ def modulated_stats_bwd_rows_kernel(
         # B = f(Y_j, i_k)/τ: rows (q_i, e_i, h_i), columns (p_Y, e_Y, h_Y), on Tᵁ
         b_dvr, _, b_dpre = modulated_pair_grads(
             R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D,
-            b_qi, b_hi, b_py, b_hy, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE)
+            b_qi, b_hi, b_py, b_hy, b_ly, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE, LOGQ)
         b_dqi += tl.reduce(b_dvr, 1, _add)
         b_dhi += tl.reduce(b_dpre, 1, _add)
         b_dei, b_dw3 = factor_grads_rows(
             b_dpre, R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_dei, b_dw3)
 
         # C = c_u·c_Y/τ on Tᵁ:  dc_u += w_C c_Y;   E = c_i·c_X/τ on Tᴵ:  dc_i += w_E c_X
+        # (corrected by ℓ with LOGQ; pool columns only with EXTRA)
         b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w = grad_weights(b_s, b_lse_c, b_g_c, m_user)
+        b_w = grad_weights(corrected(b_s, b_ly, LOGQ), b_lse_c, b_g_c, pool_columns(m_user, o_n, n_pool, EXTRA))
         b_dcu += tl.dot(b_w, b_cy, input_precision="ieee")  # [BLOCK_M, BLOCK_D]
         b_s = tl.dot(b_ci, tl.trans(b_cx), input_precision="ieee") * inv_tau
-        b_w = grad_weights(b_s, b_lse_e, b_g_e, m_item)
+        b_w = grad_weights(corrected(b_s, b_lx, LOGQ), b_lse_e, b_g_e, pool_columns(m_item, o_n, n_pool, EXTRA))
         b_dci += tl.dot(b_w, b_cx, input_precision="ieee")
 
     # this split's slice of DR [S, 8, M, D]: slot s of split i_s is row block i_s·8 + s
@@ -248,18 +265,20 @@ def modulated_stats_bwd_rows_kernel(
 @triton.jit
 def modulated_stats_bwd_cols_kernel(
     R,  # [8, M, D] row operands
-    C,  # [8, NP, D] column operands
+    C,  # [8, NP, D] column operands: the n_pool pool columns, then any extra ones (EXTRA)
     W3,  # [D, D]
     users, items,  # [M] anchor ids (int32 or int64)
-    x_ids, y_ids,  # [NP] pool ids (int32 or int64)
+    x_ids, y_ids,  # [NP] column ids (int32 or int64)
     index, n_keys, num_items,  # D (membership.py)
     scale,  # [4] 1/τ (read here), log2(e)/τ, log2(e), ln 2
+    QX, QY,  # [NP] ℓᴵ, ℓᵁ of the columns (read with LOGQ only)
     LSE,  # [4, M]
     G,  # [4, M]
     DC,  # [S, 8, NP, D] out: partial gradients of the column operands per row split
     M, NP, D, P, row_offset, rows_per_split,
+    n_pool,  # the pool columns N·P; the mixed negatives follow (EXTRA)
     NORMALIZE: tl.constexpr, DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -281,6 +300,8 @@ def modulated_stats_bwd_cols_kernel(
     b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)
     b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
     b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)
+    b_lx = column_corrections(QX, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᴵ (LOGQ)
+    b_ly = column_corrections(QY, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᵁ (LOGQ)
 
     b_dqx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dex = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
@@ -323,24 +344,25 @@ def modulated_stats_bwd_cols_kernel(
         # A: columns (q_X, e_X, h_X)
         _, b_dvc, b_dpre = modulated_pair_grads(
             R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D,
-            b_pu, b_hu, b_qx, b_hx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE)
+            b_pu, b_hu, b_qx, b_hx, b_lx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE, LOGQ)
         b_dqx += tl.reduce(b_dvc, 0, _add)  # [BLOCK_N, BLOCK_D]
         b_dhx += tl.reduce(b_dpre, 0, _add)
         b_dex = factor_grads_cols(b_dpre, R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D, b_dex)
         # B: columns (p_Y, e_Y, h_Y)
         _, b_dvc, b_dpre = modulated_pair_grads(
             R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D,
-            b_qi, b_hi, b_py, b_hy, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE)
+            b_qi, b_hi, b_py, b_hy, b_ly, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE, LOGQ)
         b_dpy += tl.reduce(b_dvc, 0, _add)
         b_dhy += tl.reduce(b_dpre, 0, _add)
         b_dey = factor_grads_cols(b_dpre, R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_dey)
 
         # C = c_u·c_Y/τ:  dc_Y += w_Cᵀ c_u;   E = c_i·c_X/τ:  dc_X += w_Eᵀ c_i
+        # (corrected by ℓ with LOGQ; 0 on the extra columns with EXTRA)
         b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_w = grad_weights(b_s, b_lse_c, b_g_c, m_user)
+        b_w = grad_weights(corrected(b_s, b_ly, LOGQ), b_lse_c, b_g_c, pool_columns(m_user, o_n, n_pool, EXTRA))
         b_dcy += tl.dot(tl.trans(b_w), b_cu, input_precision="ieee")  # [BLOCK_N, BLOCK_D]
         b_s = tl.dot(b_ci, tl.trans(b_cx), input_precision="ieee") * inv_tau
-        b_w = grad_weights(b_s, b_lse_e, b_g_e, m_item)
+        b_w = grad_weights(corrected(b_s, b_lx, LOGQ), b_lse_e, b_g_e, pool_columns(m_item, o_n, n_pool, EXTRA))
         b_dcx += tl.dot(tl.trans(b_w), b_ci, input_precision="ieee")
 
     o_out = o_c + i_s.to(tl.int64) * 8 * NP

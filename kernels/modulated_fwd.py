@@ -19,10 +19,29 @@ lse_A, lse_E over Tᴵ_k, lse_B, lse_C over Tᵁ_k, −inf when empty, and the c
 shape [M, N·P] or [M, N·P, d] exists in memory. Everything runs in the operands' dtype (fp32,
 or fp64), which the host has already cast to.
 
+Two options, each a constexpr that leaves the default path's code as it is when off:
+
+* ``LOGQ``, the sampling-bias correction (hdccf_triton/LOSS.md, "Sampling-bias correction"):
+  every negative column's score is lowered by the ℓ of its id, read from ``QX [NP]`` (ℓᴵ of
+  the item columns, for A and E) and ``QY [NP]`` (ℓᵁ of the user columns, for B and C), in
+  natural-log units as the exponentials here (``tl.exp``):
+
+      lse_A[k] = log Σ_{j ∈ Tᴵ_k} exp(A[k, j] − ℓᴵ_j)    lse_E likewise with E
+      lse_B[k] = log Σ_{j ∈ Tᵁ_k} exp(B[k, j] − ℓᵁ_j)    lse_C likewise with C
+
+  (the positive and the own blocks are not corrected: they are no column of these sums).
+* ``EXTRA``, the mixed negatives (hdccf_triton/LOSS.md, "Mixed negatives"): the columns
+  ``[n_pool, NP)`` follow the N·P = ``n_pool`` pool columns, laid out like them, with the same
+  false-negative test and no own block (row k's own block [(row_offset + k)·P, +P) lies below
+  n_pool, so :func:`membership.own_block_excluded` never excludes them). They enter A and B
+  only: the masks of C and E are cut to j < n_pool. No column split straddles n_pool
+  (:func:`column_split`), so the counts of the pool splits alone are the auxiliary counts
+  |Tᴵ_k|, |Tᵁ_k| over the pool columns, which the host sums apart.
+
 Operand layout (host: ``hdccf_triton.backends.triton_modulated``): rows ``R [8, M, D]`` with slots
 0 p_u, 1 e_u, 2 h_u, 3 q_i, 4 e_i, 5 h_i, 6 c_u, 7 c_i; columns ``C [8, NP, D]`` with slots
-0 q_X, 1 e_X, 2 h_X, 3 p_Y, 4 e_Y, 5 h_Y, 6 c_X, 7 c_Y; ``W3 [D, D]`` (W3[c, c'] multiplies
-(e_i⊙e_u)_c' in m_c).
+0 q_X, 1 e_X, 2 h_X, 3 p_Y, 4 e_Y, 5 h_Y, 6 c_X, 7 c_Y (pool columns, then the extra ones);
+``W3 [D, D]`` (W3[c, c'] multiplies (e_i⊙e_u)_c' in m_c).
 """
 
 from __future__ import annotations
@@ -34,7 +53,7 @@ from .membership import true_negative_masks
 from .negative_stats_fwd import finish_lse, online_lse_update
 
 __all__ = ["modulated_stats_fwd_kernel", "load_slot", "load_column", "modulation_tile",
-           "modulated_score", "NORM_EPS"]
+           "modulated_score", "column_split", "pool_columns", "column_corrections", "corrected", "NORM_EPS"]
 
 # tl.reduce with Triton's own combine functions, not tl.sum (see negative_stats_fwd.py: the
 # standard-library jit functions may have been decorated before TRITON_INTERPRET was set)
@@ -102,19 +121,73 @@ def modulated_score(b_m, b_vr, b_vc, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def column_split(i_s, NP, n_pool, cols_per_split, EXTRA: tl.constexpr):
+    """The columns ``[col_start, col_end)`` of column split ``i_s`` (forward, row-parallel
+    backward).
+
+    Without ``EXTRA``: consecutive splits of ``cols_per_split`` columns over [0, NP). With
+    ``EXTRA`` no split straddles ``n_pool``: splits 0 .. S_pool − 1, S_pool =
+    ceil(n_pool / cols_per_split), cut the pool columns [0, n_pool), the next ones the extra
+    columns [n_pool, NP), each ``cols_per_split`` columns at most (the host computes S_pool
+    alike).
+    """
+    if EXTRA:
+        pool_splits = (n_pool + cols_per_split - 1) // cols_per_split
+        i_x = i_s - pool_splits  # < 0 on a pool split, else the extra split's number
+        col_start = tl.where(i_x < 0, i_s * cols_per_split, n_pool + i_x * cols_per_split)
+        col_end = tl.minimum(col_start + cols_per_split, tl.where(i_x < 0, n_pool, NP))
+    else:
+        col_start = i_s * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, NP)
+    return col_start, col_end
+
+
+@triton.jit
+def pool_columns(m_s, o_n, n_pool, EXTRA: tl.constexpr):
+    """The mask ``m_s [BLOCK_M, BLOCK_N]`` of C or E: with ``EXTRA``, cut to the pool columns
+    j < n_pool (``o_n [BLOCK_N]`` the tile's columns), which alone enter the user–user and
+    item–item terms; else as it is."""
+    if EXTRA:
+        m_s = m_s & (o_n < n_pool)[None, :]
+    return m_s
+
+
+@triton.jit
+def column_corrections(Q, o_n, m_n, LOGQ: tl.constexpr):
+    """ℓ ``[BLOCK_N]`` of the columns ``o_n`` (0 off ``m_n``) from ``Q [NP]``; without
+    ``LOGQ`` nothing is read, and the caller does not use the result."""
+    if LOGQ:
+        b_l = tl.load(Q + o_n, mask=m_n, other=0.0)
+    else:
+        b_l = o_n  # a placeholder, never read
+    return b_l
+
+
+@triton.jit
+def corrected(b_s, b_l, LOGQ: tl.constexpr):
+    """The corrected scores s − ℓ of a ``[BLOCK_M, BLOCK_N]`` tile (ℓ ``[BLOCK_N]`` of its
+    columns) with ``LOGQ``; else s as it is."""
+    if LOGQ:
+        b_s = b_s - b_l[None, :]
+    return b_s
+
+
+@triton.jit
 def modulated_stats_fwd_kernel(
     R,  # [8, M, D] row operands (module doc)
-    C,  # [8, NP, D] column operands
+    C,  # [8, NP, D] column operands: the n_pool pool columns, then any extra ones (EXTRA)
     W3,  # [D, D] the pair block of g's weight
     users, items,  # [M] anchor ids (int32 or int64)
-    x_ids, y_ids,  # [NP] pool ids (int32 or int64)
+    x_ids, y_ids,  # [NP] column ids (int32 or int64)
     index, n_keys, num_items,  # D, the training pairs (membership.py)
     scale,  # [4] 1/τ (read here), log2(e)/τ, log2(e), ln 2 in the operands' dtype
+    QX, QY,  # [NP] ℓᴵ, ℓᵁ of the columns, in the operands' dtype (read with LOGQ only)
     LSE,  # [S, 4, M] out: partial log-sums of A, B, C, E per column split
     CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per column split
     M, NP, D, P, row_offset, cols_per_split,
+    n_pool,  # the pool columns N·P; columns n_pool .. NP − 1 are the mixed negatives (EXTRA)
     NORMALIZE: tl.constexpr, DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -150,8 +223,7 @@ def modulated_stats_fwd_kernel(
     b_n_item = tl.full([BLOCK_M], 0, dtype=tl.int32)
     b_n_user = tl.full([BLOCK_M], 0, dtype=tl.int32)
 
-    col_start = i_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, NP)
+    col_start, col_end = column_split(i_s, NP, n_pool, cols_per_split, EXTRA)
     for j0 in range(col_start, col_end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         m_n = o_n < col_end
@@ -165,6 +237,8 @@ def modulated_stats_fwd_kernel(
         b_cy = load_slot(C, 7, o_c, NP, o_d, D, m_col)  # p_Y as f_uu sees it
         b_xid = tl.load(x_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
+        b_lx = column_corrections(QX, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᴵ (LOGQ)
+        b_ly = column_corrections(QY, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᵁ (LOGQ)
 
         # Tᴵ_k ∋ j (masks A, E) and Tᵁ_k ∋ j (masks B, C) on the tile
         m_item, m_user = true_negative_masks(
@@ -176,20 +250,22 @@ def modulated_stats_fwd_kernel(
         b_n_item += tl.reduce(m_item.to(tl.int32), 1, _add)
         b_n_user += tl.reduce(m_user.to(tl.int32), 1, _add)
 
-        # A = f(u_k, X_j)/τ: rows e_u (slot 1), columns e_X (slot 1)
+        # A = f(u_k, X_j)/τ (− ℓᴵ_j): rows e_u (slot 1), columns e_X (slot 1)
         b_mod = modulation_tile(R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D, b_hu, b_hx)
         b_s = modulated_score(b_mod, b_pu, b_qx, NORMALIZE) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_m_a, b_l_a = online_lse_update(b_m_a, b_l_a, b_s, m_item)
-        # B = f(Y_j, i_k)/τ: rows e_i (slot 4), columns e_Y (slot 4)
+        b_m_a, b_l_a = online_lse_update(b_m_a, b_l_a, corrected(b_s, b_lx, LOGQ), m_item)
+        # B = f(Y_j, i_k)/τ (− ℓᵁ_j): rows e_i (slot 4), columns e_Y (slot 4)
         b_mod = modulation_tile(R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_hi, b_hy)
         b_s = modulated_score(b_mod, b_qi, b_py, NORMALIZE) * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_m_b, b_l_b = online_lse_update(b_m_b, b_l_b, b_s, m_user)
-        # C = c_u·c_Y/τ
+        b_m_b, b_l_b = online_lse_update(b_m_b, b_l_b, corrected(b_s, b_ly, LOGQ), m_user)
+        # C = c_u·c_Y/τ (− ℓᵁ_j), pool columns only
         b_s = tl.dot(b_cu, tl.trans(b_cy), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_m_c, b_l_c = online_lse_update(b_m_c, b_l_c, b_s, m_user)
-        # E = c_i·c_X/τ
+        b_m_c, b_l_c = online_lse_update(b_m_c, b_l_c, corrected(b_s, b_ly, LOGQ),
+                                         pool_columns(m_user, o_n, n_pool, EXTRA))
+        # E = c_i·c_X/τ (− ℓᴵ_j), pool columns only
         b_s = tl.dot(b_ci, tl.trans(b_cx), input_precision="ieee") * inv_tau  # [BLOCK_M, BLOCK_N]
-        b_m_e, b_l_e = online_lse_update(b_m_e, b_l_e, b_s, m_item)
+        b_m_e, b_l_e = online_lse_update(b_m_e, b_l_e, corrected(b_s, b_lx, LOGQ),
+                                         pool_columns(m_item, o_n, n_pool, EXTRA))
 
     p_lse = LSE + i_s.to(tl.int64) * 4 * M + o_m
     tl.store(p_lse, finish_lse(b_m_a, b_l_a), mask=m_m)

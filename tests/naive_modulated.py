@@ -19,12 +19,16 @@ def _sigmoid(x):
 def naive_modulated_row_losses(
     user_emb, item_emb, pool_item_emb, pool_user_emb, users, items, pool_items, pool_users,
     weight, bias, pairs=(), temperature=0.1, omega_user=0.0, omega_item=0.0, lambda_user=1.0,
-    lambda_item=1.0, normalize=False, debias=True,
+    lambda_item=1.0, normalize=False, debias=True, extra_negatives=None, item_log_q=None, user_log_q=None,
 ):
     """Per-row loss (Decimals) with f the modulated similarity of g(x) = weight·x + bias.
 
     Embeddings end in 2·dim entries: users [p ‖ e], items [q ‖ e]; weight ``[dim, 3·dim]``,
-    bias ``[dim]``; ``pairs``: the training pairs D.
+    bias ``[dim]``; ``pairs``: the training pairs D. ``extra_negatives``: the mixed negatives
+    (item_emb ``[B′, 2·dim]`` ``[q ‖ e]``, user_emb ``[B′, 2·dim]`` ``[p ‖ e]``, items ``[B′]``,
+    users ``[B′]``) or None; ``item_log_q``, ``user_log_q``: the tables of the sampling
+    correction ℓ (one value per id) or None (hdccf_triton/LOSS.md, "Mixed negatives" and
+    "Sampling-bias correction"; ``naive.literal_row_losses`` applies them).
     """
     d = weight.shape[0]
     W = rows(weight)
@@ -45,7 +49,14 @@ def naive_modulated_row_losses(
         a, c = a[:d], c[:d]
         return dot(a, c) / (norm(a) * norm(c)) if normalize else dot(a, c)
 
+    extra = None
+    if extra_negatives is not None:
+        xe, ye, ie, ue = extra_negatives
+        extra = (rows(xe), rows(ye), ie.tolist(), ue.tolist())  # scored by f like X and Y
+    log_q = None
+    if item_log_q is not None or user_log_q is not None:
+        log_q = tuple(None if t is None else [Decimal(float(v)) for v in t.tolist()] for t in (item_log_q, user_log_q))
     return literal_row_losses(
         U, I, X, Y, pool_item_emb.shape[1], users, items, pool_items, pool_users, f, f_plain, pairs,
-        temperature, omega_user, omega_item, lambda_user, lambda_item, debias,
+        temperature, omega_user, omega_item, lambda_user, lambda_item, debias, extra, log_q,
     )

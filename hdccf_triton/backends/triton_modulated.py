@@ -20,19 +20,34 @@ The kernels return the gradients of these operands and of W₃ (per-program part
 added in a fixed order: deterministic, no atomics); autograd carries them to p, q, e, W and b.
 No [M, N·P] or [M, N·P, dim] tensor is allocated.
 
+The two options of hdccf_triton/LOSS.md, fused in the same kernels (constexprs ``LOGQ`` and
+``EXTRA``: when both are off the kernels' code is that of the plain loss):
+
+* "Sampling-bias correction" (``inputs.log_q``): every negative column's score is lowered by
+  the ℓ of its id in the four sums over negatives (A − ℓᴵ, E − ℓᴵ, B − ℓᵁ, C − ℓᵁ); the host
+  gathers ℓᴵ, ℓᵁ ``[C]`` per column (:func:`~hdccf_triton.terms.column_log_q`, in float64,
+  then cast to the kernels' dtype; natural-log units, as the kernels' ``tl.exp``). Constants.
+* "Mixed negatives" (``inputs.extra``): the B′ extra items and users are columns
+  N·P .. N·P + B′ − 1 after the pools' (C = N·P + B′ columns, packed like the pools'), with
+  the same false-negative test and no own block; they enter A and B only, the kernels cut the
+  masks of C and E to the pool columns. The columns are concatenated before the
+  autograd.Function, so the gradients reach the pools and the extras alike. No column split
+  straddles N·P: the counts of the pool splits are n_item_aux, n_user_aux, those of all
+  splits n_item, n_user, each summed in a fixed order.
+
 Triton is imported lazily (:mod:`._triton_runtime` loads the kernels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..interactions import InteractionIndex
 from ..options import LossOptions
-from ..terms import LossInputs, NegativeStats, combine_terms, prepare_scores
+from ..terms import LossInputs, NegativeStats, column_log_q, combine_terms, prepare_scores
 from ._triton_runtime import (
     NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, load_kernels, merge_splits, sm_count,
     split_size, without_dynamo,
@@ -51,7 +66,8 @@ def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, opti
         ``[M]`` per-row loss, float32 for half-precision inputs, else the input dtype.
     """
     scores = prepare_scores(inputs, options, row_offset)
-    stats = negative_statistics(inputs.with_embeddings(*scores[:4]), interactions, options, row_offset, overrides=overrides)
+    stats = negative_statistics(inputs.with_embeddings(*scores[:4], extra=scores.extra), interactions, options,
+                                row_offset, overrides=overrides)
     return combine_terms(scores, stats, options)
 
 
@@ -64,12 +80,17 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
         inputs: U ``[M, 2·dim]`` users ``[p ‖ e]``; I ``[M, 2·dim]`` items ``[q ‖ e]``;
             X ``[N, P, 2·dim]`` pool items; Y ``[N, P, 2·dim]`` pool users (N ≥ M blocks);
             users, items ``[M]``; pool_items, pool_users ``[N, P]`` int64; row k's own block
-            is ``row_offset + k``; ``options.similarity`` modulates.
+            is ``row_offset + k``; ``options.similarity`` modulates. Optional ``inputs.extra``:
+            the B′ mixed negatives (item_emb ``[B′, 2·dim]`` ``[q ‖ e]``, user_emb ``[B′, 2·dim]``
+            ``[p ‖ e]``, ids ``[B′]``), columns of A and B only; ``inputs.log_q``: the tables
+            of the sampling correction ℓ, subtracted from every negative column's score.
         overrides: explicit launch choices (tests, benchmarks).
 
     Returns:
         :class:`~hdccf_triton.terms.NegativeStats`: lse fields in fp32 (fp64 for fp64
-        inputs), differentiable with respect to U, I, X, Y and g's parameters; counts int64.
+        inputs), differentiable with respect to U, I, X, Y, the extras' embeddings and g's
+        parameters; counts int64 (n_item_aux, n_user_aux: over the pool columns, None without
+        extras).
     """
     sim = options.similarity
     if sim.kernel != "modulated" or not sim.modulate:
@@ -77,17 +98,45 @@ def negative_statistics(inputs: LossInputs, interactions: InteractionIndex | Non
     U, I, X, Y = inputs.embeddings
     M = U.shape[0]
     N, P, _ = X.shape
+    n_pool = N * P
     acc = accumulation_dtype(U.dtype)
+    # the columns: the N·P pool columns, then the B′ mixed negatives ([C, 2·dim], C = N·P + B′),
+    # concatenated here, outside the autograd.Function, so that autograd splits their gradients
+    X, Y = X.reshape(n_pool, -1), Y.reshape(n_pool, -1)
+    extra = inputs.extra
+    if extra is not None:
+        X, Y = torch.cat([X, extra.item_emb.to(X.dtype)]), torch.cat([Y, extra.user_emb.to(Y.dtype)])
+    n_cols = X.shape[0]
+    # ℓᴵ, ℓᵁ [C] of the columns, in float64 then in the kernels' dtype (natural log: tl.exp)
+    log_q = column_log_q(inputs, torch.float64)
+    if log_q is not None:
+        log_q = tuple(t.to(acc).contiguous() for t in log_q)
     with torch.autocast(U.device.type, enabled=False):
-        R, C, W3 = _operands(U, I, X.reshape(N * P, -1), Y.reshape(N * P, -1), sim, acc)
+        R, C, W3 = _operands(U, I, X, Y, sim, acc)
         setup = _Setup.of(inputs, interactions, options, row_offset, overrides, normalize=sim.normalize,
-                          config=launch_config(M, N * P, sim.dim, U.device, overrides))
+                          config=launch_config(M, n_cols, sim.dim, U.device, overrides),
+                          n_pool=n_pool, log_q=log_q)
+        setup = _with_extra_ids(setup, extra, n_pool)
         outs = _ModulatedStatistics.apply(R, C, W3, setup)
-    return NegativeStats(*outs)
+    lse_and_counts, aux = outs[:6], outs[6:]
+    return NegativeStats(*lse_and_counts, *(aux if extra is not None else (None, None)))
+
+
+def _with_extra_ids(setup: "_Setup", extra, n_pool: int) -> "_Setup":
+    """The setup with the mixed negatives' ids appended to the pools' column ids ``[N·P]`` →
+    ``[C]`` (in the dtype the kernels read), unless there are none or they are there already."""
+    users, items, x_ids, y_ids = setup.ids
+    if extra is None or x_ids.shape[0] != n_pool:
+        return setup
+    x_ids = torch.cat([x_ids, extra.items.to(x_ids.dtype)]).contiguous()
+    y_ids = torch.cat([y_ids, extra.users.to(y_ids.dtype)]).contiguous()
+    return replace(setup, ids=(users, items, x_ids, y_ids))
 
 
 def _operands(U, I, X, Y, sim, acc):
-    """Rows ``[8, M, dim]``, columns ``[8, N·P, dim]`` and W₃ ``[dim, dim]`` in ``acc``.
+    """Rows ``[8, M, dim]``, columns ``[8, C, dim]`` and W₃ ``[dim, dim]`` in ``acc``, from
+    U, I ``[M, 2·dim]`` and the columns X, Y ``[C, 2·dim]`` (C = N·P pool columns, then any
+    mixed negatives).
 
     Slots (``kernels/modulated_fwd.py``): rows p_u, e_u, W₂e_u + b, q_i, e_i, W₁e_i + b,
     c_u, c_i; columns q_X, e_X, W₁e_X, p_Y, e_Y, W₂e_Y, c_X, c_Y; c = p or q as f_uu / f_ii
@@ -103,34 +152,51 @@ def _operands(U, I, X, Y, sim, acc):
     if sim.normalize:
         c_u, c_i, c_x, c_y = (F.normalize(t, dim=-1, eps=1e-12) for t in (c_u, c_i, c_x, c_y))
     rows = torch.stack([p_u, e_u, h_u, q_i, e_i, h_i, c_u, c_i])  # [8, M, dim]
-    cols = torch.stack([q_x, e_x, h_x, p_y, e_y, h_y, c_x, c_y])  # [8, N·P, dim]
+    cols = torch.stack([q_x, e_x, h_x, p_y, e_y, h_y, c_x, c_y])  # [8, C, dim]
     return rows.contiguous(), cols.contiguous(), parts.W_pair.contiguous()
 
 
 @dataclass(frozen=True)
 class _Setup(CallSetup):
-    """Everything about one call that is not a differentiable tensor."""
+    """Everything about one call that is not a differentiable tensor.
+
+    ``ids``' column vectors have C = N·P + B′ entries (:func:`_with_extra_ids`); ``n_pool``:
+    N·P, the pool columns (C > n_pool: the mixed negatives, ``EXTRA``); ``log_q``: None, or
+    (ℓᴵ, ℓᵁ) ``[C]`` in the kernels' dtype (``LOGQ``).
+    """
 
     normalize: bool
     config: "LaunchConfig"
+    n_pool: int
+    log_q: tuple | None
+
+    def n_cols(self) -> int:
+        """C, the columns the kernels sweep."""
+        return self.ids[2].shape[0]
+
+    def extra(self) -> bool:
+        """Whether there are mixed-negative columns (the kernels' ``EXTRA``)."""
+        return self.n_cols() > self.n_pool
 
 
 class _ModulatedStatistics(torch.autograd.Function):
-    """(rows, columns, W₃) ↦ (lse_A, lse_B, lse_C, lse_E, n_item, n_user)."""
+    """(rows ``[8, M, dim]``, columns ``[8, C, dim]``, W₃) ↦ (lse_A, lse_B, lse_C, lse_E,
+    n_item, n_user, n_item_aux, n_user_aux), each ``[M]`` (the aux counts: over the pool
+    columns; equal to n_item, n_user without mixed negatives)."""
 
     @staticmethod
     def forward(ctx, R, C, W3, setup: _Setup):
-        lse, counts = _forward(R, C, W3, setup)
+        lse, counts, aux = _forward(R, C, W3, setup)
         ctx.setup = setup
         ctx.save_for_backward(R, C, W3, lse)
         # independent [M] outputs, so that no output is a view of another
         lse_a, lse_b, lse_c, lse_e = (t.clone() for t in lse)
-        n_item, n_user = (t.clone() for t in counts)
-        ctx.mark_non_differentiable(n_item, n_user)
-        return lse_a, lse_b, lse_c, lse_e, n_item, n_user
+        n_item, n_user, n_item_aux, n_user_aux = (t.clone() for t in (*counts, *aux))
+        ctx.mark_non_differentiable(n_item, n_user, n_item_aux, n_user_aux)
+        return lse_a, lse_b, lse_c, lse_e, n_item, n_user, n_item_aux, n_user_aux
 
     @staticmethod
-    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user):
+    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user, _g_n_item_aux, _g_n_user_aux):
         R, C, W3, lse = ctx.saved_tensors
         need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]  # dW₃ comes with the rows
         need_cols = ctx.needs_input_grad[1]
@@ -190,7 +256,12 @@ def launch_config(
 
 
 def _common_args(R, C, W3, setup: _Setup):
-    return (R, C, W3, *setup.index_args(R.dtype, R.device))
+    """The kernels' arguments up to their outputs: operands, ids, D, the scale constants and
+    the corrections QX, QY ``[C]`` (without ``LOGQ``, the scale tensor as a placeholder the
+    kernels never read)."""
+    index_args = setup.index_args(R.dtype, R.device)
+    q_x, q_y = setup.log_q if setup.log_q is not None else (index_args[-1], index_args[-1])
+    return (R, C, W3, *index_args, q_x, q_y)
 
 
 def _constexprs(setup: _Setup) -> dict:
@@ -198,25 +269,55 @@ def _constexprs(setup: _Setup) -> dict:
     return dict(
         NORMALIZE=setup.normalize, DEBIAS=setup.debias,
         INDEX_MODE=setup.index.mode, SEARCH_STEPS=setup.index.search_steps,
+        LOGQ=setup.log_q is not None, EXTRA=setup.extra(),
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
 
+def column_splits(n_cols: int, n_pool: int, splits: int, block: int) -> tuple[int, int, int]:
+    """The column splits of the forward and the row-parallel backward: (columns per split, a
+    multiple of ``block``; splits in all; splits of the pool columns).
+
+    Without mixed negatives (``n_cols == n_pool``): ``split_size`` of the columns. With them,
+    no split straddles ``n_pool`` (as ``kernels/modulated_fwd.py::column_split`` reads them):
+    the split size of all ``n_cols`` columns, ceil(n_pool / size) splits over the pool
+    columns, then ceil((n_cols − n_pool) / size) over the extra ones (at most one more split
+    than asked for).
+    """
+    per, total = split_size(n_cols, splits, block)
+    if n_cols == n_pool:
+        return per, total, total
+    pool_splits = cdiv(n_pool, per)
+    return per, pool_splits + cdiv(n_cols - n_pool, per), pool_splits
+
+
+def merge_column_splits(lse_parts: torch.Tensor, cnt_parts: torch.Tensor, pool_splits: int):
+    """``[S, 4, M]`` partial log-sums and ``[S, 2, M]`` int32 partial counts of the column
+    splits → lse ``[4, M]``, counts ``[2, M]`` int64 over all splits and aux counts ``[2, M]``
+    int64 over the first ``pool_splits`` (the pool columns), each in a fixed order
+    (deterministic)."""
+    lse, counts = merge_splits(lse_parts, cnt_parts)
+    if pool_splits == cnt_parts.shape[0]:
+        return lse, counts, counts
+    return lse, counts, cnt_parts[:pool_splits].to(torch.int64).sum(0)
+
+
 def _forward(R, C, W3, setup: _Setup):
-    """lse ``[4, M]`` (A, B, C, E) in the operands' dtype and counts ``[2, M]`` int64."""
+    """lse ``[4, M]`` (A, B, C, E) in the operands' dtype, counts ``[2, M]`` int64 over all
+    columns and aux counts ``[2, M]`` int64 over the pool columns."""
     fwd = load_kernels().modulated_fwd
     _, M, dim = R.shape
     NP = C.shape[1]
     c = setup.config
-    cols_per_split, splits = split_size(NP, c.col_splits, c.block_n)
+    cols_per_split, splits, pool_splits = column_splits(NP, setup.n_pool, c.col_splits, c.block_n)
     lse_parts = empty((splits, 4, M), R.dtype, R.device, setup.poison)
     cnt_parts = empty((splits, 2, M), torch.int32, R.device, setup.poison)
     fwd.modulated_stats_fwd_kernel[(cdiv(M, c.block_m), splits)](
         *_common_args(R, C, W3, setup), lse_parts, cnt_parts,
-        M, NP, dim, setup.P, setup.row_offset, cols_per_split, **_constexprs(setup),
+        M, NP, dim, setup.P, setup.row_offset, cols_per_split, setup.n_pool, **_constexprs(setup),
     )
-    return merge_splits(lse_parts, cnt_parts)
+    return merge_column_splits(lse_parts, cnt_parts, pool_splits)
 
 
 def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool):
@@ -228,13 +329,13 @@ def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool)
     meta = _constexprs(setup)
     dR = dC = dW3 = None
     if need_rows:
-        cols_per_split, splits = split_size(NP, c.col_splits, c.block_n)
+        cols_per_split, splits, _ = column_splits(NP, setup.n_pool, c.col_splits, c.block_n)
         row_blocks = cdiv(M, c.block_m)
         dR_parts = empty((splits, 8, M, dim), R.dtype, R.device, setup.poison)
         dW3_parts = empty((row_blocks * splits, dim, dim), R.dtype, R.device, setup.poison)
         bwd.modulated_stats_bwd_rows_kernel[(row_blocks, splits)](
             *args, lse, G, dR_parts, dW3_parts,
-            M, NP, dim, setup.P, setup.row_offset, cols_per_split, **meta,
+            M, NP, dim, setup.P, setup.row_offset, cols_per_split, setup.n_pool, **meta,
         )
         dR = dR_parts.sum(0) if splits > 1 else dR_parts[0]
         dW3 = dW3_parts.sum(0)  # fixed order over the programs: deterministic
@@ -243,7 +344,7 @@ def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool)
         dC_parts = empty((splits, 8, NP, dim), R.dtype, R.device, setup.poison)
         bwd.modulated_stats_bwd_cols_kernel[(cdiv(NP, c.block_n), splits)](
             *args, lse, G, dC_parts,
-            M, NP, dim, setup.P, setup.row_offset, rows_per_split, **meta,
+            M, NP, dim, setup.P, setup.row_offset, rows_per_split, setup.n_pool, **meta,
         )
         dC = dC_parts.sum(0) if splits > 1 else dC_parts[0]
     return dR, dC, dW3
