@@ -35,6 +35,20 @@ inverse norm for cosine), f = log2(e)/τ (times the row's) and lse₂ = lse·log
 wrote it: one FFMA and one ``MUFU.EX2`` per weight. The true-negative masks are formed just
 before the two score tiles that use each (Tᴵ for A and E, Tᵁ for B and C).
 
+The forward's two options (constexprs; off, the code is that of the plain loss):
+
+* ``LOGQ``, the sampling-bias correction (hdccf_triton/LOSS.md, "Sampling-bias correction"):
+  the scores in the sums are the corrected ones, A[k, j] − ℓᴵ_j, …, so the weights are
+  p_A[k, j] = exp(A[k, j] − ℓᴵ_j − lse_A[k]) = 2^(t·f − q₂[j] − lse₂) with q₂ = ℓ·log2(e)
+  (``QX``, ``QY`` ``[C]``): s₂ = t·f − q₂ rounded as the forward rounds it, then minus lse₂
+  (:func:`grad_weights2_biased`). ℓ is a constant, so the formulas for dU .. dY are as above.
+* ``EXTRA``, mixed negatives (hdccf_triton/LOSS.md, "Mixed negatives"): columns j in
+  [n_pool, C) of X, Y are the B′ extra negatives; they carry weights of A and B only (the
+  weights of C and E are 0 there: :func:`~.negative_stats_fwd.pool_columns`), and no own block
+  (the column pass's owner row of an extra column, j // P − row_offset ≥ N − row_offset ≥ M,
+  is never among its rows, so the own-block terms skip it). The column pass writes dX, dY for
+  all C columns; the host's ``torch.cat`` of pools and extras routes them back.
+
 Two kernels, no atomics (bit-identical results run to run): a row-parallel one for dU, dI
 (each program owns BLOCK_M rows and sweeps the columns) and a column-parallel one for dX, dY
 (each program owns BLOCK_N columns and sweeps the rows). Both recompute the score tiles and
@@ -54,13 +68,14 @@ import triton.language as tl
 
 from .membership import own_block_excluded, true_item_mask, true_user_mask
 from .negative_stats_fwd import (
-    SCALE_INV_TAU, SCALE_LOG2E_TAU, column_scaled, inv_norms, load_own_block, normalized, score_dot,
+    SCALE_INV_TAU, SCALE_LOG2E_TAU, column_bias, column_scaled, inv_norms, load_own_block, normalized,
+    pool_columns, score_dot,
 )
 
 _add = tl.standard._sum_combine  # tl.sum's combine function (see negative_stats_fwd.py)
 
 __all__ = ["negative_stats_bwd_rows_kernel", "negative_stats_bwd_cols_kernel", "grad_weights", "grad_weights2",
-           "load_own_grads", "scale_weights", "unnormalized_grad"]
+           "grad_weights2_biased", "weights2", "load_own_grads", "scale_weights", "unnormalized_grad"]
 
 
 @triton.jit
@@ -77,6 +92,26 @@ def grad_weights2(b_t, b_f, b_lse2, b_g, m_s):
     log2(e)/τ (times r_row), lse₂ = lse·log2(e) and g ``[BLOCK_M, 1]``: one FFMA, one MUFU.EX2."""
     # the where comes after the FFMA: off the mask t·f − lse₂ may be +inf (lse = −inf, empty row)
     return tl.math.exp2(tl.where(m_s, b_t * b_f - b_lse2, float("-inf"))) * b_g
+
+
+@triton.jit
+def grad_weights2_biased(b_t, b_f, b_q, b_lse2, b_g, m_s):
+    """:func:`grad_weights2` of corrected scores (the sampling-bias correction):
+    g · 2^(s₂ − lse₂) with s₂ = t·f − q₂[j] (q₂ ``[BLOCK_N]`` the columns' ℓ·log2(e)), formed
+    as the forward forms it (one FFMA, rounded once), on the mask, 0 off it."""
+    b_s = b_t * b_f - b_q[None, :]  # [BLOCK_M, BLOCK_N] s₂, as in the forward
+    return tl.math.exp2(tl.where(m_s, b_s - b_lse2, float("-inf"))) * b_g
+
+
+@triton.jit
+def weights2(b_t, b_f, b_q, b_lse2, b_g, m_s, LOGQ: tl.constexpr):
+    """The weights g·p of a tile: :func:`grad_weights2_biased` with the columns' corrections
+    ``b_q`` under ``LOGQ``, else :func:`grad_weights2` (``b_q`` unused)."""
+    if LOGQ:
+        b_w = grad_weights2_biased(b_t, b_f, b_q, b_lse2, b_g, m_s)
+    else:
+        b_w = grad_weights2(b_t, b_f, b_lse2, b_g, m_s)
+    return b_w
 
 
 @triton.jit
@@ -119,20 +154,22 @@ def load_own_grads(p_g, MP, m_g):
 @triton.jit
 def negative_stats_bwd_rows_kernel(
     U, I,  # [M, D] user and item embeddings of the rows
-    X, Y,  # [NP, D] flattened pool items and pool users
+    X, Y,  # [NP, D] the columns: flattened pool items and pool users (then the B′ extra ones under EXTRA)
     users, items,  # [M] int64 anchor ids
-    x_ids, y_ids,  # [NP] int64 pool ids
+    x_ids, y_ids,  # [NP] int64 column ids
     index, n_keys, num_items,  # D (see membership.py)
     scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
+    QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E in base 2 (lse₂ = lse·log2 e, as the forward wrote them)
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (accumulation dtype)
     GOWN,  # [4, M, P] upstream gradients of own_A, own_B, own_C, own_E (accumulation dtype)
     DU, DI,  # [S, M, D] out: partial dU, dI per column split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, cols_per_split,
+    n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    UPCAST: tl.constexpr, COSINE: tl.constexpr,
+    UPCAST: tl.constexpr, COSINE: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -183,6 +220,8 @@ def negative_stats_bwd_rows_kernel(
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N]
         b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N]
         b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
+        b_qx = column_bias(QX, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the X columns (0, unread, without LOGQ)
+        b_qy = column_bias(QY, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the Y columns
         # the negatives: in range, outside the row's own block
         m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
 
@@ -193,25 +232,28 @@ def negative_stats_bwd_rows_kernel(
         if b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64:
             m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                     index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
-        # w_A = g_A·p_A with A = U Xᵀ / τ;  dU += w_A X   (p = 2^(t·f − lse₂); cosine: w carries r_X)
+        # w_A = g_A·p_A with A = U Xᵀ / τ;  dU += w_A X
+        # (p = 2^(t·f − lse₂), LOGQ: 2^(t·f − q₂ − lse₂); cosine: w carries r_X)
         b_t = column_scaled(score_dot(b_u, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w = scale_weights(grad_weights2(b_t, b_fu, b_lse_a, b_g_a, m_item), b_rx, 1, COSINE)
+        b_w = scale_weights(weights2(b_t, b_fu, b_qx, b_lse_a, b_g_a, m_item, LOGQ), b_rx, 1, COSINE)
         b_du += score_dot(b_w.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
-        # w_E = g_E·p_E with E = I Xᵀ / τ;  dI += w_E X
+        # w_E = g_E·p_E with E = I Xᵀ / τ;  dI += w_E X   (EXTRA: pool columns only)
         b_t = column_scaled(score_dot(b_i, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w = scale_weights(grad_weights2(b_t, b_fi, b_lse_e, b_g_e, m_item), b_rx, 1, COSINE)
+        b_w = weights2(b_t, b_fi, b_qx, b_lse_e, b_g_e, pool_columns(m_item, o_n, n_pool, EXTRA), LOGQ)
+        b_w = scale_weights(b_w, b_rx, 1, COSINE)
         b_di += score_dot(b_w.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
 
         if not (b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64):
             m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                     index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
-        # w_C = g_C·p_C with C = U Yᵀ / τ;  dU += w_C Y
+        # w_C = g_C·p_C with C = U Yᵀ / τ;  dU += w_C Y   (EXTRA: pool columns only)
         b_t = column_scaled(score_dot(b_u, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w = scale_weights(grad_weights2(b_t, b_fu, b_lse_c, b_g_c, m_user), b_ry, 1, COSINE)
+        b_w = weights2(b_t, b_fu, b_qy, b_lse_c, b_g_c, pool_columns(m_user, o_n, n_pool, EXTRA), LOGQ)
+        b_w = scale_weights(b_w, b_ry, 1, COSINE)
         b_du += score_dot(b_w.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
         # w_B = g_B·p_B with B = I Yᵀ / τ;  dI += w_B Y
         b_t = column_scaled(score_dot(b_i, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w = scale_weights(grad_weights2(b_t, b_fi, b_lse_b, b_g_b, m_user), b_ry, 1, COSINE)
+        b_w = scale_weights(weights2(b_t, b_fi, b_qy, b_lse_b, b_g_b, m_user, LOGQ), b_ry, 1, COSINE)
         b_di += score_dot(b_w.to(b_y.dtype), b_y, UPCAST)  # [BLOCK_M, BLOCK_D]
 
     if i_s == 0:  # the diagonal and the own blocks, once (in split 0)
@@ -242,20 +284,22 @@ def negative_stats_bwd_rows_kernel(
 @triton.jit
 def negative_stats_bwd_cols_kernel(
     U, I,  # [M, D] user and item embeddings of the rows
-    X, Y,  # [NP, D] flattened pool items and pool users
+    X, Y,  # [NP, D] the columns: flattened pool items and pool users (then the B′ extra ones under EXTRA)
     users, items,  # [M] int64 anchor ids
-    x_ids, y_ids,  # [NP] int64 pool ids
+    x_ids, y_ids,  # [NP] int64 column ids
     index, n_keys, num_items,  # D (see membership.py)
     scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
+    QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E in base 2 (lse₂ = lse·log2 e, as the forward wrote them)
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (unused here: s depends on U and I only)
     GOWN,  # [4, M, P] upstream gradients of own_A, own_B, own_C, own_E (accumulation dtype)
     DX, DY,  # [S, NP, D] out: partial dX, dY per row split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, rows_per_split,
+    n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    UPCAST: tl.constexpr, COSINE: tl.constexpr,
+    UPCAST: tl.constexpr, COSINE: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -277,6 +321,8 @@ def negative_stats_bwd_cols_kernel(
     b_owner = o_n // P  # [BLOCK_N]
     b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N] (1 without COSINE)
     b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
+    b_qx = column_bias(QX, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the X columns (0, unread, without LOGQ)
+    b_qy = column_bias(QY, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the Y columns
     b_xt = tl.trans(b_x)  # [BLOCK_D, BLOCK_N]
     b_yt = tl.trans(b_y)  # [BLOCK_D, BLOCK_N]
 
@@ -320,11 +366,13 @@ def negative_stats_bwd_cols_kernel(
             m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                     index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
 
-        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ   (p = 2^(t·f − lse₂))
+        # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ   (p = 2^(t·f − lse₂),
+        # LOGQ: 2^(t·f − q₂ − lse₂); EXTRA: w_E on the pool columns only)
         b_t = column_scaled(score_dot(b_u, b_xt, UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_a = scale_weights(grad_weights2(b_t, b_fu, b_lse_a, b_g_a, m_item), b_ru, 0, COSINE)
+        b_w_a = scale_weights(weights2(b_t, b_fu, b_qx, b_lse_a, b_g_a, m_item, LOGQ), b_ru, 0, COSINE)
         b_t = column_scaled(score_dot(b_i, b_xt, UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_e = scale_weights(grad_weights2(b_t, b_fi, b_lse_e, b_g_e, m_item), b_ri, 0, COSINE)
+        b_w_e = weights2(b_t, b_fi, b_qx, b_lse_e, b_g_e, pool_columns(m_item, o_n, n_pool, EXTRA), LOGQ)
+        b_w_e = scale_weights(b_w_e, b_ri, 0, COSINE)
         # dX += w_Aᵀ U + w_Eᵀ I   (for cosine: dX̂, the weights carry the rows' inverse norms)
         b_dx += score_dot(tl.trans(b_w_a.to(b_u.dtype)), b_u, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dx += score_dot(tl.trans(b_w_e.to(b_i.dtype)), b_i, UPCAST)
@@ -332,17 +380,19 @@ def negative_stats_bwd_cols_kernel(
         if not (b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64):
             m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                     index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
-        # w_B = g_B·p_B with B = I Yᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ
+        # w_B = g_B·p_B with B = I Yᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ   (EXTRA: w_C on pool columns only)
         b_t = column_scaled(score_dot(b_i, b_yt, UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_b = scale_weights(grad_weights2(b_t, b_fi, b_lse_b, b_g_b, m_user), b_ri, 0, COSINE)
+        b_w_b = scale_weights(weights2(b_t, b_fi, b_qy, b_lse_b, b_g_b, m_user, LOGQ), b_ri, 0, COSINE)
         b_t = column_scaled(score_dot(b_u, b_yt, UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_w_c = scale_weights(grad_weights2(b_t, b_fu, b_lse_c, b_g_c, m_user), b_ru, 0, COSINE)
+        b_w_c = weights2(b_t, b_fu, b_qy, b_lse_c, b_g_c, pool_columns(m_user, o_n, n_pool, EXTRA), LOGQ)
+        b_w_c = scale_weights(b_w_c, b_ru, 0, COSINE)
         # dY += w_Bᵀ I + w_Cᵀ U
         b_dy += score_dot(tl.trans(b_w_b.to(b_i.dtype)), b_i, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dy += score_dot(tl.trans(b_w_c.to(b_u.dtype)), b_u, UPCAST)
 
     # the own-block columns: column j is own column p = j mod P of row k = j // P − row_offset,
-    # added by the split whose rows hold k
+    # added by the split whose rows hold k (an extra column, j ≥ n_pool = N·P, has k ≥ N −
+    # row_offset ≥ M: never held, so its own-block terms are masked off and GOWN is not read)
     # dX[j] += g_ownA[k, p] U_k + g_ownE[k, p] I_k;  dY[j] += g_ownB[k, p] I_k + g_ownC[k, p] U_k
     o_k = b_owner - row_offset  # [BLOCK_N]
     m_k = m_n & (o_k >= row_start) & (o_k < row_end)

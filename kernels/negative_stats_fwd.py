@@ -20,6 +20,23 @@ them in :func:`own_scores_kernel` keeps the Triton path free of any [M, P, d] te
 For cosine similarity (``COSINE``) every dot product is scaled by the inverse norms
 r = 1/max(‖e‖, ε) of both sides (:func:`scale_tile`), read from ``RU, RI, RX, RY``.
 
+Two options, each a constexpr (off, the generated code is that of the plain loss):
+
+* ``LOGQ``, the sampling-bias correction (hdccf_triton/LOSS.md, "Sampling-bias correction"):
+  every negative column's score is lowered by the correction ℓ of its id in every sum over
+  negatives, A[k, j] − ℓᴵ(X_j), E[k, j] − ℓᴵ(X_j), B[k, j] − ℓᵁ(Y_j), C[k, j] − ℓᵁ(Y_j),
+  so that lse_A[k] = log Σ_{j ∈ Tᴵ_k} exp(A[k, j] − ℓᴵ_j) and so on; s and the own blocks
+  are not corrected (the own columns are never in Tᴵ, Tᵁ). The kernels read the per-column
+  corrections in base 2, q₂ = ℓ·log2(e) (``QX``, ``QY`` ``[C]``, computed on the host in
+  float64): the base-2 score is s₂ = t·f − q₂[j], one FFMA (:func:`online_lse2_update_biased`).
+* ``EXTRA``, mixed negatives (hdccf_triton/LOSS.md, "Mixed negatives"): B′ extra columns
+  follow the N·P pool columns, j in [n_pool, C) with n_pool = N·P, C = N·P + B′, in X, Y and
+  their ids. They belong to no own block (j − first_k ≥ P for every row), take the same
+  false-negative test, and enter A and B only: the masks of C and E are cut to j < n_pool.
+  The column splits never straddle n_pool (pool splits cover [0, n_pool), then extra splits
+  [n_pool, C)), so that the host gets n_item, n_user over all columns (A, B) from the sum over
+  every split and n_item_aux, n_user_aux over the pool columns (C, E) from the pool splits.
+
 In :func:`negative_stats_fwd_kernel` each program
 owns BLOCK_M rows and streams over the column blocks of its split of the columns, keeping a
 running max m per row and matrix and running sums l (online softmax, as in flash attention):
@@ -43,8 +60,9 @@ import triton.language as tl
 from .membership import own_block_excluded, true_item_mask, true_user_mask
 
 __all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "online_lse2_update",
-           "finish_lse2", "load_own_block", "own_scores_kernel", "inv_norms", "normalized", "scale_tile",
-           "column_scaled", "SCALE_INV_TAU", "SCALE_LOG2E_TAU", "SCALE_LOG2E", "SCALE_LN2"]
+           "online_lse2_update_biased", "lse2_update", "finish_lse2", "load_own_block", "own_scores_kernel",
+           "inv_norms", "column_bias", "pool_columns", "normalized", "scale_tile", "column_scaled",
+           "SCALE_INV_TAU", "SCALE_LOG2E_TAU", "SCALE_LOG2E", "SCALE_LN2"]
 
 # The kernels use Triton builtins only. tl.sum, tl.max and tl.zeros are themselves @triton.jit
 # functions of Triton's standard library, decorated when triton is imported; if that import
@@ -124,6 +142,37 @@ def online_lse2_update(b_m, b_l, b_t, b_f, m_s):
 
 
 @triton.jit
+def online_lse2_update_biased(b_m, b_l, b_t, b_f, b_q, m_s):
+    """:func:`online_lse2_update` of corrected scores (the sampling-bias correction): the base-2
+    scores are s₂[k, j] = t[k, j]·f[k] − q₂[j] (one FFMA), q₂ = ℓ·log2(e) ``[BLOCK_N]`` the
+    columns' corrections. The max is taken over s₂ itself (the correction breaks the shortcut
+    max(t)·f of the plain update). Returns (m', l').
+
+        m' = max(m, max_{j ∈ mask} s₂_j)
+        l' = l·2^(m − m') + 2^(s₂ − m')            (0 off the mask)
+    """
+    b_s = tl.where(m_s, b_t * b_f[:, None] - b_q[None, :], float("-inf"))  # [BLOCK_M, BLOCK_N] s₂
+    b_mn = tl.maximum(b_m, tl.reduce(b_s, 1, _maximum))  # [BLOCK_M]
+    # a row with nothing yet (m' = −inf) shifts by 0: 2^(−inf − 0) = 0, never 2^(−inf + inf)
+    b_shift = tl.where(b_mn == float("-inf"), 0.0, b_mn)  # [BLOCK_M]
+    b_alpha = tl.math.exp2(b_m - b_shift)  # [BLOCK_M] rescale of the old sums
+    b_l = b_l * b_alpha[:, None] + tl.math.exp2(b_s - b_shift[:, None])  # [BLOCK_M, BLOCK_N]
+    return b_mn, b_l
+
+
+@triton.jit
+def lse2_update(b_m, b_l, b_t, b_f, b_q, m_s, LOGQ: tl.constexpr):
+    """One tile of the base-2 online log-sum-exp: :func:`online_lse2_update_biased` with the
+    columns' corrections ``b_q`` under ``LOGQ``, else :func:`online_lse2_update` (``b_q``
+    unused)."""
+    if LOGQ:
+        b_m, b_l = online_lse2_update_biased(b_m, b_l, b_t, b_f, b_q, m_s)
+    else:
+        b_m, b_l = online_lse2_update(b_m, b_l, b_t, b_f, m_s)
+    return b_m, b_l
+
+
+@triton.jit
 def finish_lse2(b_m, b_l):
     """log2 Σ 2^s₂ (the base-2 log-sum-exp lse₂ = lse·log2 e) from the running max ``b_m
     [BLOCK_M]`` and the per-element sums ``b_l [BLOCK_M, BLOCK_N]``: m + log2 l with
@@ -152,6 +201,26 @@ def inv_norms(R, o, m, COSINE: tl.constexpr):
     else:
         b_r = 1.0
     return b_r
+
+
+@triton.jit
+def column_bias(Q, o, m, LOGQ: tl.constexpr):
+    """Q[o] (0 off the mask): the columns' base-2 corrections q₂ = ℓ·log2(e) under ``LOGQ``;
+    without it nothing is loaded and 0 is returned (never read)."""
+    if LOGQ:
+        b_q = tl.load(Q + o, mask=m, other=0.0)
+    else:
+        b_q = 0.0
+    return b_q
+
+
+@triton.jit
+def pool_columns(m_s, o_n, n_pool, EXTRA: tl.constexpr):
+    """The mask ``m_s`` [rows, BLOCK_N] cut to the pool columns j < n_pool (the auxiliary
+    families C, E have no mixed negatives) under ``EXTRA``; else ``m_s`` as it is."""
+    if EXTRA:
+        m_s = m_s & (o_n < n_pool)[None, :]
+    return m_s
 
 
 @triton.jit
@@ -186,23 +255,26 @@ def load_own_block(X, Y, b_block, p, P, D, o_d, m_row, dtype: tl.constexpr):
 @triton.jit
 def negative_stats_fwd_kernel(
     U, I,  # [M, D] user and item embeddings of the rows
-    X, Y,  # [NP, D] flattened pool items and pool users
+    X, Y,  # [NP, D] the columns: flattened pool items and pool users (then the B′ extra ones under EXTRA)
     users, items,  # [M] int64 anchor ids
-    x_ids, y_ids,  # [NP] int64 pool ids
+    x_ids, y_ids,  # [NP] int64 column ids
     index, n_keys, num_items,  # D (bitmap words or sorted keys, see membership.py)
     scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype (SCALE_* above)
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
+    QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
     LSE,  # [S, 4, M] out: partial base-2 log-sums lse₂ = lse·log2(e) of A, B, C, E per split
     CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split
     M, NP, D, P, row_offset, cols_per_split,
+    n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    UPCAST: tl.constexpr, COSINE: tl.constexpr,
+    UPCAST: tl.constexpr, COSINE: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Base 2 (as flash attention): with t = U_k·X_j (times r_X[j] for cosine) and the row factor
     # f_k = log2(e)/τ (times r_U[k] for cosine), s·log2(e) = t·f, exp(s − m) = 2^(t·f − m₂):
     # one FFMA and one MUFU.EX2 per score. The row sums l and the counts are kept per tile
     # element and reduced once after the sweep; only the row max is reduced per tile.
+    # LOGQ: s₂ = t·f − q₂[j] (corrected scores); EXTRA: C, E over the pool columns j < n_pool.
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -235,8 +307,19 @@ def negative_stats_fwd_kernel(
     b_n_item = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᴵ|
     b_n_user = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᵁ|
 
-    col_start = i_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, NP)
+    if EXTRA:
+        # no split straddles n_pool: splits 0 .. pool_splits − 1 cut [0, n_pool), the next ones
+        # [n_pool, NP) (the host launches pool_splits + ceil(B′ / cols_per_split) of them)
+        pool_splits = (n_pool + cols_per_split - 1) // cols_per_split
+        if i_s < pool_splits:
+            col_start = i_s * cols_per_split
+            col_end = tl.minimum(col_start + cols_per_split, n_pool)
+        else:
+            col_start = n_pool + (i_s - pool_splits) * cols_per_split
+            col_end = tl.minimum(col_start + cols_per_split, NP)
+    else:
+        col_start = i_s * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, NP)
     for j0 in range(col_start, col_end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         m_n = o_n < col_end
@@ -248,6 +331,8 @@ def negative_stats_fwd_kernel(
         b_yid = tl.load(y_ids + o_n, mask=m_n, other=0)  # [BLOCK_N] int64
         b_rx = inv_norms(RX, o_n, m_n, COSINE)  # [BLOCK_N] (1 without COSINE)
         b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
+        b_qx = column_bias(QX, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the X columns (0, unread, without LOGQ)
+        b_qy = column_bias(QY, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the Y columns
 
         # the negatives: in range, outside the row's own block
         m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
@@ -255,24 +340,25 @@ def negative_stats_fwd_kernel(
         # Tᴵ_k ∋ j (masks A, E), just before its two tiles
         m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
                                 index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
-        # A = U Xᵀ / τ (cosine: times r_U[k] r_X[j]):  t = U Xᵀ (·r_X), f = f_U
+        # A = U Xᵀ / τ (cosine: times r_U[k] r_X[j]):  t = U Xᵀ (·r_X), f = f_U  (LOGQ: s₂ = t·f − q₂)
         b_t = column_scaled(score_dot(b_u, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_a, b_l_a = online_lse2_update(b_m_a, b_l_a, b_t, b_fu, m_item)
-        # E = I Xᵀ / τ
+        b_m_a, b_l_a = lse2_update(b_m_a, b_l_a, b_t, b_fu, b_qx, m_item, LOGQ)
+        # E = I Xᵀ / τ  (EXTRA: pool columns only)
         b_t = column_scaled(score_dot(b_i, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_e, b_l_e = online_lse2_update(b_m_e, b_l_e, b_t, b_fi, m_item)
+        b_m_e, b_l_e = lse2_update(b_m_e, b_l_e, b_t, b_fi, b_qx, pool_columns(m_item, o_n, n_pool, EXTRA), LOGQ)
 
         # Tᵁ_k ∋ j (masks B, C)
         m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                 index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
         # B = I Yᵀ / τ
         b_t = column_scaled(score_dot(b_i, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_b, b_l_b = online_lse2_update(b_m_b, b_l_b, b_t, b_fi, m_user)
-        # C = U Yᵀ / τ
+        b_m_b, b_l_b = lse2_update(b_m_b, b_l_b, b_t, b_fi, b_qy, m_user, LOGQ)
+        # C = U Yᵀ / τ  (EXTRA: pool columns only)
         b_t = column_scaled(score_dot(b_u, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
-        b_m_c, b_l_c = online_lse2_update(b_m_c, b_l_c, b_t, b_fu, m_user)
+        b_m_c, b_l_c = lse2_update(b_m_c, b_l_c, b_t, b_fu, b_qy, pool_columns(m_user, o_n, n_pool, EXTRA), LOGQ)
 
-        # |Tᴵ| and |Tᵁ| per tile element (reduced after the sweep: no per-tile shuffles)
+        # |Tᴵ| and |Tᵁ| per tile element (reduced after the sweep: no per-tile shuffles); over
+        # every column of the split (a split holds pool or extra columns, never both)
         b_n_item += m_item.to(tl.int32)  # [BLOCK_M, BLOCK_N]
         b_n_user += m_user.to(tl.int32)
 

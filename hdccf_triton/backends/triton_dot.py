@@ -7,7 +7,8 @@ over the true negatives (the one part that touches the M × N·P score matrices)
 scores s and the rows' own-block scores. Only the per-row combination
 (:func:`~hdccf_triton.terms.combine_terms`, O(M·P) work) is the reference's, so the two
 backends differ only in how the scores are computed. Nothing of shape [M, N·P], and no
-temporary of shape [N, P, d], is ever allocated: the forward keeps online max-shifted sums per
+temporary of shape [N, P, d] (but for the mixed negatives' concatenation, below), is ever
+allocated: the forward keeps online max-shifted sums per
 row, the backward recomputes the score tiles (flash-attention style) in a row-parallel pass
 (dU, dI) and a column-parallel pass (dX, dY), without atomics, so gradients are bit-identical
 run to run, and the gradients of s and of the own-block scores are added inside those passes.
@@ -19,6 +20,24 @@ their inverse norms (:func:`inverse_norms`, fp32) and scale each dot product by 
 normalised copy exists; the backward maps the gradients back through the normalisation. Under
 ``torch.autocast`` fp32 embeddings are fed to the kernels in the autocast dtype (the loss is a
 matmul-like op); the scores and the combination stay in fp32 either way.
+
+Two options of the loss run fused in the same kernels (constexprs ``LOGQ`` and ``EXTRA``; with
+neither, the kernels compile to the code of the plain loss):
+
+* the sampling-bias correction (hdccf_triton/LOSS.md, "Sampling-bias correction"): every
+  negative column's score is lowered by ℓ of its id in the sums over negatives,
+  A[k, j] − ℓᴵ(X_j), E[k, j] − ℓᴵ(X_j), B[k, j] − ℓᵁ(Y_j), C[k, j] − ℓᵁ(Y_j) (s and the own
+  blocks uncorrected; ℓ constant). The host gathers ℓ per column
+  (:func:`~hdccf_triton.terms.column_log_q`) and hands the kernels q₂ = ℓ·log2(e) (in float64,
+  then cast to the accumulation dtype), which they subtract from the base-2 scores t·f;
+* mixed negatives (hdccf_triton/LOSS.md, "Mixed negatives"): the B′ extra items and users are
+  appended to the flattened pools as columns N·P .. N·P + B′ − 1 (``torch.cat`` outside the
+  autograd.Function, so their gradients flow back to the extras as the pools' do), with the
+  same false-negative test and no own block; they enter A and B only. The forward's column
+  splits never straddle the pool's end, so that the counts over the pool columns alone
+  (``n_item_aux``, ``n_user_aux``, those of the C and E terms) are the sums over the pool
+  splits, and n_item, n_user those over every split. The concatenation is the one copy of
+  the pools this path makes ([N·P + B′, d] for X and for Y, and their gradients).
 
 Memory above the inputs: the gradients themselves, O(M + N·P) statistics (and inverse norms),
 and the backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds
@@ -37,14 +56,14 @@ import torch
 
 from ..interactions import InteractionIndex
 from ..options import LossOptions
-from ..terms import LossInputs, NegativeStats, Scores, combine_terms
+from ..terms import LossInputs, NegativeStats, Scores, column_log_q, combine_terms
 from ._triton_runtime import (
-    NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, interpreting, load_kernels,
-    merge_splits, sm_count, split_size, without_dynamo,
+    NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, interpreting, kernel_ids,
+    load_kernels, merge_splits, sm_count, split_size, without_dynamo,
 )
 
 __all__ = ["per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores", "negative_statistics",
-           "LaunchConfig", "KernelLaunch", "launch_config"]
+           "LaunchConfig", "KernelLaunch", "launch_config", "column_splits"]
 
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
@@ -58,7 +77,11 @@ def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, opti
     """
     if options.similarity.kernel != "dot":
         raise ValueError(f"triton_dot computes the dot and cosine similarities, got {options.similarity!r}")
-    kernel_in = inputs.with_embeddings(*kernel_inputs(*inputs.embeddings))
+    extra = inputs.extra
+    if extra is not None:  # the mixed negatives in the kernels' dtype, as the pools
+        dtype = kernel_dtype(inputs.user_emb.dtype, inputs.user_emb.device)
+        extra = extra.with_embeddings(*(t.to(dtype) for t in extra[:2]))
+    kernel_in = inputs.with_embeddings(*kernel_inputs(*inputs.embeddings), extra=extra)
     scores, stats = fused_scores(kernel_in, interactions, options, row_offset, overrides=overrides)
     return combine_terms(scores, stats, options)
 
@@ -116,45 +139,79 @@ def fused_scores(
         inputs: U, I ``[M, d]`` and X, Y ``[N, P, d]`` pools (N ≥ M blocks), all of one dtype
             among fp64, fp32, bf16, fp16, as :func:`kernel_inputs` gives them (raw for cosine:
             the kernels normalise on the fly); users, items ``[M]``; pool_items, pool_users
-            ``[N, P]`` int64; row k's own block is ``row_offset + k``.
+            ``[N, P]`` int64; row k's own block is ``row_offset + k``. Optional: ``extra``, the
+            mixed negatives (item_emb, user_emb ``[B′, d]`` in the same dtype, raw; ids
+            ``[B′]``), and ``log_q``, the sampling-correction tables.
         overrides: explicit launch choices (tests, benchmarks).
 
     Returns:
         ``(scores, stats)``: :class:`~hdccf_triton.terms.Scores` (s ``[M]``, own_A .. own_E
-        ``[M, P]``, and U, I, X, Y as given) and :class:`~hdccf_triton.terms.NegativeStats`
-        (lse fields ``[M]``; counts int64); floats in fp32 (fp64 for fp64 inputs).
+        ``[M, P]``, U, I, X, Y and ``extra`` as given) and
+        :class:`~hdccf_triton.terms.NegativeStats` (lse fields ``[M]``; counts int64, with
+        ``n_item_aux``, ``n_user_aux`` over the pool columns when there are extra columns);
+        floats in fp32 (fp64 for fp64 inputs).
     """
     U, I, X, Y = inputs.embeddings
     M, d = U.shape
     N, P, _ = X.shape
+    n_pool = N * P
+    # the columns: the flattened pools, then the B′ mixed negatives (a differentiable concatenation,
+    # outside the autograd.Function: the gradients of the extra columns reach the extras)
+    X2, Y2 = X.reshape(n_pool, d), Y.reshape(n_pool, d)
+    if inputs.extra is not None:
+        X2, Y2 = torch.cat([X2, inputs.extra.item_emb]), torch.cat([Y2, inputs.extra.user_emb])
+    C = X2.shape[0]
     cosine = options.similarity.normalize
     setup = _Setup.of(
         inputs, interactions, options, row_offset, overrides,
-        inv_norms=tuple(inverse_norms(t.reshape(-1, d)) for t in (U, I, X, Y)) if cosine else None,
+        inv_norms=tuple(inverse_norms(t) for t in (U, I, X2, Y2)) if cosine else None,
         cosine=cosine,
-        config=launch_config(M, N * P, d, U.device, U.dtype, overrides),
+        config=launch_config(M, C, d, U.device, U.dtype, overrides),
+        n_pool=n_pool,
+        log_q2=_log_q2(inputs, accumulation_dtype(U.dtype)),
     )
-    X2 = X.reshape(N * P, d)
-    Y2 = Y.reshape(N * P, d)
-    lse_a, lse_b, lse_c, lse_e, n_item, n_user, s, own = _FusedScores.apply(
+    if inputs.extra is not None:  # the column ids of the pools, then of the extras
+        users, items, x_ids, y_ids = inputs.ids
+        x_ids = torch.cat([x_ids.reshape(-1), inputs.extra.items])
+        y_ids = torch.cat([y_ids.reshape(-1), inputs.extra.users])
+        setup = replace(setup, ids=kernel_ids((users, items, x_ids, y_ids), interactions))
+    lse_a, lse_b, lse_c, lse_e, counts, s, own = _FusedScores.apply(
         U.contiguous(), I.contiguous(), X2.contiguous(), Y2.contiguous(), setup
     )
-    scores = Scores(U, I, X, Y, s, *own.unbind(0))
-    return scores, NegativeStats(lse_a, lse_b, lse_c, lse_e, n_item, n_user)
+    scores = Scores(U, I, X, Y, s, *own.unbind(0), inputs.extra)
+    return scores, NegativeStats(lse_a, lse_b, lse_c, lse_e, *counts.unbind(0))
+
+
+def _log_q2(inputs: LossInputs, dtype: torch.dtype) -> tuple | None:
+    """The columns' corrections in base 2, (ℓᴵ·log2(e), ℓᵁ·log2(e)) ``[C]`` each, computed in
+    float64 and cast to ``dtype`` (the accumulation dtype); None without a correction."""
+    log_q = column_log_q(inputs, torch.float64)
+    if log_q is None:
+        return None
+    return tuple((q * math.log2(math.e)).to(dtype).contiguous() for q in log_q)
 
 
 @dataclass(frozen=True)
 class _Setup(CallSetup):
     """Everything about one call that is not a differentiable tensor."""
 
-    inv_norms: tuple | None  # cosine: inverse norms of U [M], I [M], X [NP], Y [NP]; else None
+    inv_norms: tuple | None  # cosine: inverse norms of U [M], I [M], X [C], Y [C]; else None
     cosine: bool
     config: "LaunchConfig"
+    n_pool: int  # N·P: columns from n_pool on (C − N·P = B′ of them) are the mixed negatives
+    log_q2: tuple | None  # (qX [C], qY [C]) = ℓ·log2(e) of the columns (accumulation dtype), or None
+
+    @property
+    def extra(self) -> bool:
+        """Whether there are mixed negatives (columns beyond the pool)."""
+        return self.ids[2].shape[0] > self.n_pool
 
 
 class _FusedScores(torch.autograd.Function):
-    """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E, n_item, n_user, s, own); counts not
-    differentiable; own ``[4, M, P]`` stacks own_A, own_B, own_C, own_E."""
+    """(U, I, X, Y) ↦ (lse_A, lse_B, lse_C, lse_E, counts, s, own); X, Y ``[C, d]`` the
+    columns (pool, then extras); counts int64 ``[2, M]`` (n_item, n_user) or, with extra
+    columns, ``[4, M]`` (n_item, n_user, n_item_aux, n_user_aux), not differentiable; own
+    ``[4, M, P]`` stacks own_A, own_B, own_C, own_E."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -167,13 +224,12 @@ class _FusedScores(torch.autograd.Function):
         ctx.save_for_backward(U, I, X, Y, lse2)
         # independent [M] outputs in natural units, lse = ln2·lse₂ (converted in float64)
         lse_a, lse_b, lse_c, lse_e = (lse2.double() * math.log(2.0)).to(lse2.dtype).unbind(0)
-        n_item, n_user = (t.clone() for t in counts)
-        ctx.mark_non_differentiable(n_item, n_user)
-        return lse_a, lse_b, lse_c, lse_e, n_item, n_user, s, own
+        ctx.mark_non_differentiable(counts)
+        return lse_a, lse_b, lse_c, lse_e, counts, s, own
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, g_a, g_b, g_c, g_e, _g_n_item, _g_n_user, g_s, g_own):
+    def backward(ctx, g_a, g_b, g_c, g_e, _g_counts, g_s, g_own):
         U, I, X, Y, lse = ctx.saved_tensors  # lse: base 2
         need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_cols = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
@@ -330,6 +386,22 @@ def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
     return (U, I, X, Y, *index_args, *norms)
 
 
+def _sweep_args(common: tuple, setup: _Setup) -> tuple:
+    """The arguments of the three sweep kernels up to their outputs: :func:`_common_args`, then
+    the columns' corrections ``QX, QY`` (the scale vector, never read, without LOGQ)."""
+    return (*common, *(setup.log_q2 or common[-5:-4] * 2))
+
+
+def column_splits(n_pool: int, n_extra: int, splits: int, block: int) -> tuple[int, int, int]:
+    """The forward's column splits when B′ = ``n_extra`` mixed-negative columns follow the
+    ``n_pool`` pool columns: ``(cols_per_split, pool_splits, splits)``. The pool columns are
+    cut as :func:`split_size` cuts them, the extra columns in further splits of the same size:
+    no split straddles n_pool (the kernel's ``EXTRA`` split rule), so the counts of the pool
+    splits are those over the pool columns alone. Without extras: ``split_size`` of the pool."""
+    per, pool_splits = split_size(n_pool, splits, block)
+    return per, pool_splits, pool_splits + cdiv(n_extra, per)
+
+
 def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     return dict(
         DEBIAS=setup.debias,
@@ -338,6 +410,8 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
         # the interpreter cannot multiply bf16 tiles (triton-lang/triton#11584)
         UPCAST=interpreting() and U.dtype == torch.bfloat16,
         COSINE=setup.cosine,
+        LOGQ=setup.log_q2 is not None,
+        EXTRA=setup.extra,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=setup.config.block_d,
         num_warps=launch.num_warps, num_stages=setup.config.num_stages,
         **({"maxnreg": setup.config.maxnreg} if setup.config.maxnreg else {}),
@@ -350,28 +424,32 @@ _OWN_BLOCK_M = 16
 
 def _forward(U, I, X, Y, setup: _Setup):
     """lse₂ ``[4, M]`` (A, B, C, E; base 2: lse·log2(e)) and s ``[M]``, own ``[4, M, P]`` in the
-    accumulation dtype; counts ``[2, M]`` int64."""
+    accumulation dtype; counts int64 ``[2, M]`` (n_item, n_user), or ``[4, M]`` with the
+    pool-column counts n_item_aux, n_user_aux after them when there are extra columns."""
     kernels = load_kernels()
     M, d = U.shape
     NP = X.shape[0]
     acc = accumulation_dtype(U.dtype)
     k = setup.config.fwd
-    cols_per_split, splits = split_size(NP, k.splits, k.block_n)
+    cols_per_split, pool_splits, splits = column_splits(setup.n_pool, NP - setup.n_pool, k.splits, k.block_n)
     lse_parts = empty((splits, 4, M), acc, U.device, setup.poison)
     cnt_parts = empty((splits, 2, M), torch.int32, U.device, setup.poison)
     s = empty((M,), acc, U.device, setup.poison)
     own = empty((4, M, setup.P), acc, U.device, setup.poison)
     args = _common_args(U, I, X, Y, setup, acc)
     kernels.negative_stats_fwd.negative_stats_fwd_kernel[(cdiv(M, k.block_m), splits)](
-        *args, lse_parts, cnt_parts,
-        M, NP, d, setup.P, setup.row_offset, cols_per_split,
+        *_sweep_args(args, setup), lse_parts, cnt_parts,
+        M, NP, d, setup.P, setup.row_offset, cols_per_split, setup.n_pool,
         **_constexprs(U, setup, k),
     )
     kernels.negative_stats_fwd.own_scores_kernel[(cdiv(M, _OWN_BLOCK_M),)](
         U, I, X, Y, *args[-5:], s, own, M, d, setup.P, setup.row_offset,
         COSINE=setup.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
-    return (*merge_splits(lse_parts, cnt_parts, base2=True), s, own)
+    lse2, counts = merge_splits(lse_parts, cnt_parts, base2=True)
+    if setup.extra:  # the pool splits' counts: over the pool columns alone (C and E), in split order
+        counts = torch.cat([counts, cnt_parts[:pool_splits].to(torch.int64).sum(0)])
+    return lse2, counts, s, own
 
 
 def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need_cols: bool):
@@ -390,8 +468,8 @@ def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need
         dU_parts = empty((splits, M, d), dtype, U.device, setup.poison)
         dI_parts = empty((splits, M, d), dtype, U.device, setup.poison)
         kernels.negative_stats_bwd.negative_stats_bwd_rows_kernel[(cdiv(M, k.block_m), splits)](
-            *args, lse, G, GS, GOWN, dU_parts, dI_parts,
-            M, NP, d, setup.P, setup.row_offset, cols_per_split, **_constexprs(U, setup, k),
+            *_sweep_args(args, setup), lse, G, GS, GOWN, dU_parts, dI_parts,
+            M, NP, d, setup.P, setup.row_offset, cols_per_split, setup.n_pool, **_constexprs(U, setup, k),
         )
         dU, dI = _merge(dU_parts, U.dtype), _merge(dI_parts, I.dtype)
         del dU_parts, dI_parts  # before the column pass allocates its own
@@ -402,8 +480,8 @@ def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need
         dX_parts = empty((splits, NP, d), dtype, U.device, setup.poison)
         dY_parts = empty((splits, NP, d), dtype, U.device, setup.poison)
         kernels.negative_stats_bwd.negative_stats_bwd_cols_kernel[(cdiv(NP, k.block_n), splits)](
-            *args, lse, G, GS, GOWN, dX_parts, dY_parts,
-            M, NP, d, setup.P, setup.row_offset, rows_per_split, **_constexprs(U, setup, k),
+            *_sweep_args(args, setup), lse, G, GS, GOWN, dX_parts, dY_parts,
+            M, NP, d, setup.P, setup.row_offset, rows_per_split, setup.n_pool, **_constexprs(U, setup, k),
         )
         dX, dY = _merge(dX_parts, X.dtype), _merge(dY_parts, Y.dtype)
     return dU, dI, dX, dY
