@@ -45,9 +45,9 @@ import triton.language as tl
 
 from .membership import true_negative_masks
 from .modulated_fwd import (
-    NORM_EPS, column_corrections, column_split, corrected, load_column, load_slot, modulated_score, modulation_tile,
-    pool_columns,
+    NORM_EPS, column_corrections, corrected, load_column, load_slot, modulated_score, modulation_tile,
 )
+from .negative_stats_fwd import column_split, pool_columns
 from .negative_stats_bwd import grad_weights
 
 __all__ = ["modulated_stats_bwd_rows_kernel", "modulated_stats_bwd_cols_kernel",

@@ -50,10 +50,10 @@ import triton
 import triton.language as tl
 
 from .membership import true_negative_masks
-from .negative_stats_fwd import finish_lse, online_lse_update
+from .negative_stats_fwd import column_split, finish_lse, online_lse_update, pool_columns
 
 __all__ = ["modulated_stats_fwd_kernel", "load_slot", "load_column", "modulation_tile",
-           "modulated_score", "column_split", "pool_columns", "column_corrections", "corrected", "NORM_EPS"]
+           "modulated_score", "column_corrections", "corrected", "NORM_EPS"]
 
 # tl.reduce with Triton's own combine functions, not tl.sum (see negative_stats_fwd.py: the
 # standard-library jit functions may have been decorated before TRITON_INTERPRET was set)
@@ -118,38 +118,6 @@ def modulated_score(b_m, b_vr, b_vc, NORMALIZE: tl.constexpr):
         b_nc = tl.maximum(tl.sqrt(tl.reduce(b_c * b_c, 2, _add)), NORM_EPS)
         b_f = b_f / (b_na * b_nc)
     return b_f
-
-
-@triton.jit
-def column_split(i_s, NP, n_pool, cols_per_split, EXTRA: tl.constexpr):
-    """The columns ``[col_start, col_end)`` of column split ``i_s`` (forward, row-parallel
-    backward).
-
-    Without ``EXTRA``: consecutive splits of ``cols_per_split`` columns over [0, NP). With
-    ``EXTRA`` no split straddles ``n_pool``: splits 0 .. S_pool − 1, S_pool =
-    ceil(n_pool / cols_per_split), cut the pool columns [0, n_pool), the next ones the extra
-    columns [n_pool, NP), each ``cols_per_split`` columns at most (the host computes S_pool
-    alike).
-    """
-    if EXTRA:
-        pool_splits = (n_pool + cols_per_split - 1) // cols_per_split
-        i_x = i_s - pool_splits  # < 0 on a pool split, else the extra split's number
-        col_start = tl.where(i_x < 0, i_s * cols_per_split, n_pool + i_x * cols_per_split)
-        col_end = tl.minimum(col_start + cols_per_split, tl.where(i_x < 0, n_pool, NP))
-    else:
-        col_start = i_s * cols_per_split
-        col_end = tl.minimum(col_start + cols_per_split, NP)
-    return col_start, col_end
-
-
-@triton.jit
-def pool_columns(m_s, o_n, n_pool, EXTRA: tl.constexpr):
-    """The mask ``m_s [BLOCK_M, BLOCK_N]`` of C or E: with ``EXTRA``, cut to the pool columns
-    j < n_pool (``o_n [BLOCK_N]`` the tile's columns), which alone enter the user–user and
-    item–item terms; else as it is."""
-    if EXTRA:
-        m_s = m_s & (o_n < n_pool)[None, :]
-    return m_s
 
 
 @triton.jit

@@ -61,7 +61,7 @@ from .membership import own_block_excluded, true_item_mask, true_user_mask
 
 __all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "online_lse2_update",
            "online_lse2_update_biased", "lse2_update", "finish_lse2", "load_own_block", "own_scores_kernel",
-           "inv_norms", "column_bias", "pool_columns", "normalized", "scale_tile", "column_scaled",
+           "inv_norms", "column_bias", "column_split", "pool_columns", "normalized", "scale_tile", "column_scaled",
            "SCALE_INV_TAU", "SCALE_LOG2E_TAU", "SCALE_LOG2E", "SCALE_LN2"]
 
 # The kernels use Triton builtins only. tl.sum, tl.max and tl.zeros are themselves @triton.jit
@@ -215,6 +215,28 @@ def column_bias(Q, o, m, LOGQ: tl.constexpr):
 
 
 @triton.jit
+def column_split(i_s, NP, n_pool, cols_per_split, EXTRA: tl.constexpr):
+    """The columns ``[col_start, col_end)`` of column split ``i_s`` (forward, row-parallel
+    backward).
+
+    Without ``EXTRA``: consecutive splits of ``cols_per_split`` columns over [0, NP). With
+    ``EXTRA`` no split straddles ``n_pool``: splits 0 .. S_pool − 1, S_pool =
+    ceil(n_pool / cols_per_split), cut the pool columns [0, n_pool), the next ones the extra
+    columns [n_pool, NP), each ``cols_per_split`` columns at most (the host's
+    ``column_splits`` launches as many).
+    """
+    if EXTRA:
+        pool_splits = (n_pool + cols_per_split - 1) // cols_per_split
+        i_x = i_s - pool_splits  # < 0 on a pool split, else the extra split's number
+        col_start = tl.where(i_x < 0, i_s * cols_per_split, n_pool + i_x * cols_per_split)
+        col_end = tl.minimum(col_start + cols_per_split, tl.where(i_x < 0, n_pool, NP))
+    else:
+        col_start = i_s * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, NP)
+    return col_start, col_end
+
+
+@triton.jit
 def pool_columns(m_s, o_n, n_pool, EXTRA: tl.constexpr):
     """The mask ``m_s`` [rows, BLOCK_N] cut to the pool columns j < n_pool (the auxiliary
     families C, E have no mixed negatives) under ``EXTRA``; else ``m_s`` as it is."""
@@ -307,19 +329,8 @@ def negative_stats_fwd_kernel(
     b_n_item = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᴵ|
     b_n_user = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᵁ|
 
-    if EXTRA:
-        # no split straddles n_pool: splits 0 .. pool_splits − 1 cut [0, n_pool), the next ones
-        # [n_pool, NP) (the host launches pool_splits + ceil(B′ / cols_per_split) of them)
-        pool_splits = (n_pool + cols_per_split - 1) // cols_per_split
-        if i_s < pool_splits:
-            col_start = i_s * cols_per_split
-            col_end = tl.minimum(col_start + cols_per_split, n_pool)
-        else:
-            col_start = n_pool + (i_s - pool_splits) * cols_per_split
-            col_end = tl.minimum(col_start + cols_per_split, NP)
-    else:
-        col_start = i_s * cols_per_split
-        col_end = tl.minimum(col_start + cols_per_split, NP)
+    # no split straddles n_pool under EXTRA (the pool counts are then those of the pool splits)
+    col_start, col_end = column_split(i_s, NP, n_pool, cols_per_split, EXTRA)
     for j0 in range(col_start, col_end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         m_n = o_n < col_end

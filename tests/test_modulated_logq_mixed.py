@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("triton")
 
 import hdccf_triton.backends.reference as reference  # noqa: E402
+import hdccf_triton.backends._triton_runtime as _triton_runtime  # noqa: E402
 import hdccf_triton.backends.triton_modulated as triton_modulated  # noqa: E402
 from hdccf_triton import LossOptions, ModulatedSimilarity, debiased_contrastive_loss  # noqa: E402
 from hdccf_triton.terms import ExtraNegatives, LossInputs, prepare_scores  # noqa: E402
@@ -201,22 +202,19 @@ def test_split_layouts(col_splits, row_splits):
     case = make_case(7, 3, 10, N=9, row_offset=1, seed=21, scale=0.8)
     extra, log_q = _extra_and_log_q(case, "both", seed=6)
     log_q = (None, log_q[1])  # one table: the item columns uncorrected
-    per, splits, pool_splits = triton_modulated.column_splits(32, 27, col_splits, 16)
+    per, pool_splits, splits = _triton_runtime.column_splits(27, 5, col_splits, 16)
     assert per % 16 == 0 and pool_splits == -(-27 // per) and splits == pool_splits + -(-5 // per)
     _compare(case, _options(_similarity(5, True, seed=4)), extra, log_q, 1, seed=2,
              col_splits=col_splits, row_splits=row_splits)
 
 
-def test_column_splits_do_not_straddle_the_pool():
-    assert triton_modulated.column_splits(26, 21, 2, 16) == (16, 3, 2)
-    assert triton_modulated.column_splits(26, 21, 1, 16) == (32, 2, 1)
-    assert triton_modulated.column_splits(21, 21, 2, 16) == (16, 2, 2)  # no extras: as before
-    assert triton_modulated.column_splits(100, 64, 4, 16) == (32, 4, 2)
+def test_merged_column_splits_count_the_pool_apart():
     lse = torch.tensor([[[0.0]], [[1.0]], [[float("-inf")]]])
     cnt = torch.tensor([[[1]], [[2]], [[4]]], dtype=torch.int32)
-    merged, counts, aux = triton_modulated.merge_column_splits(lse, cnt, 2)
+    merged, counts, aux = _triton_runtime.merge_column_splits(lse, cnt, 2)
     assert counts.tolist() == [[7]] and aux.tolist() == [[3]]
     torch.testing.assert_close(merged, torch.tensor([[math.log(1 + math.e)]]))
+    assert _triton_runtime.merge_column_splits(lse, cnt, 3)[2] is None  # no extra split
 
 
 def test_huge_scores_and_corrections():

@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 import hdccf_triton.backends.reference as reference  # noqa: E402
+import hdccf_triton.backends._triton_runtime as _triton_runtime  # noqa: E402
 import hdccf_triton.backends.triton_dot as triton_dot  # noqa: E402
 from hdccf_triton import InteractionIndex, debiased_contrastive_loss  # noqa: E402
 from hdccf_triton.options import LossOptions  # noqa: E402
@@ -181,16 +182,16 @@ def test_forced_splits_do_not_straddle_the_pool(overrides):
     case = make_case(19, 3, 8, seed=6, scale=0.7)
     n_pool, B = 57, 20
     block_n = overrides.get("block_n", 16)
-    per, pool_splits, splits = triton_dot.column_splits(n_pool, B, overrides["col_splits"], block_n)
+    per, pool_splits, splits = _triton_runtime.column_splits(n_pool, B, overrides["col_splits"], block_n)
     assert pool_splits * per >= n_pool > (pool_splits - 1) * per and splits > pool_splits
     _compare(case, _options("dot"), B=B, seed=3, **overrides)
     _compare(case, _options("cosine", debias=False), B=B, log_q=None, seed=4, **overrides)
 
 
 def test_column_splits():
-    assert triton_dot.column_splits(57, 0, 3, 16) == (32, 2, 2)  # as split_size: no extra split
-    assert triton_dot.column_splits(57, 20, 8, 16) == (16, 4, 6)
-    assert triton_dot.column_splits(57, 5, 1, 16) == (64, 1, 2)  # one split each
+    assert _triton_runtime.column_splits(57, 0, 3, 16) == (32, 2, 2)  # as split_size: no extra split
+    assert _triton_runtime.column_splits(57, 20, 8, 16) == (16, 4, 6)
+    assert _triton_runtime.column_splits(57, 5, 1, 16) == (64, 1, 2)  # one split each
 
 
 def test_own_blocks_offset_with_extras():

@@ -25,7 +25,8 @@ from ..interactions import InteractionIndex
 
 __all__ = [
     "unavailable_reason", "interpreting", "load_kernels", "LaunchOverrides", "IndexLayout", "index_layout", "CallSetup",
-    "kernel_ids", "check_row_offset", "split_size", "accumulation_dtype", "empty", "merge_splits",
+    "kernel_ids", "check_row_offset", "split_size", "column_splits", "accumulation_dtype", "empty", "merge_splits",
+    "merge_column_splits",
     "cdiv", "without_dynamo",
 ]
 
@@ -239,6 +240,28 @@ def split_size(total: int, splits: int, block: int) -> tuple[int, int]:
     blocks = cdiv(total, block)
     per = cdiv(blocks, max(1, min(splits, blocks))) * block
     return per, cdiv(total, per)
+
+
+def column_splits(n_pool: int, n_extra: int, splits: int, block: int) -> tuple[int, int, int]:
+    """The forward's column splits when B′ = ``n_extra`` mixed-negative columns follow the
+    ``n_pool`` pool columns: ``(cols_per_split, pool_splits, splits)``. The pool columns are
+    cut as :func:`split_size` cuts them, the extra columns in further splits of the same size,
+    so that no split straddles n_pool (the kernels' ``column_split`` under ``EXTRA``) and the
+    counts of the pool splits are those over the pool columns alone. Without extras:
+    ``split_size`` of the pool."""
+    per, pool_splits = split_size(n_pool, splits, block)
+    return per, pool_splits, pool_splits + cdiv(n_extra, per)
+
+
+def merge_column_splits(lse_parts: torch.Tensor, cnt_parts: torch.Tensor, pool_splits: int, *,
+                        base2: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`merge_splits` of the splits of :func:`column_splits`, and the counts over the pool
+    columns alone (the first ``pool_splits`` splits, summed in order), or None when every split
+    is a pool split (no mixed negatives): ``(lse [k, M], counts [2, M], aux counts [2, M] | None)``."""
+    lse, counts = merge_splits(lse_parts, cnt_parts, base2=base2)
+    if pool_splits == cnt_parts.shape[0]:
+        return lse, counts, None
+    return lse, counts, cnt_parts[:pool_splits].to(torch.int64).sum(0)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -59,11 +59,11 @@ from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, Scores, column_log_q, combine_terms
 from ._triton_runtime import (
     NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, interpreting, kernel_ids,
-    load_kernels, merge_splits, sm_count, split_size, without_dynamo,
+    column_splits, load_kernels, merge_column_splits, sm_count, split_size, without_dynamo,
 )
 
 __all__ = ["per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores", "negative_statistics",
-           "LaunchConfig", "KernelLaunch", "launch_config", "column_splits"]
+           "LaunchConfig", "KernelLaunch", "launch_config"]
 
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
@@ -392,16 +392,6 @@ def _sweep_args(common: tuple, setup: _Setup) -> tuple:
     return (*common, *(setup.log_q2 or common[-5:-4] * 2))
 
 
-def column_splits(n_pool: int, n_extra: int, splits: int, block: int) -> tuple[int, int, int]:
-    """The forward's column splits when B′ = ``n_extra`` mixed-negative columns follow the
-    ``n_pool`` pool columns: ``(cols_per_split, pool_splits, splits)``. The pool columns are
-    cut as :func:`split_size` cuts them, the extra columns in further splits of the same size:
-    no split straddles n_pool (the kernel's ``EXTRA`` split rule), so the counts of the pool
-    splits are those over the pool columns alone. Without extras: ``split_size`` of the pool."""
-    per, pool_splits = split_size(n_pool, splits, block)
-    return per, pool_splits, pool_splits + cdiv(n_extra, per)
-
-
 def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
     return dict(
         DEBIAS=setup.debias,
@@ -446,9 +436,9 @@ def _forward(U, I, X, Y, setup: _Setup):
         U, I, X, Y, *args[-5:], s, own, M, d, setup.P, setup.row_offset,
         COSINE=setup.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
-    lse2, counts = merge_splits(lse_parts, cnt_parts, base2=True)
-    if setup.extra:  # the pool splits' counts: over the pool columns alone (C and E), in split order
-        counts = torch.cat([counts, cnt_parts[:pool_splits].to(torch.int64).sum(0)])
+    lse2, counts, aux = merge_column_splits(lse_parts, cnt_parts, pool_splits, base2=True)
+    if aux is not None:  # the pool splits' counts: over the pool columns alone (C and E)
+        counts = torch.cat([counts, aux])
     return lse2, counts, s, own
 
 

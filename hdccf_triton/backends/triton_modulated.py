@@ -49,8 +49,8 @@ from ..interactions import InteractionIndex
 from ..options import LossOptions
 from ..terms import LossInputs, NegativeStats, column_log_q, combine_terms, prepare_scores
 from ._triton_runtime import (
-    NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, empty, load_kernels, merge_splits, sm_count,
-    split_size, without_dynamo,
+    NO_OVERRIDES, CallSetup, LaunchOverrides, accumulation_dtype, cdiv, column_splits, empty, load_kernels,
+    merge_column_splits, sm_count, split_size, without_dynamo,
 )
 
 __all__ = ["per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
@@ -275,34 +275,6 @@ def _constexprs(setup: _Setup) -> dict:
     )
 
 
-def column_splits(n_cols: int, n_pool: int, splits: int, block: int) -> tuple[int, int, int]:
-    """The column splits of the forward and the row-parallel backward: (columns per split, a
-    multiple of ``block``; splits in all; splits of the pool columns).
-
-    Without mixed negatives (``n_cols == n_pool``): ``split_size`` of the columns. With them,
-    no split straddles ``n_pool`` (as ``kernels/modulated_fwd.py::column_split`` reads them):
-    the split size of all ``n_cols`` columns, ceil(n_pool / size) splits over the pool
-    columns, then ceil((n_cols − n_pool) / size) over the extra ones (at most one more split
-    than asked for).
-    """
-    per, total = split_size(n_cols, splits, block)
-    if n_cols == n_pool:
-        return per, total, total
-    pool_splits = cdiv(n_pool, per)
-    return per, pool_splits + cdiv(n_cols - n_pool, per), pool_splits
-
-
-def merge_column_splits(lse_parts: torch.Tensor, cnt_parts: torch.Tensor, pool_splits: int):
-    """``[S, 4, M]`` partial log-sums and ``[S, 2, M]`` int32 partial counts of the column
-    splits → lse ``[4, M]``, counts ``[2, M]`` int64 over all splits and aux counts ``[2, M]``
-    int64 over the first ``pool_splits`` (the pool columns), each in a fixed order
-    (deterministic)."""
-    lse, counts = merge_splits(lse_parts, cnt_parts)
-    if pool_splits == cnt_parts.shape[0]:
-        return lse, counts, counts
-    return lse, counts, cnt_parts[:pool_splits].to(torch.int64).sum(0)
-
-
 def _forward(R, C, W3, setup: _Setup):
     """lse ``[4, M]`` (A, B, C, E) in the operands' dtype, counts ``[2, M]`` int64 over all
     columns and aux counts ``[2, M]`` int64 over the pool columns."""
@@ -310,14 +282,15 @@ def _forward(R, C, W3, setup: _Setup):
     _, M, dim = R.shape
     NP = C.shape[1]
     c = setup.config
-    cols_per_split, splits, pool_splits = column_splits(NP, setup.n_pool, c.col_splits, c.block_n)
+    cols_per_split, pool_splits, splits = column_splits(setup.n_pool, NP - setup.n_pool, c.col_splits, c.block_n)
     lse_parts = empty((splits, 4, M), R.dtype, R.device, setup.poison)
     cnt_parts = empty((splits, 2, M), torch.int32, R.device, setup.poison)
     fwd.modulated_stats_fwd_kernel[(cdiv(M, c.block_m), splits)](
         *_common_args(R, C, W3, setup), lse_parts, cnt_parts,
         M, NP, dim, setup.P, setup.row_offset, cols_per_split, setup.n_pool, **_constexprs(setup),
     )
-    return merge_column_splits(lse_parts, cnt_parts, pool_splits)
+    lse, counts, aux = merge_column_splits(lse_parts, cnt_parts, pool_splits)
+    return lse, counts, counts if aux is None else aux
 
 
 def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool):
@@ -329,7 +302,7 @@ def _backward(R, C, W3, lse, G, setup: _Setup, need_rows: bool, need_cols: bool)
     meta = _constexprs(setup)
     dR = dC = dW3 = None
     if need_rows:
-        cols_per_split, splits, _ = column_splits(NP, setup.n_pool, c.col_splits, c.block_n)
+        cols_per_split, _, splits = column_splits(setup.n_pool, NP - setup.n_pool, c.col_splits, c.block_n)
         row_blocks = cdiv(M, c.block_m)
         dR_parts = empty((splits, 8, M, dim), R.dtype, R.device, setup.poison)
         dW3_parts = empty((row_blocks * splits, dim, dim), R.dtype, R.device, setup.poison)
