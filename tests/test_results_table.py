@@ -54,7 +54,7 @@ def test_each_headline_row_is_one_setting_with_three_seeds():
     results = [json.loads(p.read_text()) for p in sorted(module.RESULTS.glob("*.json"))]
     for name, settings in module.HEADLINE:
         wanted = {**module.HEADLINE_BATCH, **settings}
-        runs = [r for r in results if all(r["config"].get(k) == v for k, v in wanted.items())]
+        runs = [r for r in results if all(module.setting(r["config"], k) == v for k, v in wanted.items())]
         assert sorted(r["config"]["seed"] for r in runs) == [0, 1, 2], name
         assert all(r["config"]["split"] == "auto" and r["dataset"]["name"] == "ml-1m" for r in runs), name
 
