@@ -7,7 +7,8 @@
     python examples/summarize_results.py --markdown examples/results/gowalla/*.json   # README's Gowalla table
     python examples/summarize_results.py runs/*/results.json --plot valid_ndcg.png
 
-Without file arguments the committed runs, examples/results/ml1m/*.json, are read.
+Without file arguments the committed ML-1M runs, examples/results/ml1m/*.json and
+examples/results/ml1m_logq/*.json, are read.
 
 Runs are grouped by everything in their config except the seed and the output paths; each
 group gives one row with the number of seeds and the mean ± the sample standard deviation over
@@ -35,7 +36,13 @@ from pathlib import Path
 
 from hdccf_triton.atomic import read_json  # errors name the file
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ml1m"
+#: the folders of the ML-1M runs the headline table reads: the paper's methods, and logQ / mixed negatives
+RESULT_DIRS = tuple(Path(__file__).resolve().parent / "results" / name for name in ("ml1m", "ml1m_logq"))
+
+
+def default_results() -> list[Path]:
+    """The JSONs of :data:`RESULT_DIRS`, in a fixed order."""
+    return sorted(p for folder in RESULT_DIRS for p in folder.glob("*.json"))
 METRICS = ("HR@10", "NDCG@10", "NDCG@50")
 #: the columns of each kind of evaluation: leave-one-out (both protocols) or a given test set (per user)
 COLUMNS = {"leave-one-out": [(p, m) for p in ("sampled", "full") for m in METRICS],
@@ -318,7 +325,7 @@ def plot(paths: list[Path], out: Path, protocol: str = "sampled", metric: str = 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", type=Path,
-                        help="results JSON files (default: examples/results/ml1m/*.json)")
+                        help="results JSON files (default: examples/results/ml1m/*.json and ml1m_logq/*.json)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--per-run", action="store_true",
@@ -331,7 +338,7 @@ def main(argv=None) -> int:
                         help="with --plot (default: the runs' selection protocol)")
     parser.add_argument("--metric", default=None, help="with --plot (default: the runs' selection metric)")
     args = parser.parse_args(argv)
-    paths = args.results or sorted(RESULTS.glob("*.json"))
+    paths = args.results or default_results()
     if args.plot:
         chosen = selection(read_json(paths[0])) if paths else ("sampled", "NDCG@10")
         plot(paths, args.plot, args.protocol or chosen[0], args.metric or chosen[1])
