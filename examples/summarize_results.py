@@ -254,11 +254,16 @@ HEADLINE = (
     ("in-batch softmax, τ = 1.0", dict(loss="softmax", similarity="dot", temperature=1.0, lr=0.001,
                                       weight_decay=0.0)),
     ("BPR-MF, wd 0.001", dict(loss="bpr", lr=0.001, weight_decay=0.001)),
+    # beyond the paper: the sampling-bias correction and mixed negatives, each at its tuning's choice
+    ("in-batch softmax + logQ, τ = 1.5", dict(loss="softmax", similarity="dot", temperature=1.5, lr=0.001,
+                                             weight_decay=0.0, logq=True)),
+    ("HDCCF + logQ (w/o debias), τ = 0.7", dict(loss="hdccf", similarity="dot", temperature=0.7,
+                                               lambda_user=1.0, lambda_item=1.0, no_debias=True, logq=True)),
 )
 
 
-def headline(paths: list[Path], split: str = "test") -> str:
-    """The headline table of README.md: the HEADLINE rows, mean ± std over each setting's seeds."""
+def headline_rows(paths: list[Path]) -> list[tuple[str, list[dict]]]:
+    """(name, runs sorted by seed) of every HEADLINE row; a row must match the seeds of one setting."""
     results = [read_json(path) for path in paths]
     rows = []
     for name, settings in HEADLINE:
@@ -269,7 +274,32 @@ def headline(paths: list[Path], split: str = "test") -> str:
             raise ValueError(f"headline row {name!r}: expected the seeds of one setting among the results, "
                              f"found {len(runs)} runs of {len(settings_found)} settings")
         rows.append((name, sorted(runs, key=lambda r: r["config"]["seed"])))
-    return metric_rows(rows, split)
+    return rows
+
+
+def margins(paths: list[Path], split: str = "test") -> str:
+    """Each HDCCF headline row against the best baseline row on each metric (the paper's way: per
+    metric, the baseline with the highest mean), in per cent of that baseline's mean."""
+    rows = headline_rows(paths)
+    columns = COLUMNS[one_kind([r for _, runs in rows for r in runs])]
+    mean = lambda runs, p, m: statistics.mean(r[split][p][m] for r in runs)  # noqa: E731
+    baselines = [(n, runs) for n, runs in rows if not n.startswith("HDCCF")]
+    header = ["HDCCF row"] + [f"{p} {m}" for p, m in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in rows:
+        if not name.startswith("HDCCF"):
+            continue
+        cells = [name]
+        for p, m in columns:
+            best_name, best = max(((n, mean(b, p, m)) for n, b in baselines), key=lambda t: t[1])
+            cells.append(f"{100 * (mean(runs, p, m) / best - 1):+.1f} % (vs {best_name.split(',')[0]})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline(paths: list[Path], split: str = "test") -> str:
+    """The headline table of README.md: the HEADLINE rows, mean ± std over each setting's seeds."""
+    return metric_rows(headline_rows(paths), split)
 
 
 def run_label(c: dict) -> str:
@@ -332,6 +362,8 @@ def main(argv=None) -> int:
                       help="one row per run with its hyperparameters and validation score (a tuning log)")
     mode.add_argument("--markdown", action="store_true",
                       help="the headline table of README.md: each method at its chosen setting, chronological split")
+    mode.add_argument("--margins", action="store_true",
+                      help="each HDCCF row of the headline table against the best baseline row, per metric, in %%")
     mode.add_argument("--plot", metavar="PNG", type=Path, default=None,
                       help="draw validation --metric per epoch (--protocol) of each group of runs into PNG")
     parser.add_argument("--protocol", default=None, choices=["sampled", "full", "per_user"],
@@ -344,6 +376,8 @@ def main(argv=None) -> int:
         plot(paths, args.plot, args.protocol or chosen[0], args.metric or chosen[1])
     elif args.markdown:
         print(headline(paths, args.split))
+    elif args.margins:
+        print(margins(paths, args.split))
     else:
         print(per_run(paths) if args.per_run else summarize(paths, args.split))
     return 0
