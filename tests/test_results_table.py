@@ -103,3 +103,16 @@ def test_readme_gowalla_table_is_the_scripts_output():
     assert len(runs) == 3 and all(json.loads(p.read_text())["dataset"]["name"] == "gowalla" for p in runs)
     assert text[text.index(start) + len(start):text.index(end)] == module.headline(runs) + "\n", \
         "paste `python examples/summarize_results.py --markdown examples/results/gowalla/*.json` between the markers"
+
+
+def test_margins_compare_each_hdccf_row_with_the_best_baseline_per_metric():
+    module = summarize_module()
+    rows = dict(module.headline_rows(module.default_results()))
+    table = module.margins(module.default_results()).splitlines()
+    hdccf = [line for line in table[2:]]
+    assert [line.split(" | ")[0].lstrip("| ") for line in hdccf] == [n for n in rows if n.startswith("HDCCF")]
+    # the first cell: sampled HR@10 of the paper's HDCCF row against the best baseline's mean
+    mean = lambda runs: sum(r["test"]["sampled"]["HR@10"] for r in runs) / len(runs)  # noqa: E731
+    name = next(iter(rows))
+    best = max(mean(runs) for n, runs in rows.items() if not n.startswith("HDCCF"))
+    assert f"{100 * (mean(rows[name]) / best - 1):+.1f} %" in hdccf[0].split(" | ")[1]
