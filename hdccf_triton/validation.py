@@ -100,64 +100,54 @@ def validate_inputs(
     ids = [t.to(torch.int64) for t in tensors[4:]]
     params = list(similarity.named_parameters())
     score_bound = None if temperature is None or similarity.normalize else float(temperature)
-    _check_values(tensors[:4], ids, interactions, params, score_bound)
-    extra = None if extra_negatives is None else _validate_extra(extra_negatives, user_emb, interactions, score_bound)
+    extra = None if extra_negatives is None else _checked_extra(extra_negatives, user_emb)
+    tables = {name: _checked_table(name, table, interactions, kind, device)
+              for name, table, kind in (("item_log_q", item_log_q, "num_items"), ("user_log_q", user_log_q, "num_users"))}
+    _check_values(tensors[:4], ids, interactions, params, score_bound, extra, tables)
     log_q = None
     if item_log_q is not None or user_log_q is not None:
-        x_ids, y_ids = ids[2].reshape(-1), ids[3].reshape(-1)
-        if extra is not None:
-            x_ids, y_ids = torch.cat([x_ids, extra.items]), torch.cat([y_ids, extra.users])
-        log_q = (_validate_log_q("item_log_q", item_log_q, x_ids, interactions, "num_items", device),
-                 _validate_log_q("user_log_q", user_log_q, y_ids, interactions, "num_users", device))
+        log_q = tuple(None if t is None else t.detach() for t in tables.values())
     return LossInputs(user_emb, item_emb, pool_item_emb, pool_user_emb, *ids, extra, log_q)
 
 
-def _validate_extra(extra, user_emb: torch.Tensor, interactions, score_bound) -> ExtraNegatives:
-    """The mixed negatives: an :class:`ExtraNegatives` of embeddings ``[B′, d]`` (the
-    embeddings' dtype and device) and ids ``[B′]``; ids in range, embeddings finite."""
+_EXTRA = ("extra_negatives.item_emb", "extra_negatives.user_emb", "extra_negatives.items", "extra_negatives.users")
+
+
+def _checked_extra(extra, user_emb: torch.Tensor) -> ExtraNegatives:
+    """The mixed negatives' types, shapes, dtypes and device (their values are checked with the
+    rest, :func:`_check_values`): embeddings ``[B′, d]`` in the embeddings' dtype, ids ``[B′]``,
+    returned as int64."""
     if not isinstance(extra, ExtraNegatives):
         raise TypeError(
             "extra_negatives must be an ExtraNegatives(item_emb, user_emb, items, users) or None, "
             f"got {type(extra).__name__}"
         )
-    names = ("extra_negatives.item_emb", "extra_negatives.user_emb", "extra_negatives.items", "extra_negatives.users")
-    for name, t in zip(names, extra):
+    for name, t in zip(_EXTRA, extra):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != user_emb.device:
             raise ValueError(f"{name} is on {t.device} but user_emb is on {user_emb.device}: move all inputs to one device")
     d = user_emb.shape[1]
     if extra.item_emb.dim() != 2 or extra.item_emb.shape[0] == 0 or extra.item_emb.shape[1] != d:
-        raise ValueError(f"{names[0]} must have shape [B', d] with B' >= 1 and d = {d}, got {list(extra.item_emb.shape)}")
+        raise ValueError(f"{_EXTRA[0]} must have shape [B', d] with B' >= 1 and d = {d}, got {list(extra.item_emb.shape)}")
     B = extra.item_emb.shape[0]
-    for name, t in zip(names[:2], extra[:2]):
+    for name, t in zip(_EXTRA[:2], extra[:2]):
         if t.dtype != user_emb.dtype:
             raise TypeError(f"{name} must have the embeddings' dtype {user_emb.dtype}, got {t.dtype}")
         if tuple(t.shape) != (B, d):
             raise ValueError(f"{name} must have shape [B', d] = {[B, d]}, got {list(t.shape)}")
-    for name, t in zip(names[2:], extra[2:]):
+    for name, t in zip(_EXTRA[2:], extra[2:]):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer ids (int64), got dtype {t.dtype}")
         if tuple(t.shape) != (B,):
             raise ValueError(f"{name} must have shape [B'] = [{B}], got {list(t.shape)}")
-    items, users = extra.items.to(torch.int64), extra.users.to(torch.int64)
-    probe = torch.stack([items.min(), items.max(), users.min(), users.max(),
-                         torch.isfinite(extra.item_emb).all().long(), torch.isfinite(extra.user_emb).all().long()]).tolist()
-    for name, (lo, hi), kind in ((names[2], probe[0:2], "num_items"), (names[3], probe[2:4], "num_users")):
-        if lo < 0:
-            raise ValueError(f"{name} must be non-negative ids, got a minimum of {lo}")
-        if interactions is not None and hi >= getattr(interactions, kind):
-            upper = getattr(interactions, kind)
-            raise ValueError(f"{name} holds id {hi}, outside the interaction index's range [0, {upper}) ({kind}={upper})")
-    for name, finite in zip(names[:2], probe[4:]):
-        if not finite:
-            raise ValueError(f"{name} holds non-finite values (NaN or inf)")
-    return ExtraNegatives(extra.item_emb, extra.user_emb, items, users)
+    return ExtraNegatives(extra.item_emb, extra.user_emb, extra.items.to(torch.int64), extra.users.to(torch.int64))
 
 
-def _validate_log_q(name: str, table, ids: torch.Tensor, interactions, kind: str, device) -> torch.Tensor | None:
-    """A sampling-correction table: None, or a finite floating 1-D tensor on ``device`` that covers
-    every id of its columns (``interactions.num_items`` / ``num_users`` entries when given)."""
+def _checked_table(name: str, table, interactions, kind: str, device) -> torch.Tensor | None:
+    """A sampling-correction table's type, shape and device: None, or a floating 1-D tensor on
+    ``device`` (``interactions.num_items`` / ``num_users`` entries when given); its values and
+    its cover of the columns' ids are checked with the rest (:func:`_check_values`)."""
     if table is None:
         return None
     if not isinstance(table, torch.Tensor):
@@ -170,43 +160,59 @@ def _validate_log_q(name: str, table, ids: torch.Tensor, interactions, kind: str
         raise ValueError(f"{name} is on {table.device} but user_emb is on {device}: move all inputs to one device")
     if interactions is not None and table.shape[0] != getattr(interactions, kind):
         raise ValueError(f"{name} must have {kind} = {getattr(interactions, kind)} entries, got {table.shape[0]}")
-    finite, largest = torch.stack([torch.isfinite(table).all().long(), ids.max()]).tolist()
-    if not finite:
-        raise ValueError(f"{name} holds non-finite values (NaN or inf): give finite log-probabilities")
-    if largest >= table.shape[0]:
-        raise ValueError(f"{name} has {table.shape[0]} entries but a column has id {largest}")
-    return table.detach()
+    return table
 
 
-def _check_values(embeddings, ids, interactions, params=(), temperature=None) -> None:
-    """Ids non-negative and in the index's range; embeddings and the similarity's parameters
-    finite; with a temperature, scores that cannot overflow: one synchronisation."""
-    probes = [torch.stack([t.min(), t.max()]).to(torch.int64) for t in ids]
-    finite = [torch.isfinite(t).all() for t in embeddings] + [torch.isfinite(p.detach()).all() for _, p in params]
+def _check_values(embeddings, ids, interactions, params=(), temperature=None, extra=None, tables=None) -> None:
+    """Ids non-negative and in the index's range; embeddings, the mixed negatives' embeddings,
+    the correction tables and the similarity's parameters finite; every column id covered by
+    its table; with a temperature, scores that cannot overflow: one synchronisation."""
+    tables = {k: t for k, t in (tables or {}).items() if t is not None}
+    id_names, id_tensors = list(_IDS), list(ids)
+    emb_names, emb_tensors = list(_EMBEDDINGS), list(embeddings)
+    if extra is not None:
+        id_names += list(_EXTRA[2:])
+        id_tensors += list(extra[2:])
+        emb_names += list(_EXTRA[:2])
+        emb_tensors += list(extra[:2])
+    probes = [torch.stack([t.min(), t.max()]).to(torch.int64) for t in id_tensors]
+    finite = ([torch.isfinite(t).all() for t in emb_tensors] + [torch.isfinite(t).all() for t in tables.values()]
+              + [torch.isfinite(p.detach()).all() for _, p in params])
     probes.append(torch.stack(finite).to(torch.int64))
     if temperature is not None:  # max |entry| of each embedding tensor, as float64 bits: one sync with the rest
-        probes.append(torch.stack([t.detach().abs().amax().double() for t in embeddings]).view(torch.int64))
+        probes.append(torch.stack([t.detach().abs().amax().double() for t in emb_tensors]).view(torch.int64))
     values = torch.cat(probes).tolist()
     if temperature is not None:
-        largest = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values[-len(embeddings):]]
-        values = values[: -len(embeddings)]
-    for n, name in enumerate(_IDS):
+        largest = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values[-len(emb_tensors):]]
+        values = values[: -len(emb_tensors)]
+    highest = {}
+    for n, name in enumerate(id_names):
         lo, hi = values[2 * n], values[2 * n + 1]
+        kind = "num_users" if name.endswith("users") else "num_items"
+        if name not in ("users", "items"):  # a column's id: the tables must cover it
+            highest[kind] = max(highest.get(kind, hi), hi)
         if lo < 0:
             raise ValueError(f"{name} must be non-negative ids, got a minimum of {lo}")
         if interactions is not None:
-            upper = interactions.num_users if name in ("users", "pool_users") else interactions.num_items
-            kind = "num_users" if name in ("users", "pool_users") else "num_items"
+            upper = getattr(interactions, kind)
             if hi >= upper:
                 raise ValueError(
                     f"{name} holds id {hi}, outside the interaction index's range [0, {upper}) ({kind}={upper})"
                 )
-    names = list(_EMBEDDINGS) + [f"similarity.{name}" for name, _ in params]
-    for name, finite in zip(names, values[2 * len(_IDS):]):
+    names = emb_names + list(tables) + [f"similarity.{name}" for name, _ in params]
+    for name, finite in zip(names, values[2 * len(id_names):]):
         if not finite:
-            raise ValueError(f"{name} holds non-finite values (NaN or inf)")
+            hint = ": give finite log-probabilities" if name in tables else ""
+            raise ValueError(f"{name} holds non-finite values (NaN or inf){hint}")
+    for name, table in tables.items():  # the columns' ids: pool items (users) and the mixed negatives
+        top = highest["num_items" if name == "item_log_q" else "num_users"]
+        if top >= table.shape[0]:
+            raise ValueError(f"{name} has {table.shape[0]} entries but a column has id {top}")
     if temperature is not None:
-        _check_score_range(embeddings, largest, temperature)
+        u, i, x, y = largest[:4]
+        if extra is not None:  # the mixed negatives are scored as the pools are
+            x, y = max(x, largest[4]), max(y, largest[5])
+        _check_score_range(embeddings, [u, i, x, y], temperature)
 
 
 def _check_score_range(embeddings, largest, temperature) -> None:

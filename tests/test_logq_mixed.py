@@ -322,3 +322,12 @@ def test_the_objective_passes_the_batch_mixed_negatives_to_the_loss():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     without = objective(batch[:4])
     assert not torch.allclose(got, without)
+
+
+def test_large_mixed_negatives_are_in_the_score_range_check():
+    # float32: finite extra item embeddings whose scores against the users would overflow
+    b = make_batch(M=4, P=2, d=4, dtype=torch.float32)
+    extra = extras()
+    huge = ExtraNegatives(extra.item_emb.float() * 1e38, extra.user_emb.float(), extra.items, extra.users)
+    with pytest.raises(ValueError, match="the scores may overflow"):
+        debiased_contrastive_loss(*b.tensors, interactions=b.index, backend="torch", extra_negatives=huge)
