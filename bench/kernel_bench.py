@@ -50,7 +50,10 @@ TARGET = (4096, 4, 64, "bfloat16")  # the shape of the performance targets
 #: A/B rows at the target shape: the Triton backend with these tiles (block_m, block_n, num_warps)
 #: forced on all three kernels, beside the launch heuristic's own choice ("triton"); the
 #: backend is then labelled ``triton[BMxBNwW]``. bench/sass_report.py estimates the same statically.
-AB_TILES = ((64, 32, 4), (128, 32, 8), (128, 64, 8))
+AB_TILES = ((64, 16, 4), (128, 32, 8), (128, 64, 8))
+#: and the A/B row of the masks gathered from D in every pass instead of read from the batch's
+#: bits (``LaunchOverrides(mask_bits=False)``, the launch heuristic's tiles)
+AB_GATHER = "triton[gather]"
 DRY_TARGET = (32, 2, 8, "float32")  # stands in for it in --dry-run
 #: the block_d whose GPU tiles --compile-only compiles (those triton_dot tunes, 64 to 256)
 COMPILE_BLOCK_D = (64, 128, 256)
@@ -133,7 +136,7 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
     shapes = [(M, P, d, t) for t in grid["dtype"] for M in grid["M"] for P in grid["P"] for d in grid["d"]]
     plan = [(shape, ("triton", "torch")) for shape in shapes]
     if not dry_run:  # A/B: other tiles at the target shape (bench/sass_report.py explains them)
-        plan += [(shape, tuple(_ab_name(t) for t in AB_TILES)) for shape in shapes if shape == TARGET]
+        plan += [(shape, (AB_GATHER, *(_ab_name(t) for t in AB_TILES))) for shape in shapes if shape == TARGET]
     plan += [(shape, ("torch.compile",)) for shape in shapes if shape in compile_shapes]
     rows = []
     for shape, names in plan:
@@ -147,7 +150,7 @@ def run_grid(grid: dict, compile_shapes: set, budget: float, *, dry_run: bool, o
             elif name != "triton" and elapsed > budget:
                 skip = "skipped: time budget"
             fn = {"triton": triton_dot.per_row_loss, "torch": reference.per_row_loss}.get(name)
-            if name.startswith("triton["):  # an A/B row: the tiles forced on all three kernels
+            if name.startswith("triton["):  # an A/B row: gathered masks, or tiles forced on all three kernels
                 fn = _ab_fn(triton_dot.per_row_loss, name)
             elif fn is None:  # compiled once per shape (dynamic=False), at its first call
                 fn = compile_baseline(reference.per_row_loss, dry_run)
@@ -168,12 +171,15 @@ def _ab_name(tile) -> str:
 
 
 def _ab_fn(per_row_loss, name):
-    """``per_row_loss`` with the tiles of an A/B row name ``triton[BMxBNwW]`` forced."""
+    """``per_row_loss`` with the tiles of an A/B row name ``triton[BMxBNwW]`` forced, or with
+    the masks gathered in every pass (:data:`AB_GATHER`)."""
     import functools
     import re
 
     from hdccf_triton.backends._triton_runtime import LaunchOverrides
 
+    if name == AB_GATHER:
+        return functools.partial(per_row_loss, overrides=LaunchOverrides(mask_bits=False))
     bm, bn, w = map(int, re.fullmatch(r"triton\[(\d+)x(\d+)w(\d+)\]", name).groups())
     return functools.partial(per_row_loss, overrides=LaunchOverrides(block_m=bm, block_n=bn, num_warps=w))
 

@@ -13,6 +13,7 @@ Triton (``triton/backends/nvidia/bin``).
     python bench/sass_report.py                       # full grid -> bench/results/sass_report.{csv,md}
     python bench/sass_report.py --quick               # bf16, dot, d = 64, M = 4096 only
     python bench/sass_report.py --quick --tiles 128,32,8 --out /tmp/r   # A/B: other tiles, all three kernels
+    python bench/sass_report.py --quick --gather --out /tmp/r      # A/B: the masks gathered in every pass
     python bench/sass_report.py --quick --d 128 --dtype float32 --sim cosine --M 1024 --P 2
     python3 bench/sass_report.py --precompile --jobs 8     # on the GPU machine: compile the kernels
                                                            # bench/kernel_bench.py --quick launches,
@@ -26,8 +27,9 @@ rate assumes a full scheduler every cycle), occupancy beyond "one program per SM
 
 How the sweep loop is found in SASS: a loop is a backward branch (``BRA`` to a lower address);
 its body is the address range [target, branch]. The sweep over the score tiles is the
-outermost loop that holds the most instructions (the backward row pass also has a short loop
-over the P own columns, the modulated kernels have inner loops over the embedding dim). Per
+outermost loop that holds the most ``MUFU`` instructions, then the most instructions (the
+backward row pass also has a loop over the P own columns, the modulated kernels have inner
+loops over the embedding dim). Per
 iteration of the sweep, the body of an inner loop counts d times (those loops run over a
 runtime d and ptxas leaves them rolled: :func:`loop_work`). Code that ptxas moves out of line
 (after ``EXIT``) is not counted.
@@ -164,9 +166,10 @@ def _index():
     return realistic_index(torch.device("cpu"))
 
 
-def dot_launches(M, P, d, dtype_name, sim, index, arch=90, tiles=None):
+def dot_launches(M, P, d, dtype_name, sim, index, arch=90, tiles=None, mask_bits=None):
     """The launches of the dot/cosine backend's forward and backward at (M, P, d); ``tiles``
-    (block_m, block_n, num_warps) overrides the launch heuristic's tiles of all three kernels."""
+    (block_m, block_n, num_warps) overrides the launch heuristic's tiles of all three kernels,
+    ``mask_bits`` (True / False) whether the masks are read from bits or gathered."""
     import torch
 
     from hdccf_triton.backends import triton_dot
@@ -178,7 +181,7 @@ def dot_launches(M, P, d, dtype_name, sim, index, arch=90, tiles=None):
     extra = dict(zip(("block_m", "block_n", "num_warps"), tiles)) if tiles else {}
     with capture_launches(arch) as (launches, _):
         _run_backend(triton_dot.per_row_loss, leaves, ids, index, options,
-                     overrides=LaunchOverrides(sm_count=N_SM, **extra))
+                     overrides=LaunchOverrides(sm_count=N_SM, mask_bits=mask_bits, **extra))
     return launches
 
 
@@ -308,13 +311,17 @@ def loops(ins) -> list[tuple[int, int]]:
 
 
 def sweep_loop(ins):
-    """The sweep over the score tiles: the outermost loop with the most instructions."""
+    """The sweep over the score tiles: the outermost loop with the most exponentials (``MUFU``)
+    and, among equals, the most instructions (the row pass's loop over its P own columns,
+    after the sweep, may hold more instructions than the sweep itself; the bits' kernel has
+    no exponential and one loop)."""
     ls = loops(ins)
     if not ls:
         return None, []
     outer = [l for l in ls if not any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in ls)]
     size = lambda l: sum(l[0] <= a <= l[1] for a, _, _ in ins)  # noqa: E731
-    best = max(outer, key=size)
+    mufu = lambda l: sum(l[0] <= a <= l[1] and op.startswith("MUFU") for a, op, _ in ins)  # noqa: E731
+    best = max(outer, key=lambda l: (mufu(l), size(l)))
     inner = [l for l in ls if l != best and best[0] <= l[0] and l[1] <= best[1]]
     return best, inner
 
@@ -366,10 +373,14 @@ def loop_work(ins, inner_trip: float = 1.0) -> dict:
 # The report
 # ---------------------------------------------------------------------------------------------
 
-_PASS = {"negative_stats_fwd_kernel": "fwd", "negative_stats_bwd_rows_kernel": "rows",
+_PASS = {"true_negative_bits_kernel": "mask", "negative_stats_fwd_kernel": "fwd", "negative_stats_bwd_rows_kernel": "rows",
          "negative_stats_bwd_cols_kernel": "cols", "own_scores_kernel": "own",
          "modulated_stats_fwd_kernel": "fwd", "modulated_stats_bwd_rows_kernel": "rows",
          "modulated_stats_bwd_cols_kernel": "cols"}
+
+#: the passes over the (row, column) pairs: the masks' bits (once per batch, when used), the
+#: forward, the row pass and the column pass
+SWEEPS = ("mask", "fwd", "rows", "cols")
 
 FIELDS = ["family", "dtype", "sim", "M", "P", "d", "pass", "kernel", "block_m", "block_n", "warps", "stages",
           "programs", "loop_instr", "instr_per_pair", "mufu_per_pair", "ex2_per_pair", "tc_per_iter",
@@ -385,7 +396,8 @@ def kernel_rows(family, M, P, d, dtype, sim, launches, target, inner_trip) -> li
         work = loop_work(ins, inner_trip)
         k = launch.constexprs
         bm = int(k.get("BLOCK_M", 0))
-        bn = int(k.get("BLOCK_N", 0))
+        # the bits' kernel: BLOCK_W words of 32 columns per tile
+        bn = int(k.get("BLOCK_N", 0)) or 32 * int(k.get("BLOCK_W", 0))
         warps = int(launch.options["num_warps"])
         programs = 1
         for g in launch.grid:
@@ -402,7 +414,7 @@ def kernel_rows(family, M, P, d, dtype, sim, launches, target, inner_trip) -> li
                    redux_per_iter=work.get("redux", 0.0), spills_loop=work.get("spill", 0.0),
                    spills_total=sum(op.split(".")[0] in ("LDL", "STL") for _, op, _ in ins),
                    regs=c.regs, stack=c.stack, smem=c.shared, note="")
-        if row["pass"] in ("fwd", "rows", "cols") and per_pair:
+        if row["pass"] in SWEEPS and per_pair:
             pairs = M * M * P
             active = min(N_SM, programs)
             row["issue_ms"] = per_pair * pairs / 32 / (ISSUE_PER_CLK * CLOCK_HZ * active) * 1e3
@@ -417,18 +429,18 @@ def total_row(rows, family, M, P, d, dtype, sim) -> dict:
     pairs = M * M * P
     tc = PRODUCTS_PER_PAIR * 2 * d * pairs / TC_FLOPS["bfloat16" if dtype == "bfloat16" else "float32"] * 1e3
     mufu = EXPS_PER_PAIR * pairs / (N_SM * MUFU_PER_CLK * CLOCK_HZ) * 1e3
-    issue = sum(r.get("issue_ms") or 0.0 for r in rows if r["pass"] in ("fwd", "rows", "cols"))
-    per_pair = sum(r["instr_per_pair"] for r in rows if r["pass"] in ("fwd", "rows", "cols"))
+    issue = sum(r.get("issue_ms") or 0.0 for r in rows if r["pass"] in SWEEPS)
+    per_pair = sum(r["instr_per_pair"] for r in rows if r["pass"] in SWEEPS)
     note = f"floor {max(tc, mufu):.3f} ms = max(products {tc:.3f} ms, MUFU {mufu:.3f} ms)"
     if family == "modulated":
         note = "floor not modelled (pairwise d×d work on the FMA units)"
     return dict(family=family, dtype=dtype, sim=sim, M=M, P=P, d=d, kernel="all", **{"pass": "fwd+bwd"},
                 instr_per_pair=per_pair, issue_ms=issue, note=note,
-                mufu_per_pair=sum(r["mufu_per_pair"] for r in rows if r["pass"] in ("fwd", "rows", "cols")),
+                mufu_per_pair=sum(r["mufu_per_pair"] for r in rows if r["pass"] in SWEEPS),
                 spills_loop=sum(r["spills_loop"] for r in rows))
 
 
-def build(grid: dict, modulated: bool, quiet=False, tiles=None) -> list[dict]:
+def build(grid: dict, modulated: bool, quiet=False, tiles=None, mask_bits=None) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
@@ -445,7 +457,7 @@ def build(grid: dict, modulated: bool, quiet=False, tiles=None) -> list[dict]:
                 for M in grid["M"]:
                     for P in grid["P"]:
                         t = time.perf_counter()
-                        launches = dot_launches(M, P, d, dtype, sim, index, tiles=tiles)
+                        launches = dot_launches(M, P, d, dtype, sim, index, tiles=tiles, mask_bits=mask_bits)
                         from triton.backends.compiler import GPUTarget
 
                         target = GPUTarget("cuda", 90, 32)
@@ -617,7 +629,7 @@ def readme_table(before: list[dict], after: list[dict], M: int = 4096) -> str:
 # ---------------------------------------------------------------------------------------------
 
 #: what ``bench/kernel_bench.py --quick`` launches: (M, P, d, dtype, sim, tiles), tiles None
-#: for the heuristic; the A/B tiles at the target shape
+#: for the heuristic; the A/B tiles at the target shape, and "gather" (its gathered masks)
 def bench_quick_configs():
     sys.path.insert(0, str(ROOT / "bench"))
     import kernel_bench  # noqa: E402
@@ -625,7 +637,7 @@ def bench_quick_configs():
     q = kernel_bench.QUICK
     out = [(M, P, d, t, "dot", None) for M in q["M"] for P in q["P"] for d in q["d"] for t in q["dtype"]]
     M, P, d, t = kernel_bench.TARGET
-    out += [(M, P, d, t, "dot", tile) for tile in kernel_bench.AB_TILES]
+    out += [(M, P, d, t, "dot", tile) for tile in (*kernel_bench.AB_TILES, "gather")]
     return out
 
 
@@ -651,7 +663,9 @@ def _precompile_one(config):
 
     _triton_runtime.load_kernels()
     t = time.perf_counter()
-    launches = dot_launches(M, P, d, dtype, sim, _index(), arch=arch, tiles=tiles)
+    gather = tiles == "gather"
+    launches = dot_launches(M, P, d, dtype, sim, _index(), arch=arch, tiles=None if gather else tiles,
+                            mask_bits=False if gather else None)
     target = GPUTarget("cuda", arch, 32)
     seen = set()
     for launch in launches:
@@ -692,6 +706,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="sass_report", help="output file stem (default sass_report)")
     p.add_argument("--tiles", default=None, help="BM,BN,WARPS: override the tiles of the three dot kernels "
                    "(A/B exploration; the default is the launch heuristic)")
+    p.add_argument("--gather", action="store_true",
+                   help="the masks gathered from D in every pass (A/B: the default reads them from bits)")
     p.add_argument("--precompile", action="store_true",
                    help="compile what bench/kernel_bench.py --quick launches, in parallel, into Triton's cache")
     p.add_argument("--jobs", type=int, default=4, help="processes for --precompile")
@@ -723,7 +739,8 @@ def main(argv=None) -> int:
         grid = dict(grid, P=tuple(args.P))
     if args.sim:
         grid = dict(grid, sim=tuple(args.sim))
-    rows = build(grid, modulated=not (args.quick or args.no_modulated), tiles=tiles)
+    rows = build(grid, modulated=not (args.quick or args.no_modulated), tiles=tiles,
+                 mask_bits=False if args.gather else None)
     write(rows, args.out, args.name)
     return 0
 

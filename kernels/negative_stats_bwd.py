@@ -35,7 +35,7 @@ inverse norm for cosine), f = log2(e)/τ (times the row's) and lse₂ = lse·log
 wrote it: one FFMA and one ``MUFU.EX2`` per weight. The true-negative masks are formed just
 before the two score tiles that use each (Tᴵ for A and E, Tᵁ for B and C).
 
-The forward's two options (constexprs; off, the code is that of the plain loss):
+The forward's options (constexprs; off, the code is that of the plain loss):
 
 * ``LOGQ``, the sampling-bias correction (hdccf_triton/LOSS.md, "Sampling-bias correction"):
   the scores in the sums are the corrected ones, A[k, j] − ℓᴵ_j, …, so the weights are
@@ -48,6 +48,10 @@ The forward's two options (constexprs; off, the code is that of the plain loss):
   (the column pass's owner row of an extra column, j // P − row_offset ≥ N − row_offset ≥ M,
   is never among its rows, so the own-block terms skip it). The column pass writes dX, dY for
   all C columns; the host's ``torch.cat`` of pools and extras routes them back.
+
+* ``MASK_BITS``: the true-negative masks are read from the batch's bits, computed once in the
+  forward (``negative_mask.py``: one bit test per pair instead of two gathers from D); the
+  same masks, so the same results bit for bit.
 
 Two kernels, no atomics (bit-identical results run to run): a row-parallel one for dU, dI
 (each program owns BLOCK_M rows and sweeps the columns) and a column-parallel one for dX, dY
@@ -67,6 +71,7 @@ import triton
 import triton.language as tl
 
 from .membership import own_block_excluded, true_item_mask, true_user_mask
+from .negative_mask import bits_mask, column_bits, tile_bits
 from .negative_stats_fwd import (
     SCALE_INV_TAU, SCALE_LOG2E_TAU, column_bias, column_scaled, inv_norms, load_own_block, normalized,
     pool_columns, score_dot,
@@ -161,6 +166,7 @@ def negative_stats_bwd_rows_kernel(
     scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
     QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
+    BI, BU,  # [M, W] int32 bits of Tᴵ, Tᵁ (negative_mask.py; read for MASK_BITS only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E in base 2 (lse₂ = lse·log2 e, as the forward wrote them)
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (accumulation dtype)
@@ -168,8 +174,10 @@ def negative_stats_bwd_rows_kernel(
     DU, DI,  # [S, M, D] out: partial dU, dI per column split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, cols_per_split,
     n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
+    W,  # words a row of BI, BU (read for MASK_BITS only)
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr, COSINE: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
+    MASK_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -207,6 +215,9 @@ def negative_stats_bwd_rows_kernel(
     b_du = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_di = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
 
+    p_bits = o_m.to(tl.int64) * W  # [BLOCK_M] the rows' first words in BI, BU (MASK_BITS)
+    b_bit = column_bits(BLOCK_N)  # [BLOCK_N] each tile column's bit in its word (MASK_BITS)
+
     col_start = i_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, NP)
     for j0 in range(col_start, col_end, BLOCK_N):
@@ -222,16 +233,21 @@ def negative_stats_bwd_rows_kernel(
         b_ry = inv_norms(RY, o_n, m_n, COSINE)  # [BLOCK_N]
         b_qx = column_bias(QX, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the X columns (0, unread, without LOGQ)
         b_qy = column_bias(QY, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the Y columns
-        # the negatives: in range, outside the row's own block
-        m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
-
-        # Tᴵ (masks A, E);  Tᵁ (masks B, C) here too for FMA products (fp32/fp64) and d > 64, else
-        # just before its two tiles: what ptxas allocates best (bench/sass_report.py)
-        m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
-                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
-        if b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64:
-            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
-                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
+        if MASK_BITS:  # the masks from the batch's bits (negative_mask.py)
+            b_lo_i, b_hi_i = tile_bits(BI + p_bits, m_m, j0, col_end, BLOCK_N)  # [BLOCK_M] bits of Tᴵ
+            b_lo_u, b_hi_u = tile_bits(BU + p_bits, m_m, j0, col_end, BLOCK_N)  # [BLOCK_M] bits of Tᵁ
+            m_item = bits_mask(b_lo_i, b_hi_i, b_bit, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+            m_user = bits_mask(b_lo_u, b_hi_u, b_bit, BLOCK_N)
+        else:
+            # the negatives: in range, outside the row's own block
+            m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
+            # Tᴵ (masks A, E);  Tᵁ (masks B, C) here too for FMA products (fp32/fp64) and d > 64, else
+            # just before its two tiles: what ptxas allocates best (bench/sass_report.py)
+            m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+            if b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64:
+                m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                        index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
         # w_A = g_A·p_A with A = U Xᵀ / τ;  dU += w_A X
         # (p = 2^(t·f − lse₂), LOGQ: 2^(t·f − q₂ − lse₂); cosine: w carries r_X)
         b_t = column_scaled(score_dot(b_u, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
@@ -243,7 +259,7 @@ def negative_stats_bwd_rows_kernel(
         b_w = scale_weights(b_w, b_rx, 1, COSINE)
         b_di += score_dot(b_w.to(b_x.dtype), b_x, UPCAST)  # [BLOCK_M, BLOCK_D]
 
-        if not (b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64):
+        if not (MASK_BITS or b_u.dtype.is_fp32() or b_u.dtype.is_fp64() or BLOCK_D > 64):
             m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                     index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
         # w_C = g_C·p_C with C = U Yᵀ / τ;  dU += w_C Y   (EXTRA: pool columns only)
@@ -291,6 +307,7 @@ def negative_stats_bwd_cols_kernel(
     scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
     QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
+    BI, BU,  # [M, W] int32 bits of Tᴵ, Tᵁ (negative_mask.py; read for MASK_BITS only)
     LSE,  # [4, M] lse_A, lse_B, lse_C, lse_E in base 2 (lse₂ = lse·log2 e, as the forward wrote them)
     G,  # [4, M] their upstream gradients (accumulation dtype)
     GS,  # [M] upstream gradient of s (unused here: s depends on U and I only)
@@ -298,8 +315,10 @@ def negative_stats_bwd_cols_kernel(
     DX, DY,  # [S, NP, D] out: partial dX, dY per row split (fp32/fp64; the input dtype when S = 1)
     M, NP, D, P, row_offset, rows_per_split,
     n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
+    W,  # words a row of BI, BU (read for MASK_BITS only)
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr, COSINE: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
+    MASK_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -329,6 +348,8 @@ def negative_stats_bwd_cols_kernel(
     b_dx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
 
+    b_bit = column_bits(BLOCK_N)  # [BLOCK_N] each column's bit in its word (MASK_BITS)
+
     row_start = i_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     for k0 in range(row_start, row_end, BLOCK_M):
@@ -356,15 +377,22 @@ def negative_stats_bwd_cols_kernel(
         b_fi = (b_ri * scale2 + tl.full([BLOCK_M], 0.0, dtype=inv_tau.dtype))[:, None]  # [BLOCK_M, 1]
         # the tiles in the forward's orientation [rows, columns], so that the recomputed
         # scores are the forward's to the bit and p sums to 1 with the forward's lse
-        m_neg = own_block_excluded(((row_offset + o_m) * P)[:, None], o_n[None, :],
-                                   m_m[:, None] & m_n[None, :], P)  # [BLOCK_M, BLOCK_N]
-        # Tᴵ (masks A, E); Tᵁ (masks B, C) here too for FMA products (fp32/fp64) and d > 64, else
-        # just before its two tiles: what ptxas allocates best (bench/sass_report.py: fewest spills)
-        m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
-                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
-        if b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64:
-            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
-                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
+        if MASK_BITS:  # the masks from the batch's bits (negative_mask.py): this program's columns of rows o_m
+            p_bits = o_m.to(tl.int64) * W  # [BLOCK_M] the rows' first words
+            b_lo_i, b_hi_i = tile_bits(BI + p_bits, m_m, i_n * BLOCK_N, NP, BLOCK_N)  # [BLOCK_M] bits of Tᴵ
+            b_lo_u, b_hi_u = tile_bits(BU + p_bits, m_m, i_n * BLOCK_N, NP, BLOCK_N)  # [BLOCK_M] bits of Tᵁ
+            m_item = bits_mask(b_lo_i, b_hi_i, b_bit, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+            m_user = bits_mask(b_lo_u, b_hi_u, b_bit, BLOCK_N)
+        else:
+            m_neg = own_block_excluded(((row_offset + o_m) * P)[:, None], o_n[None, :],
+                                       m_m[:, None] & m_n[None, :], P)  # [BLOCK_M, BLOCK_N]
+            # Tᴵ (masks A, E); Tᵁ (masks B, C) here too for FMA products (fp32/fp64) and d > 64, else
+            # just before its two tiles: what ptxas allocates best (bench/sass_report.py: fewest spills)
+            m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+            if b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64:
+                m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                        index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
 
         # w_A = g_A·p_A with A = U Xᵀ / τ;  w_E = g_E·p_E with E = I Xᵀ / τ   (p = 2^(t·f − lse₂),
         # LOGQ: 2^(t·f − q₂ − lse₂); EXTRA: w_E on the pool columns only)
@@ -377,7 +405,7 @@ def negative_stats_bwd_cols_kernel(
         b_dx += score_dot(tl.trans(b_w_a.to(b_u.dtype)), b_u, UPCAST)  # [BLOCK_N, BLOCK_D]
         b_dx += score_dot(tl.trans(b_w_e.to(b_i.dtype)), b_i, UPCAST)
 
-        if not (b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64):
+        if not (MASK_BITS or b_x.dtype.is_fp32() or b_x.dtype.is_fp64() or BLOCK_D > 64):
             m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
                                     index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)
         # w_B = g_B·p_B with B = I Yᵀ / τ;  w_C = g_C·p_C with C = U Yᵀ / τ   (EXTRA: w_C on pool columns only)

@@ -37,6 +37,10 @@ Two options, each a constexpr (off, the generated code is that of the plain loss
   [n_pool, C)), so that the host gets n_item, n_user over all columns (A, B) from the sum over
   every split and n_item_aux, n_user_aux over the pool columns (C, E) from the pool splits.
 
+``MASK_BITS`` (the default where memory allows, ``triton_dot.uses_mask_bits``): Tᴵ and Tᵁ are
+read from bits computed once per batch by ``negative_mask.py``, which also counts them; the
+sweep then tests one bit per pair and counts nothing (the same masks: the same results).
+
 In :func:`negative_stats_fwd_kernel` each program
 owns BLOCK_M rows and streams over the column blocks of its split of the columns, keeping a
 running max m per row and matrix and running sums l (online softmax, as in flash attention):
@@ -58,6 +62,7 @@ import triton
 import triton.language as tl
 
 from .membership import own_block_excluded, true_item_mask, true_user_mask
+from .negative_mask import bits_mask, column_bits, tile_bits
 
 __all__ = ["negative_stats_fwd_kernel", "score_dot", "online_lse_update", "finish_lse", "online_lse2_update",
            "online_lse2_update_biased", "lse2_update", "finish_lse2", "load_own_block", "own_scores_kernel",
@@ -284,12 +289,15 @@ def negative_stats_fwd_kernel(
     scale,  # [4] 1/τ, log2(e)/τ, log2(e), ln 2 in the accumulation dtype (SCALE_* above)
     RU, RI, RX, RY,  # [M], [M], [NP], [NP] inverse norms (read for COSINE only)
     QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
+    BI, BU,  # [M, W] int32 bits of Tᴵ, Tᵁ (negative_mask.py; read for MASK_BITS only)
     LSE,  # [S, 4, M] out: partial base-2 log-sums lse₂ = lse·log2(e) of A, B, C, E per split
-    CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split
+    CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split (not written under MASK_BITS)
     M, NP, D, P, row_offset, cols_per_split,
     n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
+    W,  # words a row of BI, BU (read for MASK_BITS only)
     DEBIAS: tl.constexpr, INDEX_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     UPCAST: tl.constexpr, COSINE: tl.constexpr, LOGQ: tl.constexpr, EXTRA: tl.constexpr,
+    MASK_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Base 2 (as flash attention): with t = U_k·X_j (times r_X[j] for cosine) and the row factor
@@ -297,6 +305,8 @@ def negative_stats_fwd_kernel(
     # one FFMA and one MUFU.EX2 per score. The row sums l and the counts are kept per tile
     # element and reduced once after the sweep; only the row max is reduced per tile.
     # LOGQ: s₂ = t·f − q₂[j] (corrected scores); EXTRA: C, E over the pool columns j < n_pool.
+    # MASK_BITS: the masks are read from the batch's bits (negative_mask.py), whose kernel also
+    # counted |Tᴵ|, |Tᵁ|: no gather, no count here.
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -328,6 +338,8 @@ def negative_stats_fwd_kernel(
     b_l_e = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=scale2.dtype)
     b_n_item = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᴵ|
     b_n_user = tl.full([BLOCK_M, BLOCK_N], 0, dtype=tl.int32)  # per-element |Tᵁ|
+    p_bits = o_m.to(tl.int64) * W  # [BLOCK_M] the rows' first words in BI, BU (MASK_BITS)
+    b_bit = column_bits(BLOCK_N)  # [BLOCK_N] each tile column's bit in its word (MASK_BITS)
 
     # no split straddles n_pool under EXTRA (the pool counts are then those of the pool splits)
     col_start, col_end = column_split(i_s, NP, n_pool, cols_per_split, EXTRA)
@@ -345,12 +357,16 @@ def negative_stats_fwd_kernel(
         b_qx = column_bias(QX, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the X columns (0, unread, without LOGQ)
         b_qy = column_bias(QY, o_n, m_n, LOGQ)  # [BLOCK_N] q₂ of the Y columns
 
-        # the negatives: in range, outside the row's own block
-        m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
-
-        # Tᴵ_k ∋ j (masks A, E), just before its two tiles
-        m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
-                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+        if MASK_BITS:
+            b_lo_i, b_hi_i = tile_bits(BI + p_bits, m_m, j0, col_end, BLOCK_N)  # [BLOCK_M] bits of Tᴵ
+            b_lo_u, b_hi_u = tile_bits(BU + p_bits, m_m, j0, col_end, BLOCK_N)  # [BLOCK_M] bits of Tᵁ
+            m_item = bits_mask(b_lo_i, b_hi_i, b_bit, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+        else:
+            # the negatives: in range, outside the row's own block
+            m_neg = own_block_excluded(b_first[:, None], o_n[None, :], m_m[:, None] & m_n[None, :], P)
+            # Tᴵ_k ∋ j (masks A, E), just before its two tiles
+            m_item = true_item_mask(m_neg, b_user[:, None], b_item[:, None], b_xid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
         # A = U Xᵀ / τ (cosine: times r_U[k] r_X[j]):  t = U Xᵀ (·r_X), f = f_U  (LOGQ: s₂ = t·f − q₂)
         b_t = column_scaled(score_dot(b_u, tl.trans(b_x), UPCAST), b_rx, COSINE)  # [BLOCK_M, BLOCK_N]
         b_m_a, b_l_a = lse2_update(b_m_a, b_l_a, b_t, b_fu, b_qx, m_item, LOGQ)
@@ -359,8 +375,11 @@ def negative_stats_fwd_kernel(
         b_m_e, b_l_e = lse2_update(b_m_e, b_l_e, b_t, b_fi, b_qx, pool_columns(m_item, o_n, n_pool, EXTRA), LOGQ)
 
         # Tᵁ_k ∋ j (masks B, C)
-        m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
-                                index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
+        if MASK_BITS:
+            m_user = bits_mask(b_lo_u, b_hi_u, b_bit, BLOCK_N)  # [BLOCK_M, BLOCK_N]
+        else:
+            m_user = true_user_mask(m_neg, b_user[:, None], b_item[:, None], b_yid[None, :],
+                                    index, n_keys, num_items, DEBIAS, INDEX_MODE, SEARCH_STEPS)  # [BLOCK_M, BLOCK_N]
         # B = I Yᵀ / τ
         b_t = column_scaled(score_dot(b_i, tl.trans(b_y), UPCAST), b_ry, COSINE)  # [BLOCK_M, BLOCK_N]
         b_m_b, b_l_b = lse2_update(b_m_b, b_l_b, b_t, b_fi, b_qy, m_user, LOGQ)
@@ -370,8 +389,9 @@ def negative_stats_fwd_kernel(
 
         # |Tᴵ| and |Tᵁ| per tile element (reduced after the sweep: no per-tile shuffles); over
         # every column of the split (a split holds pool or extra columns, never both)
-        b_n_item += m_item.to(tl.int32)  # [BLOCK_M, BLOCK_N]
-        b_n_user += m_user.to(tl.int32)
+        if not MASK_BITS:
+            b_n_item += m_item.to(tl.int32)  # [BLOCK_M, BLOCK_N]
+            b_n_user += m_user.to(tl.int32)
 
     # lse₂ = m₂ + log2 Σ_j l[:, j] (base 2: the host converts);  counts = Σ_j n[:, j]
     p_lse = LSE + i_s.to(tl.int64) * 4 * M + o_m
@@ -379,9 +399,10 @@ def negative_stats_fwd_kernel(
     tl.store(p_lse + M, finish_lse2(b_m_b, b_l_b), mask=m_m)
     tl.store(p_lse + 2 * M, finish_lse2(b_m_c, b_l_c), mask=m_m)
     tl.store(p_lse + 3 * M, finish_lse2(b_m_e, b_l_e), mask=m_m)
-    p_cnt = CNT + i_s.to(tl.int64) * 2 * M + o_m
-    tl.store(p_cnt, tl.reduce(b_n_item, 1, _add), mask=m_m)
-    tl.store(p_cnt + M, tl.reduce(b_n_user, 1, _add), mask=m_m)
+    if not MASK_BITS:
+        p_cnt = CNT + i_s.to(tl.int64) * 2 * M + o_m
+        tl.store(p_cnt, tl.reduce(b_n_item, 1, _add), mask=m_m)
+        tl.store(p_cnt + M, tl.reduce(b_n_user, 1, _add), mask=m_m)
 
 
 @triton.jit

@@ -277,10 +277,12 @@ def test_no_score_matrix_is_materialised():
     assert probe_ref.largest >= M * M * P
 
 
+@pytest.mark.parametrize("mask_bits", [True, False])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
-def test_peak_memory_is_the_gradients(similarity):
+def test_peak_memory_is_the_gradients(similarity, mask_bits):
     # bf16, in the interpreter: above the inputs, the Triton path holds the gradients (as
-    # large as the inputs) and O(M·P) scores and statistics, nothing of shape [N, P, d] more
+    # large as the inputs) and O(M·P) scores and statistics, nothing of shape [N, P, d] more;
+    # with the masks as bits, also those bits (2·M·(ceil(N·P/32) + 2) int32) and their counts
     harness = _bench_harness()
     M, P, d = 40, 4, 32
     case = make_case(M, P, d, seed=17).cast(torch.bfloat16)
@@ -288,11 +290,14 @@ def test_peak_memory_is_the_gradients(similarity):
     case.index.bitmap()  # built once, outside the measurement
     inputs = sum(e.numel() * e.element_size() for e in leaves)
     with harness.LiveBytes(preexisting=[*leaves, *case.ids], ignore=(torch.uint8,)) as probe:
-        loss = triton_dot.per_row_loss(inputs_of(case, leaves), case.index, _options(similarity), 0)
+        loss = triton_dot.per_row_loss(inputs_of(case, leaves), case.index, _options(similarity), 0,
+                                       overrides=runtime.LaunchOverrides(mask_bits=mask_bits))
         torch.autograd.grad(loss.sum(), leaves)
     per_row = 8 * (4 * P + 8)  # 8 bytes per row for each of the [4, M, P] scores and [8, M] statistics
     if similarity == "cosine":
         per_row += 4 * (2 + 2 * P)  # fp32 inverse norms of U, I, X, Y
+    if mask_bits:
+        per_row += 2 * 4 * (-(-M * P // 32) + 2) + 4 * (4 + 8)  # the bits, the counts (int32, then int64)
     assert probe.peak <= inputs + M * per_row, (probe.peak, inputs, M * per_row)
     # one fp32 [N, P, d] temporary (what the own-block scores cost in PyTorch) would not fit
     assert M * P * d * 4 > M * per_row
@@ -430,10 +435,16 @@ def test_launch_config_replays_a_gpu_on_the_cpu():
                                  runtime.LaunchOverrides(sm_count=132))
     assert c.num_stages == 2 and (c.fwd.block_m, c.fwd.block_n, c.fwd.num_warps) == triton_dot._GPU_TILES[64][0]
     assert c.fwd.splits == 3  # ceil(132 SMs / 64 row blocks)
+    gather = triton_dot.launch_config(4096, 16384, 64, torch.device("cpu"), torch.bfloat16,
+                                      runtime.LaunchOverrides(sm_count=132), mask_bits=False)
+    assert (gather.fwd.block_m, gather.fwd.block_n) == triton_dot._GPU_TILES_GATHER[64][0][:2]
+    # the masks' bits are the default at this shape (2·4096·514 words: 16 MiB)
+    assert triton_dot.uses_mask_bits(4096, 16384)
 
 
 def test_gpu_tile_tables_are_valid_for_tl_dot():
-    for tiles in (*triton_dot._GPU_TILES.values(), *triton_dot._GPU_TILES_FMA.values()):
+    for tiles in (*triton_dot._GPU_TILES.values(), *triton_dot._GPU_TILES_GATHER.values(),
+                  *triton_dot._GPU_TILES_FMA.values()):
         for block_m, block_n, warps in tiles:
             assert block_m >= 16 and block_n >= 16 and warps in (4, 8)
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0

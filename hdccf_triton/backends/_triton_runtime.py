@@ -60,11 +60,11 @@ def interpreting() -> bool:
 
 
 #: the kernel modules, in dependency order (a module imports helpers of those before it)
-_KERNEL_MODULES = ("membership", "negative_stats_fwd", "negative_stats_bwd", "modulated_fwd", "modulated_bwd")
+_KERNEL_MODULES = ("membership", "negative_mask", "negative_stats_fwd", "negative_stats_bwd", "modulated_fwd", "modulated_bwd")
 
 
 def load_kernels() -> SimpleNamespace:
-    """The kernel modules (``membership``, ``negative_stats_fwd``, ``negative_stats_bwd``,
+    """The kernel modules (``membership``, ``negative_mask``, ``negative_stats_fwd``, ``negative_stats_bwd``,
     ``modulated_fwd``, ``modulated_bwd``), decorated for the current ``TRITON_INTERPRET``.
 
     ``@triton.jit`` reads ``TRITON_INTERPRET`` when a module is executed; if the modules were
@@ -74,9 +74,12 @@ def load_kernels() -> SimpleNamespace:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import KernelInterface
 
-    from hdccf_triton.kernels import membership, modulated_bwd, modulated_fwd, negative_stats_bwd, negative_stats_fwd
+    from hdccf_triton.kernels import (
+        membership, modulated_bwd, modulated_fwd, negative_mask, negative_stats_bwd, negative_stats_fwd,
+    )
 
-    modules = [membership, negative_stats_fwd, negative_stats_bwd, modulated_fwd, modulated_bwd]  # dependency order
+    modules = [membership, negative_mask, negative_stats_fwd, negative_stats_bwd, modulated_fwd,
+               modulated_bwd]  # dependency order
     interpret = interpreting()
     decorated = [v for m in modules for v in vars(m).values() if isinstance(v, KernelInterface)]
     if any(isinstance(v, InterpretedFunction) != interpret for v in decorated):
@@ -98,6 +101,9 @@ class LaunchOverrides:
             kernels run, so that an element a kernel forgets to write cannot pass unnoticed.
         sm_count: choose the GPU launch configuration as for a GPU with this many SMs (on
             any device: to inspect or replay a GPU's launches on a CPU).
+        mask_bits: True / False force the dot/cosine kernels' true-negative masks to be read
+            from bits computed once per batch / gathered from D in every pass (the default
+            chooses by memory: ``triton_dot.uses_mask_bits``).
     """
 
     block_m: int | None = None
@@ -108,6 +114,7 @@ class LaunchOverrides:
     index_mode: int | None = None
     poison_outputs: bool = False
     sm_count: int | None = None
+    mask_bits: bool | None = None
 
     def apply(self, config, **names: str):
         """``config`` (a frozen dataclass) with the overrides set, each field renamed by

@@ -39,8 +39,16 @@ neither, the kernels compile to the code of the plain loss):
   splits, and n_item, n_user those over every split. The concatenation is the one copy of
   the pools this path makes ([N·P + B′, d] for X and for Y, and their gradients).
 
+The true-negative masks (hdccf_triton/LOSS.md, "False negatives") are computed once per batch
+as bits, two per (row, column) pair (``kernels/negative_mask.py``), kept from the forward to
+the backward and read by all three passes, which then test one bit per pair instead of
+gathering twice from D; where those bits would take more than :data:`MASK_BITS_MAX_BYTES`
+(:func:`uses_mask_bits`), each pass gathers the masks itself. The two give the same masks, so
+the same results bit for bit.
+
 Memory above the inputs: the gradients themselves, O(M + N·P) statistics (and inverse norms),
-and the backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds
+the masks' bits (M·C/4 bytes for C columns, at most :data:`MASK_BITS_MAX_BYTES`) and the
+backward's fp32 partial gradients when a pass is split (:func:`launch_config` bounds
 those of the row pass by the pool gradients the column pass allocates anyway).
 
 Triton is imported lazily (:mod:`._triton_runtime` loads the kernels), so
@@ -63,7 +71,7 @@ from ._triton_runtime import (
 )
 
 __all__ = ["per_row_loss", "kernel_inputs", "inverse_norms", "fused_scores", "negative_statistics",
-           "LaunchConfig", "KernelLaunch", "launch_config"]
+           "LaunchConfig", "KernelLaunch", "launch_config", "uses_mask_bits", "MASK_BITS_MAX_BYTES"]
 
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
@@ -162,13 +170,15 @@ def fused_scores(
         X2, Y2 = torch.cat([X2, inputs.extra.item_emb]), torch.cat([Y2, inputs.extra.user_emb])
     C = X2.shape[0]
     cosine = options.similarity.normalize
+    mask_bits = uses_mask_bits(M, C, overrides)
     setup = _Setup.of(
         inputs, interactions, options, row_offset, overrides,
         inv_norms=tuple(inverse_norms(t) for t in (U, I, X2, Y2)) if cosine else None,
         cosine=cosine,
-        config=launch_config(M, C, d, U.device, U.dtype, overrides),
+        config=launch_config(M, C, d, U.device, U.dtype, overrides, mask_bits),
         n_pool=n_pool,
         log_q2=_log_q2(inputs, accumulation_dtype(U.dtype)),
+        mask_bits=mask_bits,
     )
     if inputs.extra is not None:  # the column ids of the pools, then of the extras
         users, items, x_ids, y_ids = inputs.ids
@@ -200,6 +210,7 @@ class _Setup(CallSetup):
     config: "LaunchConfig"
     n_pool: int  # N·P: columns from n_pool on (C − N·P = B′ of them) are the mixed negatives
     log_q2: tuple | None  # (qX [C], qY [C]) = ℓ·log2(e) of the columns (accumulation dtype), or None
+    mask_bits: bool  # the masks as bits, computed once per batch (:func:`uses_mask_bits`)
 
     @property
     def extra(self) -> bool:
@@ -217,11 +228,12 @@ class _FusedScores(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, U, I, X, Y, setup: _Setup):
         with torch.autocast(U.device.type, enabled=False):
-            lse2, counts, s, own = _forward(U, I, X, Y, setup)
+            lse2, counts, s, own, bits = _forward(U, I, X, Y, setup)
         ctx.setup = setup
         # the backward reads the base-2 log-sum-exps as the forward wrote them (its weights
-        # 2^(t·f − lse₂) then sum to 1 with no rounding of a conversion in between)
-        ctx.save_for_backward(U, I, X, Y, lse2)
+        # 2^(t·f − lse₂) then sum to 1 with no rounding of a conversion in between), and the
+        # masks' bits (None when the passes gather them)
+        ctx.save_for_backward(U, I, X, Y, lse2, bits)
         # independent [M] outputs in natural units, lse = ln2·lse₂ (converted in float64)
         lse_a, lse_b, lse_c, lse_e = (lse2.double() * math.log(2.0)).to(lse2.dtype).unbind(0)
         ctx.mark_non_differentiable(counts)
@@ -230,7 +242,7 @@ class _FusedScores(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_a, g_b, g_c, g_e, _g_counts, g_s, g_own):
-        U, I, X, Y, lse = ctx.saved_tensors  # lse: base 2
+        U, I, X, Y, lse, bits = ctx.saved_tensors  # lse: base 2
         need_rows = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_cols = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         M, P = U.shape[0], ctx.setup.P
@@ -241,7 +253,7 @@ class _FusedScores(torch.autograd.Function):
             if g_own is None:
                 g_own = torch.zeros((4, M, P), dtype=lse.dtype, device=lse.device)
             GOWN = g_own.to(lse.dtype).contiguous()  # [4, M, P]
-            dU, dI, dX, dY = _backward(U, I, X, Y, lse, G, GS, GOWN, ctx.setup, need_rows, need_cols)
+            dU, dI, dX, dY = _backward(U, I, X, Y, lse, bits, G, GS, GOWN, ctx.setup, need_rows, need_cols)
         return dU, dI, dX, dY, None
 
 
@@ -295,21 +307,31 @@ class LaunchConfig:
 #: GPU tiles (block_m, block_n, num_warps) of (forward, row pass, column pass) by block_d, chosen
 #: from ``python bench/sass_report.py`` (SASS instructions per (row, column) pair and spills of
 #: the sweep loop, compiled exactly as the launch compiles them; a static estimate for sm_90,
-#: bf16, bitmap index, to be confirmed on the GPU by the A/B rows of bench/kernel_bench.py):
+#: bf16, bitmap index, to be confirmed on the GPU by the A/B rows of bench/kernel_bench.py),
+#: with the masks read from the batch's bits (:func:`uses_mask_bits`):
 #:
 #: * a tile's rows must match its warps: the chained dots put every warp along the rows (one
-#:   warpgroup covers 64 rows), so 8 warps on 64 rows compute every score tile twice (the old
-#:   backward tiles 64 × 32 with 8 warps: 233 and 226 instructions per pair);
-#: * the forward keeps its row sums per tile element and is register-bound: 16 columns (168
-#:   registers, no spill) beat 32 (255 registers, predicate bits juggled in registers);
-#: * d ≤ 64: 64 × 16 with 4 warps for the forward and the row pass (80 and 69 instructions per
-#:   pair; 64 rows keep 128 row-pass programs at M = 4096), 64 × 64 with 4 warps for the column
-#:   pass (79; its transposed products need 64 columns for wgmma, 109 at 64 × 32);
-#: * d = 128: the backward is register-bound: 32 × 16 with 4 warps for the row pass (162
-#:   instructions per pair, 1 spill instruction in its loop; 64-row tiles spill hundreds), and
-#:   the column pass keeps 32 × 32 with 8 warps (216 per pair, 25 spill instructions; 32 × 16
-#:   with 8 warps has none but 344 per pair). Its 32-row score tiles are computed twice.
+#:   warpgroup covers 64 rows), so 8 warps on 64 rows compute every score tile twice;
+#: * with the masks as bits, no gather and no count is left in the sweeps, and the forward
+#:   holds 137 registers at 64 × 32: 32 columns halve its per-row work (max, rescale) against
+#:   16 (41 instructions per pair against 54), 64 spill;
+#: * d ≤ 64: 64 × 32 for the forward, 64 × 64 for both backward passes, 4 warps (41, 36 and 35
+#:   instructions per pair, no spill);
+#: * d = 128: 64 × 32 for the forward (48), 32 × 32 for the row pass (71; 64 rows spill), 64 × 16
+#:   for the column pass (85; 64 × 32 and 64 × 64 spill), 4 warps.
 _GPU_TILES = {
+    64: ((64, 32, 4), (64, 64, 4), (64, 64, 4)),
+    128: ((64, 32, 4), (32, 32, 4), (64, 16, 4)),
+    256: ((32, 16, 4), (16, 32, 8), (16, 16, 4)),
+}
+
+#: the tiles when every pass gathers its masks from D (the bits would take more than
+#: :data:`MASK_BITS_MAX_BYTES`): the gathers and per-element counts hold registers, so the forward
+#: keeps 16 columns (80 instructions per pair at d ≤ 64; 32 columns spill), the row pass 64 × 16
+#: (69), the column pass 64 × 64 (77: its transposed products need 64 columns for wgmma); at
+#: d = 128 the row pass 32 × 16 (162) and the column pass 32 × 32 with 8 warps (216, its 32-row
+#: score tiles computed twice; 32 × 16 with 8 warps does not spill but costs 344).
+_GPU_TILES_GATHER = {
     64: ((64, 16, 4), (64, 16, 4), (64, 64, 4)),
     128: ((64, 16, 4), (32, 16, 4), (32, 32, 8)),
     256: ((32, 16, 4), (16, 32, 8), (16, 16, 4)),
@@ -326,12 +348,13 @@ _MAX_GRAD_SPLITS = 4
 
 def launch_config(
     M: int, NP: int, d: int, device: torch.device, dtype: torch.dtype | None = None,
-    overrides: LaunchOverrides = NO_OVERRIDES,
+    overrides: LaunchOverrides = NO_OVERRIDES, mask_bits: bool = True,
 ) -> LaunchConfig:
     """The documented heuristic for M rows, NP = N·P pool columns, embedding dim d.
 
     * ``block_d = max(16, next_pow2(d))``.
-    * GPU: the tiles of :data:`_GPU_TILES` (16×16 with 4 warps beyond d = 256; chosen from the
+    * GPU: the tiles of :data:`_GPU_TILES` (:data:`_GPU_TILES_GATHER` when the passes gather
+      their masks, ``mask_bits=False``; 16×16 with 4 warps beyond d = 256; chosen from the
       static SASS report ``bench/sass_report.py``), 2 stages;
       fp32/fp64 inputs: :data:`_GPU_TILES_FMA` and ``maxnreg = 255``.
       Splits: enough programs for one wave over the SMs, ``splits = ceil(SMs / programs)``
@@ -352,7 +375,7 @@ def launch_config(
     block_d = max(16, 1 << max(0, d - 1).bit_length())
     n_sm = sm_count(device, overrides)
     if n_sm is not None:
-        tiles = _GPU_TILES.get(max(64, block_d), ((16, 16, 4),) * 3)
+        tiles = (_GPU_TILES if mask_bits else _GPU_TILES_GATHER).get(max(64, block_d), ((16, 16, 4),) * 3)
         maxnreg = None
         if dtype in (torch.float32, torch.float64):  # IEEE products on the FMA units
             tiles, maxnreg = (_GPU_TILES_FMA[64] if block_d <= 64 else _GPU_TILES_FMA[128]), 255
@@ -386,10 +409,17 @@ def _common_args(U, I, X, Y, setup: _Setup, acc_dtype):
     return (U, I, X, Y, *index_args, *norms)
 
 
-def _sweep_args(common: tuple, setup: _Setup) -> tuple:
+def _sweep_args(common: tuple, setup: _Setup, bits: torch.Tensor | None) -> tuple:
     """The arguments of the three sweep kernels up to their outputs: :func:`_common_args`, then
-    the columns' corrections ``QX, QY`` (the scale vector, never read, without LOGQ)."""
-    return (*common, *(setup.log_q2 or common[-5:-4] * 2))
+    the columns' corrections ``QX, QY`` (the scale vector, never read, without LOGQ) and the
+    masks' bits ``BI, BU`` (``bits [2, M, W]``; the scale vector, never read, without them)."""
+    unused = common[-5:-4]
+    return (*common, *(setup.log_q2 or unused * 2), *(bits.unbind(0) if bits is not None else unused * 2))
+
+
+def _words(bits: torch.Tensor | None) -> int:
+    """W, the words a row of the masks' bits (1, never read, without them)."""
+    return bits.shape[2] if bits is not None else 1
 
 
 def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
@@ -402,6 +432,7 @@ def _constexprs(U, setup: _Setup, launch: KernelLaunch) -> dict:
         COSINE=setup.cosine,
         LOGQ=setup.log_q2 is not None,
         EXTRA=setup.extra,
+        MASK_BITS=setup.mask_bits,
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=setup.config.block_d,
         num_warps=launch.num_warps, num_stages=setup.config.num_stages,
         **({"maxnreg": setup.config.maxnreg} if setup.config.maxnreg else {}),
@@ -415,7 +446,8 @@ _OWN_BLOCK_M = 16
 def _forward(U, I, X, Y, setup: _Setup):
     """lse₂ ``[4, M]`` (A, B, C, E; base 2: lse·log2(e)) and s ``[M]``, own ``[4, M, P]`` in the
     accumulation dtype; counts int64 ``[2, M]`` (n_item, n_user), or ``[4, M]`` with the
-    pool-column counts n_item_aux, n_user_aux after them when there are extra columns."""
+    pool-column counts n_item_aux, n_user_aux after them when there are extra columns; the
+    masks' bits ``[2, M, W]`` int32 (None when the passes gather the masks)."""
     kernels = load_kernels()
     M, d = U.shape
     NP = X.shape[0]
@@ -427,9 +459,12 @@ def _forward(U, I, X, Y, setup: _Setup):
     s = empty((M,), acc, U.device, setup.poison)
     own = empty((4, M, setup.P), acc, U.device, setup.poison)
     args = _common_args(U, I, X, Y, setup, acc)
+    bits = bit_counts = None
+    if setup.mask_bits:  # Tᴵ and Tᵁ once, as bits, and their counts (kernels/negative_mask.py)
+        bits, bit_counts = _mask_bits(setup, M, NP, U.device)
     kernels.negative_stats_fwd.negative_stats_fwd_kernel[(cdiv(M, k.block_m), splits)](
-        *_sweep_args(args, setup), lse_parts, cnt_parts,
-        M, NP, d, setup.P, setup.row_offset, cols_per_split, setup.n_pool,
+        *_sweep_args(args, setup, bits), lse_parts, cnt_parts,
+        M, NP, d, setup.P, setup.row_offset, cols_per_split, setup.n_pool, _words(bits),
         **_constexprs(U, setup, k),
     )
     kernels.negative_stats_fwd.own_scores_kernel[(cdiv(M, _OWN_BLOCK_M),)](
@@ -437,12 +472,51 @@ def _forward(U, I, X, Y, setup: _Setup):
         COSINE=setup.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
     lse2, counts, aux = merge_column_splits(lse_parts, cnt_parts, pool_splits, base2=True)
+    if bits is not None:  # the counts of the bits' kernel (the forward did not count)
+        counts, aux = bit_counts[:2], (bit_counts[2:] if setup.extra else None)
     if aux is not None:  # the pool splits' counts: over the pool columns alone (C and E)
         counts = torch.cat([counts, aux])
-    return lse2, counts, s, own
+    return lse2, counts, s, own, bits
 
 
-def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need_cols: bool):
+#: the masks' bits (two bits a pair) are used when they take at most this many bytes (M = 4096
+#: rows × C = 16,384 columns: 16 MiB); beyond, every pass gathers the masks from D
+MASK_BITS_MAX_BYTES = 256 << 20
+#: rows and words (32 columns each) per program of the bits' kernel (GPU; the interpreter: 16 × 1)
+_MASK_BLOCK_M, _MASK_BLOCK_W = 16, 16
+
+
+def uses_mask_bits(M: int, C: int, overrides: LaunchOverrides = NO_OVERRIDES) -> bool:
+    """Whether the kernels read the true-negative masks from bits computed once per batch
+    (``kernels/negative_mask.py``; 2·M·(ceil(C/32) + 2) int32 words, kept from the forward to the
+    backward) rather than gathering them from D in each of the three passes: when those bits take
+    at most :data:`MASK_BITS_MAX_BYTES`, unless ``overrides.mask_bits`` says otherwise. Both
+    ways give the same masks, hence bit-identical results."""
+    if overrides.mask_bits is not None:
+        return overrides.mask_bits
+    return 2 * M * (cdiv(C, 32) + 2) * 4 <= MASK_BITS_MAX_BYTES
+
+
+def _mask_bits(setup: _Setup, M: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bits of Tᴵ and Tᵁ ``[2, M, W]`` int32, W = ceil(C/32) + 2 (two words of padding),
+    and the counts ``[4, M]``
+    int64 (n_item, n_user, n_item_aux, n_user_aux), from ``true_negative_bits_kernel``."""
+    kernels = load_kernels()
+    W = cdiv(C, 32) + 2
+    bits = empty((2, M, W), torch.int32, device, setup.poison)
+    counts = empty((4, M), torch.int32, device, setup.poison)
+    block_m, block_w = (16, 1) if interpreting() else (_MASK_BLOCK_M, _MASK_BLOCK_W)
+    layout = setup.index
+    kernels.negative_mask.true_negative_bits_kernel[(cdiv(M, block_m),)](
+        *setup.ids, layout.tensor, layout.n_keys, layout.num_items, bits[0], bits[1], counts,
+        M, C, W, setup.P, setup.row_offset, setup.n_pool,
+        DEBIAS=setup.debias, INDEX_MODE=layout.mode, SEARCH_STEPS=layout.search_steps,
+        BLOCK_M=block_m, BLOCK_W=block_w, num_warps=4,
+    )
+    return bits, counts.to(torch.int64)
+
+
+def _backward(U, I, X, Y, lse, bits, G, GS, GOWN, setup: _Setup, need_rows: bool, need_cols: bool):
     kernels = load_kernels()
     M, d = U.shape
     NP = X.shape[0]
@@ -458,8 +532,9 @@ def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need
         dU_parts = empty((splits, M, d), dtype, U.device, setup.poison)
         dI_parts = empty((splits, M, d), dtype, U.device, setup.poison)
         kernels.negative_stats_bwd.negative_stats_bwd_rows_kernel[(cdiv(M, k.block_m), splits)](
-            *_sweep_args(args, setup), lse, G, GS, GOWN, dU_parts, dI_parts,
-            M, NP, d, setup.P, setup.row_offset, cols_per_split, setup.n_pool, **_constexprs(U, setup, k),
+            *_sweep_args(args, setup, bits), lse, G, GS, GOWN, dU_parts, dI_parts,
+            M, NP, d, setup.P, setup.row_offset, cols_per_split, setup.n_pool, _words(bits),
+            **_constexprs(U, setup, k),
         )
         dU, dI = _merge(dU_parts, U.dtype), _merge(dI_parts, I.dtype)
         del dU_parts, dI_parts  # before the column pass allocates its own
@@ -470,8 +545,9 @@ def _backward(U, I, X, Y, lse, G, GS, GOWN, setup: _Setup, need_rows: bool, need
         dX_parts = empty((splits, NP, d), dtype, U.device, setup.poison)
         dY_parts = empty((splits, NP, d), dtype, U.device, setup.poison)
         kernels.negative_stats_bwd.negative_stats_bwd_cols_kernel[(cdiv(NP, k.block_n), splits)](
-            *_sweep_args(args, setup), lse, G, GS, GOWN, dX_parts, dY_parts,
-            M, NP, d, setup.P, setup.row_offset, rows_per_split, setup.n_pool, **_constexprs(U, setup, k),
+            *_sweep_args(args, setup, bits), lse, G, GS, GOWN, dX_parts, dY_parts,
+            M, NP, d, setup.P, setup.row_offset, rows_per_split, setup.n_pool, _words(bits),
+            **_constexprs(U, setup, k),
         )
         dX, dY = _merge(dX_parts, X.dtype), _merge(dY_parts, Y.dtype)
     return dU, dI, dX, dY
