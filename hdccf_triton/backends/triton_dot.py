@@ -480,8 +480,9 @@ def _forward(U, I, X, Y, setup: _Setup):
 
 
 #: the masks' bits (two bits a pair) are used when they take at most this many bytes (M = 4096
-#: rows × C = 16,384 columns: 16 MiB); beyond, every pass gathers the masks from D
-MASK_BITS_MAX_BYTES = 256 << 20
+#: rows × C = 16,384 columns: 16 MiB; M = 16,384 × C = 65,536: 256 MiB, where the eager reference
+#: needs GiBs); beyond, every pass gathers the masks from D
+MASK_BITS_MAX_BYTES = 512 << 20
 #: rows and words (32 columns each) per program of the bits' kernel (GPU; the interpreter: 16 × 1)
 _MASK_BLOCK_M, _MASK_BLOCK_W = 16, 16
 
