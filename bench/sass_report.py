@@ -580,7 +580,7 @@ def markdown(rows) -> str:
             _f(r["ldg_per_iter"], 0), _f(r["lds_per_iter"], 0), _f(r["shfl_per_iter"], 0),
             f"{_f(r['spills_loop'], 0)}/{r['spills_total']}", r["regs"], r["smem"]])) + " |")
     lines += ["", "## Speed-of-light model, P = 4 (static estimate, H100 SXM = H200 for these rates)", "",
-              "| family | dtype | sim | M | d | programs fwd/rows/cols | instr/pair fwd/rows/cols | "
+              "| family | dtype | sim | M | d | programs mask/fwd/rows/cols | instr/pair mask/fwd/rows/cols | "
               "issue-bound fwd+bwd ms | floor |",
               "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
@@ -589,32 +589,33 @@ def markdown(rows) -> str:
     for (fam, dt, sim, M, d), rs in groups.items():
         by = {r["pass"]: r for r in rs}
         tot = by.get("fwd+bwd", {})
-        progs = "/".join(str(by[p]["programs"]) if p in by else "-" for p in ("fwd", "rows", "cols"))
-        ipp = "/".join(_f(by[p]["instr_per_pair"]) if p in by else "-" for p in ("fwd", "rows", "cols"))
+        progs = "/".join(str(by[p]["programs"]) if p in by else "-" for p in SWEEPS)
+        ipp = "/".join(_f(by[p]["instr_per_pair"]) if p in by else "-" for p in SWEEPS)
         lines.append(f"| {fam} | {dt} | {sim} | {M} | {d} | {progs} | {ipp} | {_f(tot.get('issue_ms'), 3)} "
                      f"| {tot.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
 
 def readme_table(before: list[dict], after: list[dict], M: int = 4096) -> str:
-    """The results log's table (examples/results/README.md): per configuration at ``M`` rows, instructions per pair of the three passes,
-    MUFU per pair, spill instructions in the loops and the issue-bound estimate, before → after,
-    beside the floor. Made from the committed CSVs (no compilation)."""
+    """The results log's table (examples/results/README.md): per configuration at ``M`` rows,
+    instructions per pair of the passes (the masks' bits, where used, then the three sweeps), MUFU
+    per pair, spill instructions in the loops and the issue-bound estimate, before → after, beside
+    the floor. Made from the committed CSVs (no compilation)."""
     def index(rows):
         out = {}
         for r in rows:
-            if r["M"] == M and r["pass"] in ("fwd", "rows", "cols", "fwd+bwd"):
+            if r["M"] == M and r["pass"] in (*SWEEPS, "fwd+bwd"):
                 out.setdefault((r["family"], r["dtype"], r["sim"], int(r["d"])), {})[r["pass"]] = r
         return out
 
     was, now = index(before), index(after)
-    lines = ["| kernels | dtype | d | instr/pair fwd / rows / cols | MUFU/pair fwd+bwd | spill instr. in loops | "
+    lines = ["| kernels | dtype | d | instr/pair mask / fwd / rows / cols | MUFU/pair fwd+bwd | spill instr. in loops | "
              "issue-bound fwd+bwd, ms | floor, ms |", "|---|---|---|---|---|---|---|---|"]
     for key, by in now.items():
         family, dtype, sim, d = key
         old = was.get(key, {})
         ipp = lambda rows: " / ".join(_f(rows[p]["instr_per_pair"]) if p in rows else "-"  # noqa: E731
-                                      for p in ("fwd", "rows", "cols"))
+                                      for p in SWEEPS)
         tot, old_tot = by.get("fwd+bwd", {}), old.get("fwd+bwd", {})
         floor = tot.get("note", "").split(" ms")[0].replace("floor ", "") if family != "modulated" else "-"
         lines.append(f"| {sim} | {dtype} | {d} | {ipp(old)} → {ipp(by)} | {_f(old_tot.get('mufu_per_pair'))} → "

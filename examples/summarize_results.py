@@ -4,7 +4,7 @@
     python examples/summarize_results.py examples/results/ml1m/*.json --split test
     python examples/summarize_results.py examples/results/ml1m_tuning/*.json --per-run
     python examples/summarize_results.py --markdown            # README's headline table
-    python examples/summarize_results.py --markdown examples/results/gowalla/*.json   # README's Gowalla table
+    python examples/summarize_results.py --tuned examples/results/gowalla*/*.json   # README's Gowalla table
     python examples/summarize_results.py runs/*/results.json --plot valid_ndcg.png
 
 Without file arguments the committed ML-1M runs, examples/results/ml1m/*.json and
@@ -284,10 +284,11 @@ def headline_rows(paths: list[Path]) -> list[tuple[str, list[dict]]]:
     return rows
 
 
-def margins(paths: list[Path], split: str = "test") -> str:
-    """Each HDCCF headline row against the best baseline row on each metric (the paper's way: per
-    metric, the baseline with the highest mean), in per cent of that baseline's mean."""
-    rows = headline_rows(paths)
+def margins(paths: list[Path], split: str = "test", tuned: bool = False) -> str:
+    """Each HDCCF headline row (``tuned``: each HDCCF row of :func:`tuned_rows`) against the best
+    baseline row on each metric (the paper's way: per metric, the baseline with the highest mean),
+    in per cent of that baseline's mean."""
+    rows = tuned_rows(paths) if tuned else headline_rows(paths)
     columns = COLUMNS[one_kind([r for _, runs in rows for r in runs])]
     mean = lambda runs, p, m: statistics.mean(r[split][p][m] for r in runs)  # noqa: E731
     baselines = [(n, runs) for n, runs in rows if not n.startswith("HDCCF")]
@@ -302,6 +303,70 @@ def margins(paths: list[Path], split: str = "test") -> str:
             cells.append(f"{100 * (mean(runs, p, m) / best - 1):+.1f} % (vs {best_name.split(',')[0]})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: The method families of a tuned table (Gowalla's): each row is the family's setting chosen by its
+#: seed-0 run's validation selection metric among the family's settings, with every seed of it.
+#: The paper's ablations are rows of their own (the loss without debiasing, without auxiliary terms).
+def _family(loss: str, logq: bool = False, mixed: bool = False, debias=None, aux: bool = True):
+    def match(c: dict) -> bool:
+        if c.get("loss", "hdccf") != loss or bool(setting(c, "logq")) != logq:
+            return False
+        if bool(setting(c, "mixed_negatives")) != mixed:
+            return False
+        if loss == "hdccf":
+            has_aux = (c.get("lambda_user", 1.0), c.get("lambda_item", 1.0)) != (0.0, 0.0)
+            if has_aux != aux or (debias is not None and bool(c.get("no_debias")) == debias):
+                return False
+        return all(setting(c, k) == v for k, v in HEADLINE_BATCH.items() if k not in ("logq", "mixed_negatives"))
+    return match
+
+
+FAMILIES = (
+    ("HDCCF", _family("hdccf", debias=True)),
+    ("in-batch softmax", _family("softmax")),
+    ("BPR-MF", _family("bpr")),
+    ("in-batch softmax + logQ", _family("softmax", logq=True)),
+    ("HDCCF + logQ", _family("hdccf", logq=True)),  # with and without debiasing: settings of one family
+    ("HDCCF + logQ + mixed", _family("hdccf", logq=True, mixed=True)),
+    ("HDCCF w/o debias", _family("hdccf", debias=False)),
+    ("HDCCF w/o aux", _family("hdccf", debias=True, aux=False)),
+)
+
+
+def choice_label(c: dict) -> str:
+    """The settings a family's tuning chooses among, e.g. "τ = 0.7, w/o debias, B′ = 1024"."""
+    parts = [f"τ = {c['temperature']:g}"] if c.get("loss", "hdccf") != "bpr" else [f"wd {c.get('weight_decay', 0):g}"]
+    if c.get("loss", "hdccf") == "hdccf":
+        parts += hdccf_variant(c, without="w/o")
+    if setting(c, "mixed_negatives"):
+        parts.append(f"B′ = {setting(c, 'mixed_negatives')}")
+    return ", ".join(parts)
+
+
+def tuned_rows(paths: list[Path]) -> list[tuple[str, list[dict]]]:
+    """(name, runs sorted by seed) of every family of :data:`FAMILIES` with runs among ``paths``: the
+    setting whose seed-0 run scores best on the validation selection metric, named with the number
+    of settings tried and the choice."""
+    results = [read_json(path) for path in paths]
+    rows = []
+    for name, match in FAMILIES:
+        groups: dict[str, list[dict]] = {}
+        for r in results:
+            if match(r["config"]):
+                groups.setdefault(group_key(r["config"]), []).append(r)
+        if not groups:
+            continue
+
+        def score(runs):
+            first = min(runs, key=lambda r: r["config"]["seed"])
+            protocol, metric = selection(first)
+            return first["valid"][protocol][metric]
+
+        runs = sorted(max(groups.values(), key=score), key=lambda r: r["config"]["seed"])
+        tried = f"{len(groups)} setting{'s' if len(groups) > 1 else ''}"
+        rows.append((f"{name} ({tried}): {choice_label(runs[0]['config'])}", runs))
+    return rows
 
 
 def headline(paths: list[Path], split: str = "test") -> str:
@@ -371,6 +436,10 @@ def main(argv=None) -> int:
                       help="the headline table of README.md: each method at its chosen setting, chronological split")
     mode.add_argument("--margins", action="store_true",
                       help="each HDCCF row of the headline table against the best baseline row, per metric, in %%")
+    mode.add_argument("--tuned", action="store_true",
+                      help="each method family at the setting its seed-0 validation chose (README's Gowalla table)")
+    mode.add_argument("--tuned-margins", action="store_true",
+                      help="--margins of the --tuned rows")
     mode.add_argument("--plot", metavar="PNG", type=Path, default=None,
                       help="draw validation --metric per epoch (--protocol) of each group of runs into PNG")
     parser.add_argument("--protocol", default=None, choices=["sampled", "full", "per_user"],
@@ -383,8 +452,10 @@ def main(argv=None) -> int:
         plot(paths, args.plot, args.protocol or chosen[0], args.metric or chosen[1])
     elif args.markdown:
         print(headline(paths, args.split))
-    elif args.margins:
-        print(margins(paths, args.split))
+    elif args.margins or args.tuned_margins:
+        print(margins(paths, args.split, tuned=args.tuned_margins))
+    elif args.tuned:
+        print(metric_rows(tuned_rows(paths), args.split))
     else:
         print(per_run(paths) if args.per_run else summarize(paths, args.split))
     return 0

@@ -99,10 +99,34 @@ def test_readme_gowalla_table_is_the_scripts_output():
     text = (REPO / "README.md").read_text()
     start, end = "<!-- gowalla-table:start -->\n", "<!-- gowalla-table:end -->"
     assert text.count(start) == 1 and text.count(end) == 1
-    runs = sorted((REPO / "examples" / "results" / "gowalla").glob("*.json"))
-    assert len(runs) == 3 and all(json.loads(p.read_text())["dataset"]["name"] == "gowalla" for p in runs)
-    assert text[text.index(start) + len(start):text.index(end)] == module.headline(runs) + "\n", \
-        "paste `python examples/summarize_results.py --markdown examples/results/gowalla/*.json` between the markers"
+    runs = sorted((REPO / "examples" / "results").glob("gowalla*/*.json"))
+    assert len(runs) >= 3 and all(json.loads(p.read_text())["dataset"]["name"] == "gowalla" for p in runs)
+    table = module.metric_rows(module.tuned_rows(runs), "test")
+    assert text[text.index(start) + len(start):text.index(end)] == table + "\n", \
+        "paste `python examples/summarize_results.py --tuned examples/results/gowalla*/*.json` between the markers"
+
+
+def test_tuned_rows_choose_each_familys_setting_by_its_seed_0_validation(tmp_path):
+    module = summarize_module()
+    paths = []
+
+    def run(name, seed, valid, test, **config):
+        metrics = lambda v: {"per_user": {"Recall@20": v, "NDCG@20": v / 2}}  # noqa: E731
+        config = {**module.HEADLINE_BATCH, "loss": "softmax", "similarity": "dot", "lr": 0.001, "weight_decay": 0.0,
+                  "seed": seed, "select_protocol": "per_user", "select_metric": "Recall@20", **config}
+        paths.append(tmp_path / f"{name}_s{seed}.json")
+        paths[-1].write_text(json.dumps({"config": config, "valid": metrics(valid), "test": metrics(test),
+                                         "wall_seconds": 60}))
+
+    run("a", 0, 0.20, 0.10, temperature=1.0)  # the choice: best seed-0 validation ...
+    run("a", 1, 0.10, 0.30, temperature=1.0)  # ... whatever its other seeds score
+    run("b", 0, 0.19, 0.50, temperature=0.5)  # a better test score does not choose
+    run("c", 0, 0.30, 0.10, temperature=0.5, logq=True)  # another family
+    rows = module.tuned_rows(paths)
+    assert [(name, [r["config"]["seed"] for r in runs]) for name, runs in rows] == [
+        ("in-batch softmax (2 settings): τ = 1", [0, 1]), ("in-batch softmax + logQ (1 setting): τ = 0.5", [0])]
+    margins = module.margins(paths, tuned=True)
+    assert margins.count("\n") == 1  # no HDCCF family among the runs: the header alone
 
 
 def test_margins_compare_each_hdccf_row_with_the_best_baseline_per_metric():

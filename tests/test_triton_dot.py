@@ -444,7 +444,7 @@ def test_launch_config_replays_a_gpu_on_the_cpu():
 
 def test_gpu_tile_tables_are_valid_for_tl_dot():
     for tiles in (*triton_dot._GPU_TILES.values(), *triton_dot._GPU_TILES_GATHER.values(),
-                  *triton_dot._GPU_TILES_FMA.values()):
+                  *triton_dot._GPU_TILES_FMA.values(), *triton_dot._GPU_TILES_FMA_BITS.values()):
         for block_m, block_n, warps in tiles:
             assert block_m >= 16 and block_n >= 16 and warps in (4, 8)
             assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0

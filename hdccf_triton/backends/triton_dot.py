@@ -317,11 +317,12 @@ class LaunchConfig:
 #:   16 (41 instructions per pair against 54), 64 spill;
 #: * d ≤ 64: 64 × 32 for the forward, 64 × 64 for both backward passes, 4 warps (41, 36 and 35
 #:   instructions per pair, no spill);
-#: * d = 128: 64 × 32 for the forward (48), 32 × 32 for the row pass (71; 64 rows spill), 64 × 16
-#:   for the column pass (85; 64 × 32 and 64 × 64 spill), 4 warps.
+#: * d = 128: 64 × 32 for the forward (48), 16 × 32 for both backward passes (86 and 88), 4 warps:
+#:   the tiles with no spill in the loop for dot and cosine (32 × 32 costs 71 and 78 for dot but
+#:   spills 8 and 85 instructions for cosine, 64 × 16 spills in the row pass).
 _GPU_TILES = {
     64: ((64, 32, 4), (64, 64, 4), (64, 64, 4)),
-    128: ((64, 32, 4), (32, 32, 4), (64, 16, 4)),
+    128: ((64, 32, 4), (16, 32, 4), (16, 32, 4)),
     256: ((32, 16, 4), (16, 32, 8), (16, 16, 4)),
 }
 
@@ -341,6 +342,9 @@ _GPU_TILES_GATHER = {
 #: the same for fp32/fp64 inputs (IEEE products on the FMA units, ``maxnreg = 255``), by
 #: block_d ≤ 64 and above (above, ptxas still spills about 1 KiB a thread)
 _GPU_TILES_FMA = {64: ((32, 16, 8), (16, 16, 8), (16, 16, 8)), 128: ((16, 16, 8),) * 3}
+#: and with the masks as bits: the forward at 16 × 16 too (at 32 × 16 cosine spills 84 instructions
+#: a loop iteration, as the gathered masks' forward did not)
+_GPU_TILES_FMA_BITS = {64: ((16, 16, 8),) * 3, 128: ((16, 16, 8),) * 3}
 
 #: most splits of a backward pass (each adds an fp32 [rows, d] partial gradient per input)
 _MAX_GRAD_SPLITS = 4
@@ -356,7 +360,7 @@ def launch_config(
     * GPU: the tiles of :data:`_GPU_TILES` (:data:`_GPU_TILES_GATHER` when the passes gather
       their masks, ``mask_bits=False``; 16×16 with 4 warps beyond d = 256; chosen from the
       static SASS report ``bench/sass_report.py``), 2 stages;
-      fp32/fp64 inputs: :data:`_GPU_TILES_FMA` and ``maxnreg = 255``.
+      fp32/fp64 inputs: :data:`_GPU_TILES_FMA_BITS` (:data:`_GPU_TILES_FMA`) and ``maxnreg = 255``.
       Splits: enough programs for one wave over the SMs, ``splits = ceil(SMs / programs)``
       with programs = row blocks (forward, row pass) or column blocks (column pass), at most
       the number of blocks along the swept dimension, and at most 16 for the forward (its
@@ -378,7 +382,8 @@ def launch_config(
         tiles = (_GPU_TILES if mask_bits else _GPU_TILES_GATHER).get(max(64, block_d), ((16, 16, 4),) * 3)
         maxnreg = None
         if dtype in (torch.float32, torch.float64):  # IEEE products on the FMA units
-            tiles, maxnreg = (_GPU_TILES_FMA[64] if block_d <= 64 else _GPU_TILES_FMA[128]), 255
+            table = _GPU_TILES_FMA_BITS if mask_bits else _GPU_TILES_FMA
+            tiles, maxnreg = (table[64] if block_d <= 64 else table[128]), 255
 
         def launch(tile, parallel, swept, along_rows, cap):
             bm, bn, warps = tile
