@@ -81,7 +81,8 @@ def main(argv=None) -> int:
 
     stub_triton_launches()
     index = realistic_index(torch.device("cpu"))
-    index.bitmap()  # built once and kept: the lookup table of the reference and the Triton kernels
+    index.bitmap()  # built once and kept: the lookup table of the reference ...
+    index.row_bitmap()  # ... and of the Triton kernels (else the first call measured would build it)
     print(f"CPU allocation replay (not a GPU measurement), M={args.M} P={args.P} d={args.d}, "
           f"Triton launches as on {REPLAYED_SMS} SMs")
     # "triton": the default (the masks as bits, when they fit); "gathered": every pass gathers its masks
