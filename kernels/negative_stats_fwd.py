@@ -291,7 +291,7 @@ def negative_stats_fwd_kernel(
     QX, QY,  # [NP], [NP] base-2 corrections ℓᴵ·log2(e), ℓᵁ·log2(e) (accumulation dtype; read for LOGQ only)
     BI, BU,  # [M, W] int32 bits of Tᴵ, Tᵁ (negative_mask.py; read for MASK_BITS only)
     LSE,  # [S, 4, M] out: partial base-2 log-sums lse₂ = lse·log2(e) of A, B, C, E per split
-    CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split (not written under MASK_BITS)
+    CNT,  # [S, 2, M] out: int32 partial |Tᴵ|, |Tᵁ| per split ([S, 0, M], not written, under MASK_BITS)
     M, NP, D, P, row_offset, cols_per_split,
     n_pool,  # the pool columns N·P (NP − B′; read for EXTRA only)
     W,  # words a row of BI, BU (read for MASK_BITS only)

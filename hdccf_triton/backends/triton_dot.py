@@ -460,7 +460,8 @@ def _forward(U, I, X, Y, setup: _Setup):
     k = setup.config.fwd
     cols_per_split, pool_splits, splits = column_splits(setup.n_pool, NP - setup.n_pool, k.splits, k.block_n)
     lse_parts = empty((splits, 4, M), acc, U.device, setup.poison)
-    cnt_parts = empty((splits, 2, M), torch.int32, U.device, setup.poison)
+    # the forward's partial counts; none under MASK_BITS (the bits' kernel counts: empty, unwritten)
+    cnt_parts = empty((splits, 0 if setup.mask_bits else 2, M), torch.int32, U.device, setup.poison)
     s = empty((M,), acc, U.device, setup.poison)
     own = empty((4, M, setup.P), acc, U.device, setup.poison)
     args = _common_args(U, I, X, Y, setup, acc)
@@ -477,7 +478,7 @@ def _forward(U, I, X, Y, setup: _Setup):
         COSINE=setup.cosine, BLOCK_M=_OWN_BLOCK_M, BLOCK_D=setup.config.block_d, num_warps=4,
     )
     lse2, counts, aux = merge_column_splits(lse_parts, cnt_parts, pool_splits, base2=True)
-    if bits is not None:  # the counts of the bits' kernel (the forward did not count)
+    if bits is not None:  # the counts of the bits' kernel (the forward's are empty)
         counts, aux = bit_counts[:2], (bit_counts[2:] if setup.extra else None)
     if aux is not None:  # the pool splits' counts: over the pool columns alone (C and E)
         counts = torch.cat([counts, aux])
@@ -504,9 +505,9 @@ def uses_mask_bits(M: int, C: int, overrides: LaunchOverrides = NO_OVERRIDES) ->
 
 
 def _mask_bits(setup: _Setup, M: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bits of Tᴵ and Tᵁ ``[2, M, W]`` int32, W = ceil(C/32) + 2 (two words of padding),
-    and the counts ``[4, M]``
-    int64 (n_item, n_user, n_item_aux, n_user_aux), from ``true_negative_bits_kernel``."""
+    """The bits of Tᴵ and Tᵁ ``[2, M, W]`` int32, W = ceil(C/32) + 2 (two words of padding), and
+    the counts ``[4, M]`` int64 (n_item, n_user, n_item_aux, n_user_aux), from
+    ``true_negative_bits_kernel``."""
     kernels = load_kernels()
     W = cdiv(C, 32) + 2
     bits = empty((2, M, W), torch.int32, device, setup.poison)
