@@ -29,9 +29,9 @@ How the sweep loop is found in SASS: a loop is a backward branch (``BRA`` to a l
 its body is the address range [target, branch]. The sweep over the score tiles is the
 outermost loop that holds the most ``MUFU`` instructions, then the most instructions (the
 backward row pass also has a loop over the P own columns, the modulated kernels have inner
-loops over the embedding dim). Per
-iteration of the sweep, the body of an inner loop counts d times (those loops run over a
-runtime d and ptxas leaves them rolled: :func:`loop_work`). Code that ptxas moves out of line
+loops over the embedding dim). Per iteration of the sweep, the body of an inner loop counts
+ceil(d / CHUNK) times, the modulated kernels' steps over d (``kernels/modulated_fwd.py``; those
+loops run over a runtime d and ptxas leaves them rolled: :func:`loop_work`). Code that ptxas moves out of line
 (after ``EXIT``) is not counted.
 
 Counts are warp instructions per loop iteration; "per pair" is thread instructions per (row,
@@ -330,9 +330,10 @@ def loop_work(ins, inner_trip: float = 1.0) -> dict:
     """Dynamic instruction counts of one iteration of the sweep loop, by class.
 
     Instructions of an inner loop (modulated kernels: the loops over the embedding dim,
-    ``range(0, D)`` with a runtime D, which ptxas leaves rolled: one pass of the body does one
-    column c', 64 FFMAs per thread on a 16 × 16 × 64 pair tile with 256 threads) count
-    ``inner_trip`` times, the number of iterations (d)."""
+    ``range(0, D, CHUNK)`` with a runtime D, which ptxas leaves rolled: one pass of the body
+    does one chunk of CHUNK factor entries, 512 FFMAs per thread in the forward's product on a
+    16 × 16 pair tile at d = 64 with 256 threads) count ``inner_trip`` times, the number of
+    iterations (ceil(d / CHUNK) for the modulated kernels)."""
     best, inner = sweep_loop(ins)
     if best is None:
         return {}
@@ -474,7 +475,11 @@ def build(grid: dict, modulated: bool, quiet=False, tiles=None, mask_bits=None) 
         target = GPUTarget("cuda", 90, 32)
         M, P, d = MODULATED["M"], MODULATED["P"], MODULATED["d"]
         launches = modulated_launches(M, P, d, index)
-        rows = kernel_rows("modulated", M, P, d, "float32", "modulated", launches, target, float(d))
+        # the inner loops step over d in chunks of CHUNK factor entries (modulated_fwd.py)
+        from hdccf_triton.backends._triton_runtime import load_kernels
+
+        trip = -(-d // load_kernels().modulated_fwd.CHUNK.value)
+        rows = kernel_rows("modulated", M, P, d, "float32", "modulated", launches, target, float(trip))
         rows.append(total_row(rows, "modulated", M, P, d, "float32", "modulated"))
         out += rows
         if not quiet:

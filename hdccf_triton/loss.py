@@ -144,16 +144,20 @@ def compute_loss(tensors: tuple, interactions: InteractionIndex | None, options:
 def select_backend(name: str, device: torch.device, similarity: "Similarity | str" = "dot"):
     """The backend module for ``name`` (``"auto"``, ``"torch"``, ``"triton"``), tensors on
     ``device`` and a (reduced) ``similarity``: the reference for ``"torch"``, and for
-    ``"auto"`` off CUDA; else the Triton backend of the similarity's kernel family. Raises
-    :class:`BackendUnavailableError` when ``"triton"`` cannot run there."""
+    ``"auto"`` off CUDA (and for a modulated similarity whose dim the GPU kernels do not take,
+    ``triton_modulated.fits_gpu``); else the Triton backend of the similarity's kernel family.
+    Raises :class:`BackendUnavailableError` when ``"triton"`` cannot run there."""
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return reference  # without importing Triton: the CPU path of every training step
-    kernel = as_similarity(similarity).kernel
+    similarity = as_similarity(similarity)
+    kernel = similarity.kernel
     reason = unavailable_reason(device)
     if name == "triton":
         if reason is not None:
             raise BackendUnavailableError(f'backend="triton" cannot run: {reason}')
         return _TRITON_BACKENDS[kernel]
+    if kernel == "modulated" and device.type == "cuda" and not triton_modulated.fits_gpu(similarity):
+        return reference  # the modulated kernels' GPU tiles stop at dim 256 (launch_config)
     return _TRITON_BACKENDS[kernel] if reason is None else reference
 
 

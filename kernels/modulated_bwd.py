@@ -18,9 +18,10 @@ The host turns dh into the gradients of W₁, W₂, b and of the factors e throu
 (per-entity products), so only W₃'s gradient is a reduction over pairs: each program of the
 row-parallel kernel writes its partial dW₃ ``[D, D]`` into its own slot of a
 ``[programs, D, D]`` buffer, summed by the host in a fixed order (deterministic, no atomics).
-As in the forward, the products with W₃ run as a loop over its D columns c' on the pair tile:
-t = δ·W₃[:, c'] ``[BLOCK_M, BLOCK_N]`` gives column c' of de_r (Σ_j t e_c[j, c']) and of de_c
-(Σ_k t e_r[k, c']), and Σ_{k, j} δ e_r[k, c'] e_c[j, c'] column c' of dW₃.
+As in the forward, the products with W₃ run as ``tl.dot`` on the flattened pair tile, CHUNK
+columns c' a step (:func:`factor_grads_rows`): t = δ W₃[:, chunk] ``[BLOCK_M·BLOCK_N, CHUNK]``
+gives those columns of de_r (Σ_j t e_c[j, chunk]) and of de_c (Σ_k t e_r[k, chunk]), and
+Σ_{k, j} δ e_r[k, chunk] e_c[j, chunk] those of dW₃.
 C and E are plain dot products of the c operands (as ``negative_stats_bwd.py``).
 
 The two options of the forward (``modulated_fwd.py``; hdccf_triton/LOSS.md, "Sampling-bias
@@ -45,7 +46,7 @@ import triton.language as tl
 
 from .membership import true_negative_masks
 from .modulated_fwd import (
-    NORM_EPS, column_corrections, corrected, load_column, load_slot, modulated_score, modulation_tile,
+    CHUNK, NORM_EPS, column_corrections, corrected, load_slot, modulated_score, modulation_tile,
 )
 from .negative_stats_fwd import column_split, pool_columns
 from .negative_stats_bwd import grad_weights
@@ -110,33 +111,60 @@ def factor_grads_rows(
     b_der,  # [BLOCK_M, BLOCK_D] running de_r
     b_dw3,  # [BLOCK_D, BLOCK_D] running dW₃
 ):
-    """de_r += Σ_j (δW₃) ⊙ e_c and dW₃ += Σ_{k,j} δ (e_r ⊙ e_c)ᵀ, one column c' at a time."""
-    for c in range(0, D):
-        b_er = load_column(R, slot_r, o_r, n_rows, D, c, m_r)  # [BLOCK_M] e_r[:, c']
-        b_ec = load_column(C, slot_c, o_c, n_cols, D, c, m_c)  # [BLOCK_N] e_c[:, c']
-        b_w = tl.load(W3 + o_d * D + c, mask=m_d, other=0.0)  # [BLOCK_D] W₃[:, c']
-        b_t = tl.reduce(b_dpre * b_w[None, None, :], 2, _add)  # [BLOCK_M, BLOCK_N] (δW₃)[.., c']
-        b_col = tl.reduce(b_t * b_ec[None, :], 1, _add)  # [BLOCK_M]
-        b_der = tl.where(o_d[None, :] == c, b_der + b_col[:, None], b_der)
-        b_pair = (b_er[:, None] * b_ec[None, :])[:, :, None]  # [BLOCK_M, BLOCK_N, 1]
-        b_g = tl.reduce(tl.reduce(b_dpre * b_pair, 0, _add), 0, _add)  # [BLOCK_D] dW₃[:, c']
-        b_dw3 = tl.where(o_d[None, :] == c, b_dw3 + b_g[:, None], b_dw3)
+    """de_r += Σ_j (δW₃) ⊙ e_c and dW₃ += Σ_{k,j} δ (e_r ⊙ e_c)ᵀ, ``CHUNK`` columns c' a step.
+
+        (δW₃)[:, chunk] = δ ``[BM·BN, D]`` @ W₃[:, chunk]                  (tl.dot, K = D)
+        de_r[:, chunk] += Σ_j (δW₃)[k, j, chunk] e_c[j, chunk]
+        dW₃[:, chunk] += Σ_k e_r[k, chunk] ⊙ (δ_kᵀ @ e_c[:, chunk])       (batched tl.dot over k, K = BN)
+
+    The second product batches over the rows k so that its K is BLOCK_N, not BLOCK_M·BLOCK_N
+    (a K = 256 operand does not fit in registers). Each chunk's columns are merged into the
+    running ``[.., BLOCK_D]`` tiles with a select (registers cannot be indexed at run time).
+    """
+    BM: tl.constexpr = b_dpre.shape[0]
+    BN: tl.constexpr = b_dpre.shape[1]
+    BD: tl.constexpr = b_dpre.shape[2]
+    b_d2 = tl.reshape(b_dpre, (BM * BN, BD))  # [BM·BN, BD] δ
+    b_dt = tl.permute(b_dpre, (0, 2, 1))  # [BM, BD, BN] δ_kᵀ
+    o_k = tl.arange(0, CHUNK)  # [CHUNK]
+    for k0 in range(0, D, CHUNK):
+        m_k = (k0 + o_k) < D
+        m_sel = o_d[None, :, None] == (k0 + o_k)[None, None, :]  # [1, BD, CHUNK] chunk → columns
+        b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :],
+                      mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
+        b_ec = load_slot(C, slot_c, o_c, n_cols, k0 + o_k, D, m_c[:, None] & m_k[None, :])  # [BN, CHUNK]
+        b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
+        b_t = tl.reshape(tl.dot(b_d2, b_w, input_precision="ieee"), (BM, BN, CHUNK))  # (δW₃)[.., chunk]
+        b_col = tl.reduce(b_t * b_ec[None, :, :], 1, _add)  # [BM, CHUNK]
+        b_der += tl.reduce(tl.where(m_sel, b_col[:, None, :], 0.0), 2, _add)
+        b_x = tl.dot(b_dt, tl.broadcast_to(b_ec[None, :, :], (BM, BN, CHUNK)),
+                     input_precision="ieee")  # [BM, BD, CHUNK] δ_kᵀ e_c[:, chunk]
+        b_g = tl.reduce(b_x * b_er[:, None, :], 0, _add)  # [BD, CHUNK] dW₃[:, chunk]
+        b_dw3 += tl.reduce(tl.where(m_sel, b_g[:, None, :], 0.0), 2, _add)
     return b_der, b_dw3
 
 
 @triton.jit
 def factor_grads_cols(
     b_dpre,  # [BLOCK_M, BLOCK_N, BLOCK_D] δ
-    R, slot_r, o_r, m_r, n_rows, C, slot_c, o_c, m_c, n_cols, W3, o_d, m_d, D,
+    R, slot_r, o_r, m_r, n_rows, W3, o_d, m_d, D,
     b_dec,  # [BLOCK_N, BLOCK_D] running de_c
 ):
-    """de_c += Σ_k (δW₃) ⊙ e_r, one column c' at a time."""
-    for c in range(0, D):
-        b_er = load_column(R, slot_r, o_r, n_rows, D, c, m_r)  # [BLOCK_M] e_r[:, c']
-        b_w = tl.load(W3 + o_d * D + c, mask=m_d, other=0.0)  # [BLOCK_D] W₃[:, c']
-        b_t = tl.reduce(b_dpre * b_w[None, None, :], 2, _add)  # [BLOCK_M, BLOCK_N]
-        b_col = tl.reduce(b_t * b_er[:, None], 0, _add)  # [BLOCK_N]
-        b_dec = tl.where(o_d[None, :] == c, b_dec + b_col[:, None], b_dec)
+    """de_c += Σ_k (δW₃) ⊙ e_r, ``CHUNK`` columns c' a step (as :func:`factor_grads_rows`)."""
+    BM: tl.constexpr = b_dpre.shape[0]
+    BN: tl.constexpr = b_dpre.shape[1]
+    BD: tl.constexpr = b_dpre.shape[2]
+    b_d2 = tl.reshape(b_dpre, (BM * BN, BD))  # [BM·BN, BD] δ
+    o_k = tl.arange(0, CHUNK)  # [CHUNK]
+    for k0 in range(0, D, CHUNK):
+        m_k = (k0 + o_k) < D
+        m_sel = o_d[None, :, None] == (k0 + o_k)[None, None, :]  # [1, BD, CHUNK]
+        b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :],
+                      mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
+        b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
+        b_t = tl.reshape(tl.dot(b_d2, b_w, input_precision="ieee"), (BM, BN, CHUNK))  # (δW₃)[.., chunk]
+        b_col = tl.reduce(b_t * b_er[:, None, :], 0, _add)  # [BN, CHUNK]
+        b_dec += tl.reduce(tl.where(m_sel, b_col[:, None, :], 0.0), 2, _add)
     return b_dec
 
 
@@ -347,14 +375,14 @@ def modulated_stats_bwd_cols_kernel(
             b_pu, b_hu, b_qx, b_hx, b_lx, b_lse_a, b_g_a, m_item, inv_tau, NORMALIZE, LOGQ)
         b_dqx += tl.reduce(b_dvc, 0, _add)  # [BLOCK_N, BLOCK_D]
         b_dhx += tl.reduce(b_dpre, 0, _add)
-        b_dex = factor_grads_cols(b_dpre, R, 1, o_r, m_m, M, C, 1, o_c, m_n, NP, W3, o_d, m_d, D, b_dex)
+        b_dex = factor_grads_cols(b_dpre, R, 1, o_r, m_m, M, W3, o_d, m_d, D, b_dex)
         # B: columns (p_Y, e_Y, h_Y)
         _, b_dvc, b_dpre = modulated_pair_grads(
             R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D,
             b_qi, b_hi, b_py, b_hy, b_ly, b_lse_b, b_g_b, m_user, inv_tau, NORMALIZE, LOGQ)
         b_dpy += tl.reduce(b_dvc, 0, _add)
         b_dhy += tl.reduce(b_dpre, 0, _add)
-        b_dey = factor_grads_cols(b_dpre, R, 4, o_r, m_m, M, C, 4, o_c, m_n, NP, W3, o_d, m_d, D, b_dey)
+        b_dey = factor_grads_cols(b_dpre, R, 4, o_r, m_m, M, W3, o_d, m_d, D, b_dey)
 
         # C = c_u·c_Y/τ:  dc_Y += w_Cᵀ c_u;   E = c_i·c_X/τ:  dc_X += w_Eᵀ c_i
         # (corrected by ℓ with LOGQ; 0 on the extra columns with EXTRA)

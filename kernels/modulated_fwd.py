@@ -11,7 +11,7 @@ blocks W₁, W₂, W₃ that multiply e_i, e_u and e_i⊙e_u:
     C = c_u·c_Y/τ,  E = c_i·c_X/τ   (the p and q halves; normalised by the host for cosine)
 
 The per-entity pre-activations h are computed once by the host ([M, d] and [N·P, d]); only
-W₃(e_r ⊙ e_c) is pairwise: d rank-one updates of the [BLOCK_M, BLOCK_N, BLOCK_D] pair tile
+W₃(e_r ⊙ e_c) is pairwise: a product of the flattened pair tile [BLOCK_M·BLOCK_N, d] with W₃ᵀ
 (:func:`modulation_tile`). Each program owns BLOCK_M rows and sweeps the column tiles of its
 split with online log-sum-exps (as in flash attention) over the true negatives (masks of
 ``membership.py``):
@@ -52,8 +52,8 @@ import triton.language as tl
 from .membership import true_negative_masks
 from .negative_stats_fwd import column_split, finish_lse, online_lse_update, pool_columns
 
-__all__ = ["modulated_stats_fwd_kernel", "load_slot", "load_column", "modulation_tile",
-           "modulated_score", "column_corrections", "corrected", "NORM_EPS"]
+__all__ = ["modulated_stats_fwd_kernel", "load_slot", "modulation_tile",
+           "modulated_score", "column_corrections", "corrected", "NORM_EPS", "CHUNK"]
 
 # tl.reduce with Triton's own combine functions, not tl.sum (see negative_stats_fwd.py: the
 # standard-library jit functions may have been decorated before TRITON_INTERPRET was set)
@@ -61,6 +61,9 @@ _add = tl.standard._sum_combine
 
 #: lower clamp of ‖m⊙v‖ under NORMALIZE (as F.normalize and hdccf_triton.similarity)
 NORM_EPS = tl.constexpr(1e-12)
+#: factor entries per step of the products with W₃ (:func:`modulation_tile`; the backward's
+#: ``factor_grads_*`` likewise): 8 keeps every dot operand in registers (sm_90, fp32, d = 64)
+CHUNK = tl.constexpr(8)
 
 
 @triton.jit
@@ -72,13 +75,6 @@ def load_slot(base, slot, o_r, n_rows, o_d, D, m_2d):
 
 
 @triton.jit
-def load_column(base, slot, o_r, n_rows, D, c, m_r):
-    """Entry ``c`` of rows ``o_r`` (int64 [BLOCK]) of slot ``slot`` of a contiguous
-    ``[8, n_rows, D]`` operand → ``[BLOCK]`` (0 outside ``m_r``)."""
-    return tl.load(base + (o_r + slot * n_rows) * D + c, mask=m_r, other=0.0)
-
-
-@triton.jit
 def modulation_tile(
     R, slot_r, o_r, m_r, n_rows,  # the rows' factors e_r: slot ``slot_r`` of R [8, n_rows, D]
     C, slot_c, o_c, m_c, n_cols,  # the columns' factors e_c: slot ``slot_c`` of C [8, n_cols, D]
@@ -87,19 +83,29 @@ def modulation_tile(
 ):
     """m ``[BLOCK_M, BLOCK_N, BLOCK_D]``: the modulation of every (row, column) pair of a tile.
 
-        pre[k, j, :] = h_r[k] + h_c[j] + Σ_c' e_r[k, c'] e_c[j, c'] W₃[:, c']
+        pre[k, j, :] = h_r[k] + h_c[j] + W₃ (e_r[k] ⊙ e_c[j])
 
-    W₃(e_r ⊙ e_c) as D rank-one updates of the pair tile (a runtime loop over c', reading
-    column c' of e_r, e_c and W₃, L1-resident after the first tile): FMAs on the [BLOCK_M,
-    BLOCK_N, BLOCK_D] tile, with no [BLOCK_M·BLOCK_N, BLOCK_D] layout change for a
-    ``tl.dot``, so the kernels stay small (fast to compile, few registers). The same flops.
+    W₃(e_r ⊙ e_c) for all BLOCK_M·BLOCK_N pairs at once is a product ``[BLOCK_M·BLOCK_N, D] @
+    W₃ᵀ``, run as ``tl.dot`` over chunks of ``CHUNK`` factor entries c': each step loads
+    e_r[:, chunk], e_c[:, chunk] and W₃ᵀ[chunk, :] (L1-resident after the first tile), forms
+    the pairs' products ``[BLOCK_M·BLOCK_N, CHUNK]`` and accumulates. The chunking keeps the
+    dot's operands small: an unchunked K = D dot holds whole rows of both operands in
+    registers, and ptxas then spills most of the kernel (``bench/sass_report.py``).
     """
-    b_pre = b_hr[:, None, :] + b_hc[None, :, :]  # [BLOCK_M, BLOCK_N, BLOCK_D]
-    for c in range(0, D):
-        b_er = load_column(R, slot_r, o_r, n_rows, D, c, m_r)  # [BLOCK_M] e_r[:, c']
-        b_ec = load_column(C, slot_c, o_c, n_cols, D, c, m_c)  # [BLOCK_N] e_c[:, c']
-        b_w = tl.load(W3 + o_d * D + c, mask=m_d, other=0.0)  # [BLOCK_D] W₃[:, c']
-        b_pre += (b_er[:, None] * b_ec[None, :])[:, :, None] * b_w[None, None, :]
+    BM: tl.constexpr = b_hr.shape[0]
+    BN: tl.constexpr = b_hc.shape[0]
+    BD: tl.constexpr = b_hr.shape[1]
+    o_k = tl.arange(0, CHUNK)  # [CHUNK]
+    b_pre = tl.full((BM * BN, BD), 0.0, dtype=b_hr.dtype)
+    for k0 in range(0, D, CHUNK):
+        m_k = (k0 + o_k) < D
+        b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
+        b_ec = load_slot(C, slot_c, o_c, n_cols, k0 + o_k, D, m_c[:, None] & m_k[None, :])  # [BN, CHUNK]
+        b_w = tl.load(W3 + o_d[None, :] * D + (k0 + o_k)[:, None],
+                      mask=m_k[:, None] & m_d[None, :], other=0.0)  # [CHUNK, BD] W₃ᵀ[chunk, :]
+        b_p = tl.reshape(b_er[:, None, :] * b_ec[None, :, :], (BM * BN, CHUNK))  # e_r ⊙ e_c
+        b_pre = tl.dot(b_p, b_w, b_pre, input_precision="ieee")  # [BM·BN, BD]
+    b_pre = tl.reshape(b_pre, (BM, BN, BD)) + b_hr[:, None, :] + b_hc[None, :, :]
     # sigmoid by hand (tl.sigmoid is a standard-library jit function); exp(−pre) = inf gives 0
     return 1.0 / (1.0 + tl.exp(-b_pre))
 

@@ -30,6 +30,7 @@ from hdccf_triton import (  # noqa: E402
     debiased_contrastive_loss,
 )
 from hdccf_triton.loss import select_backend  # noqa: E402
+from hdccf_triton.backends._triton_runtime import LaunchOverrides  # noqa: E402
 from triton_helpers import (  # noqa: E402
     all_false_negative_case,
     assert_error_within_factor,
@@ -132,6 +133,13 @@ _MEDIUM = {
     "biased-no-index": (13, 1, 24, False, False, None, {}, {}),
     "row-offset-splits": (18, 2, 8, True, True, 1, {"N": 24, "row_offset": 4},
                           {"col_splits": 2, "row_splits": 2}),
+    # d = 12 and 20: the products with W₃ step over d in chunks of CHUNK = 8 (a partial last one)
+    "dim-12-partial-chunk": (13, 2, 12, False, True, 1, {}, {}),
+    "dim-20-partial-chunk-cosine": (11, 3, 20, True, True, 2, {}, {}),
+    # the GPU's smaller pair tiles from BLOCK_D = 128 on (triton_modulated._GPU_PAIR_TILES)
+    "tiles-16x8": (21, 2, 12, True, True, 1, {}, {"block_m": 16, "block_n": 8}),
+    "tiles-8x8-splits": (19, 3, 8, False, True, 2, {}, {"block_m": 8, "block_n": 8, "col_splits": 3,
+                                                         "row_splits": 2}),
 }
 
 
@@ -278,3 +286,17 @@ def test_under_torch_compile():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(got_grads, torch.autograd.grad(want, leaves)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim,tiles", [(32, (16, 16)), (64, (16, 16)), (100, (16, 8)), (256, (8, 8))])
+def test_gpu_pair_tiles_shrink_with_dim(dim, tiles):
+    # the backward's layout changes of the flattened pair tiles go through shared memory
+    config = triton_modulated.launch_config(4096, 16384, dim, torch.device("cpu"), LaunchOverrides(sm_count=132))
+    assert (config.block_m, config.block_n) == tiles and config.block_n >= 8
+
+
+def test_gpu_launch_refuses_dims_beyond_256_and_auto_takes_the_reference():
+    with pytest.raises(ValueError, match="dim=300.*backend='torch'"):
+        triton_modulated.launch_config(64, 128, 300, torch.device("cpu"), LaunchOverrides(sm_count=132))
+    assert triton_modulated.fits_gpu(ModulatedSimilarity(256))
+    assert not triton_modulated.fits_gpu(ModulatedSimilarity(257))

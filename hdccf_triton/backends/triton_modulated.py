@@ -53,7 +53,7 @@ from ._triton_runtime import (
     merge_column_splits, sm_count, split_size, without_dynamo,
 )
 
-__all__ = ["per_row_loss", "negative_statistics", "LaunchConfig", "launch_config"]
+__all__ = ["per_row_loss", "negative_statistics", "LaunchConfig", "launch_config", "fits_gpu"]
 
 
 def per_row_loss(inputs: LossInputs, interactions: InteractionIndex | None, options: LossOptions,
@@ -229,30 +229,58 @@ def launch_config(
 ) -> LaunchConfig:
     """Launch heuristics (not tuned on a GPU yet).
 
-    * 16 × 16 tiles: the pair tiles are [16, 16, BLOCK_D], and ``tl.dot`` needs 16 in every
-      dimension (C and E multiply [16, 16] weight tiles by [16, BLOCK_D] operands). 8 warps
-      from BLOCK_D = 64 on, to spread the [16, 16, BLOCK_D] tiles over more registers
-      (``bench/kernel_bench_modulated.py --compile-only``, sm_90, d = 64, fp32: forward 239
-      registers and no spill, backward 255 registers and < 1 KiB of spills, 17-20 KiB of
-      shared memory, 5-9 s to compile each; not yet timed on a GPU).
+    * 16 × 16 tiles: the pair tiles are [16, 16, BLOCK_D], flattened to [256, BLOCK_D] for the
+      products with W₃ (``tl.dot`` in chunks of 8 factor entries), and ``tl.dot`` needs 16 in
+      every dimension of C and E ([16, 16] weight tiles by [16, BLOCK_D] operands). 8 warps
+      from BLOCK_D = 64 on, to spread the pair tiles over more registers (``python
+      bench/sass_report.py``, sm_90, d = 64, fp32: 255 registers each; spill instructions per
+      tile 59 forward, 744 and 289 backward; the backward's layout changes take 152 and 84 KiB
+      of shared memory, one program per SM; static estimate, not yet timed on a GPU).
+    * From BLOCK_D = 128 on, smaller pair tiles on a GPU (``_GPU_PAIR_TILES``), and no GPU
+      launch beyond BLOCK_D = 256 (``MAX_GPU_BLOCK_D``): a ``ValueError`` says so before any
+      kernel is compiled (``select_backend`` sends ``"auto"`` to the reference there).
     * GPU: the columns (forward, row backward) or rows (column backward) are split so that
       about two programs run per SM; each split writes its own partial result (no atomics).
       The split count depends only on the shape and the GPU model: bit-identical run to run.
     * Interpreter: no splits (the programs run one after another anyway).
     * ``overrides`` (tests, benchmarks) replace any of these choices.
     """
-    block_d = max(16, 1 << max(0, dim - 1).bit_length())
-    block = 16
+    block_d = _block_d(dim)
     n_sm = sm_count(device, overrides)
     if n_sm is not None:
+        if block_d > MAX_GPU_BLOCK_D and overrides.block_m is None:
+            raise ValueError(
+                f"dim={dim}: the modulated Triton kernels take dim <= {MAX_GPU_BLOCK_D} on a GPU (their "
+                "pair tiles' layout changes outgrow shared memory beyond); use backend='torch'")
+        block_m, block_n = _GPU_PAIR_TILES.get(block_d, (16, 16))
         num_warps = 4 if block_d <= 32 else 8
-        row_blocks, col_blocks = -(-M // block), -(-NP // block)
+        row_blocks, col_blocks = -(-M // block_m), -(-NP // block_n)
         col_splits = max(1, min(col_blocks, -(-2 * n_sm // row_blocks)))
         row_splits = max(1, min(row_blocks, -(-2 * n_sm // col_blocks)))
-        config = LaunchConfig(block, block, block_d, num_warps, 1, col_splits, row_splits)
+        config = LaunchConfig(block_m, block_n, block_d, num_warps, 1, col_splits, row_splits)
     else:
-        config = LaunchConfig(block, block, block_d, 1, 1, 1, 1)
+        config = LaunchConfig(16, 16, block_d, 1, 1, 1, 1)
     return overrides.apply(config)
+
+
+#: the GPU's pair tiles (block_m, block_n) by BLOCK_D where they are not 16 × 16: the backward's
+#: layout changes of the [block_m·block_n, BLOCK_D] pair tiles go through shared memory (sm_90,
+#: fp32: 152 KiB at 16 × 16 × 64, 156 KiB at 16 × 8 × 128, 168 KiB at 8 × 8 × 256, against
+#: 227 KiB a program; ``bench/sass_report.py``). block_n ≥ 8: the batched product of
+#: ``factor_grads_rows`` has K = block_n, and fp32 ``tl.dot`` needs K ≥ 8.
+_GPU_PAIR_TILES = {128: (16, 8), 256: (8, 8)}
+#: the largest BLOCK_D the GPU launch configuration supports (the CPU interpreter takes any)
+MAX_GPU_BLOCK_D = 256
+
+
+def _block_d(dim: int) -> int:
+    return max(16, 1 << max(0, dim - 1).bit_length())
+
+
+def fits_gpu(similarity) -> bool:
+    """Whether the GPU launch configuration takes this modulated similarity's ``dim``
+    (BLOCK_D ≤ ``MAX_GPU_BLOCK_D``)."""
+    return _block_d(similarity.dim) <= MAX_GPU_BLOCK_D
 
 
 def _common_args(R, C, W3, setup: _Setup):
