@@ -108,8 +108,8 @@ def modulated_pair_grads(
 def factor_grads_rows(
     b_dpre,  # [BLOCK_M, BLOCK_N, BLOCK_D] δ
     R, slot_r, o_r, m_r, n_rows, C, slot_c, o_c, m_c, n_cols, W3, o_d, m_d, D,
-    b_der,  # [BLOCK_M, BLOCK_D] running de_r
-    b_dw3,  # [BLOCK_D, BLOCK_D] running dW₃
+    b_der,  # [BLOCK_M, BLOCK_D / CHUNK, CHUNK] running de_r, by chunk (reshaped to [BLOCK_M, BLOCK_D] at the end)
+    b_dw3,  # [BLOCK_D, BLOCK_D / CHUNK, CHUNK] running dW₃, by chunk of its columns
 ):
     """de_r += Σ_j (δW₃) ⊙ e_c and dW₃ += Σ_{k,j} δ (e_r ⊙ e_c)ᵀ, ``CHUNK`` columns c' a step.
 
@@ -118,8 +118,9 @@ def factor_grads_rows(
         dW₃[:, chunk] += Σ_k e_r[k, chunk] ⊙ (δ_kᵀ @ e_c[:, chunk])       (batched tl.dot over k, K = BN)
 
     The second product batches over the rows k so that its K is BLOCK_N, not BLOCK_M·BLOCK_N
-    (a K = 256 operand does not fit in registers). Each chunk's columns are merged into the
-    running ``[.., BLOCK_D]`` tiles with a select (registers cannot be indexed at run time).
+    (a K = 256 operand does not fit in registers). The running tiles are kept by chunk,
+    ``[.., BLOCK_D / CHUNK, CHUNK]``, so that a chunk's columns are added with one select over the
+    tile (registers cannot be indexed at run time).
     """
     BM: tl.constexpr = b_dpre.shape[0]
     BN: tl.constexpr = b_dpre.shape[1]
@@ -127,20 +128,21 @@ def factor_grads_rows(
     b_d2 = tl.reshape(b_dpre, (BM * BN, BD))  # [BM·BN, BD] δ
     b_dt = tl.permute(b_dpre, (0, 2, 1))  # [BM, BD, BN] δ_kᵀ
     o_k = tl.arange(0, CHUNK)  # [CHUNK]
+    o_ch = tl.arange(0, BD // CHUNK)  # [BD / CHUNK]
     for k0 in range(0, D, CHUNK):
         m_k = (k0 + o_k) < D
-        m_sel = o_d[None, :, None] == (k0 + o_k)[None, None, :]  # [1, BD, CHUNK] chunk → columns
+        m_sel = (o_ch == k0 // CHUNK)[None, :, None]  # [1, BD / CHUNK, 1] this chunk
         b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :],
                       mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
         b_ec = load_slot(C, slot_c, o_c, n_cols, k0 + o_k, D, m_c[:, None] & m_k[None, :])  # [BN, CHUNK]
         b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
         b_t = tl.reshape(tl.dot(b_d2, b_w, input_precision="ieee"), (BM, BN, CHUNK))  # (δW₃)[.., chunk]
         b_col = tl.reduce(b_t * b_ec[None, :, :], 1, _add)  # [BM, CHUNK]
-        b_der += tl.reduce(tl.where(m_sel, b_col[:, None, :], 0.0), 2, _add)
+        b_der = tl.where(m_sel, b_der + b_col[:, None, :], b_der)
         b_x = tl.dot(b_dt, tl.broadcast_to(b_ec[None, :, :], (BM, BN, CHUNK)),
                      input_precision="ieee")  # [BM, BD, CHUNK] δ_kᵀ e_c[:, chunk]
         b_g = tl.reduce(b_x * b_er[:, None, :], 0, _add)  # [BD, CHUNK] dW₃[:, chunk]
-        b_dw3 += tl.reduce(tl.where(m_sel, b_g[:, None, :], 0.0), 2, _add)
+        b_dw3 = tl.where(m_sel, b_dw3 + b_g[:, None, :], b_dw3)
     return b_der, b_dw3
 
 
@@ -148,7 +150,7 @@ def factor_grads_rows(
 def factor_grads_cols(
     b_dpre,  # [BLOCK_M, BLOCK_N, BLOCK_D] δ
     R, slot_r, o_r, m_r, n_rows, W3, o_d, m_d, D,
-    b_dec,  # [BLOCK_N, BLOCK_D] running de_c
+    b_dec,  # [BLOCK_N, BLOCK_D / CHUNK, CHUNK] running de_c, by chunk
 ):
     """de_c += Σ_k (δW₃) ⊙ e_r, ``CHUNK`` columns c' a step (as :func:`factor_grads_rows`)."""
     BM: tl.constexpr = b_dpre.shape[0]
@@ -156,15 +158,16 @@ def factor_grads_cols(
     BD: tl.constexpr = b_dpre.shape[2]
     b_d2 = tl.reshape(b_dpre, (BM * BN, BD))  # [BM·BN, BD] δ
     o_k = tl.arange(0, CHUNK)  # [CHUNK]
+    o_ch = tl.arange(0, BD // CHUNK)  # [BD / CHUNK]
     for k0 in range(0, D, CHUNK):
         m_k = (k0 + o_k) < D
-        m_sel = o_d[None, :, None] == (k0 + o_k)[None, None, :]  # [1, BD, CHUNK]
+        m_sel = (o_ch == k0 // CHUNK)[None, :, None]  # [1, BD / CHUNK, 1] this chunk
         b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :],
                       mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
         b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
         b_t = tl.reshape(tl.dot(b_d2, b_w, input_precision="ieee"), (BM, BN, CHUNK))  # (δW₃)[.., chunk]
         b_col = tl.reduce(b_t * b_er[:, None, :], 0, _add)  # [BN, CHUNK]
-        b_dec += tl.reduce(tl.where(m_sel, b_col[:, None, :], 0.0), 2, _add)
+        b_dec = tl.where(m_sel, b_dec + b_col[:, None, :], b_dec)
     return b_dec
 
 
@@ -218,14 +221,14 @@ def modulated_stats_bwd_rows_kernel(
     b_g_e = tl.load(G + 3 * M + o_m, mask=m_m, other=0.0)[:, None]
 
     b_dpu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
-    b_deu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_deu = tl.full([BLOCK_M, BLOCK_D // CHUNK, CHUNK], 0.0, dtype=inv_tau.dtype)  # by chunk
     b_dhu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dqi = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
-    b_dei = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dei = tl.full([BLOCK_M, BLOCK_D // CHUNK, CHUNK], 0.0, dtype=inv_tau.dtype)
     b_dhi = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dcu = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dci = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=inv_tau.dtype)
-    b_dw3 = tl.full([BLOCK_D, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dw3 = tl.full([BLOCK_D, BLOCK_D // CHUNK, CHUNK], 0.0, dtype=inv_tau.dtype)
 
     col_start, col_end = column_split(i_s, NP, n_pool, cols_per_split, EXTRA)
     for j0 in range(col_start, col_end, BLOCK_N):
@@ -278,16 +281,16 @@ def modulated_stats_bwd_rows_kernel(
     # this split's slice of DR [S, 8, M, D]: slot s of split i_s is row block i_s·8 + s
     o_out = o_r + i_s.to(tl.int64) * 8 * M
     store_slot(DR, 0, o_out, M, o_d, D, m_row, b_dpu)
-    store_slot(DR, 1, o_out, M, o_d, D, m_row, b_deu)
+    store_slot(DR, 1, o_out, M, o_d, D, m_row, tl.reshape(b_deu, (BLOCK_M, BLOCK_D)))
     store_slot(DR, 2, o_out, M, o_d, D, m_row, b_dhu)
     store_slot(DR, 3, o_out, M, o_d, D, m_row, b_dqi)
-    store_slot(DR, 4, o_out, M, o_d, D, m_row, b_dei)
+    store_slot(DR, 4, o_out, M, o_d, D, m_row, tl.reshape(b_dei, (BLOCK_M, BLOCK_D)))
     store_slot(DR, 5, o_out, M, o_d, D, m_row, b_dhi)
     store_slot(DR, 6, o_out, M, o_d, D, m_row, b_dcu * inv_tau)
     store_slot(DR, 7, o_out, M, o_d, D, m_row, b_dci * inv_tau)
     i_prog = (i_m * tl.num_programs(1) + i_s).to(tl.int64)
     m_w = m_d[:, None] & m_d[None, :]
-    tl.store(DW3 + i_prog * D * D + o_d[:, None] * D + o_d[None, :], b_dw3, mask=m_w)
+    tl.store(DW3 + i_prog * D * D + o_d[:, None] * D + o_d[None, :], tl.reshape(b_dw3, (BLOCK_D, BLOCK_D)), mask=m_w)
 
 
 @triton.jit
@@ -332,10 +335,10 @@ def modulated_stats_bwd_cols_kernel(
     b_ly = column_corrections(QY, o_n, m_n, LOGQ)  # [BLOCK_N] ℓᵁ (LOGQ)
 
     b_dqx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
-    b_dex = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dex = tl.full([BLOCK_N, BLOCK_D // CHUNK, CHUNK], 0.0, dtype=inv_tau.dtype)  # by chunk
     b_dhx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dpy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
-    b_dey = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
+    b_dey = tl.full([BLOCK_N, BLOCK_D // CHUNK, CHUNK], 0.0, dtype=inv_tau.dtype)
     b_dhy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dcx = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
     b_dcy = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=inv_tau.dtype)
@@ -395,10 +398,10 @@ def modulated_stats_bwd_cols_kernel(
 
     o_out = o_c + i_s.to(tl.int64) * 8 * NP
     store_slot(DC, 0, o_out, NP, o_d, D, m_col, b_dqx)
-    store_slot(DC, 1, o_out, NP, o_d, D, m_col, b_dex)
+    store_slot(DC, 1, o_out, NP, o_d, D, m_col, tl.reshape(b_dex, (BLOCK_N, BLOCK_D)))
     store_slot(DC, 2, o_out, NP, o_d, D, m_col, b_dhx)
     store_slot(DC, 3, o_out, NP, o_d, D, m_col, b_dpy)
-    store_slot(DC, 4, o_out, NP, o_d, D, m_col, b_dey)
+    store_slot(DC, 4, o_out, NP, o_d, D, m_col, tl.reshape(b_dey, (BLOCK_N, BLOCK_D)))
     store_slot(DC, 5, o_out, NP, o_d, D, m_col, b_dhy)
     store_slot(DC, 6, o_out, NP, o_d, D, m_col, b_dcx * inv_tau)
     store_slot(DC, 7, o_out, NP, o_d, D, m_col, b_dcy * inv_tau)

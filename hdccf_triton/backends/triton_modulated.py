@@ -234,7 +234,7 @@ def launch_config(
       every dimension of C and E ([16, 16] weight tiles by [16, BLOCK_D] operands). 8 warps
       from BLOCK_D = 64 on, to spread the pair tiles over more registers (``python
       bench/sass_report.py``, sm_90, d = 64, fp32: 255 registers each; spill instructions per
-      tile 59 forward, 744 and 289 backward; the backward's layout changes take 152 and 84 KiB
+      tile 59 forward, 747 and 279 backward; the backward's layout changes take 152 and 84 KiB
       of shared memory, one program per SM; static estimate, not yet timed on a GPU).
     * From BLOCK_D = 128 on, smaller pair tiles on a GPU (``_GPU_PAIR_TILES``), and no GPU
       launch beyond BLOCK_D = 256 (``MAX_GPU_BLOCK_D``): a ``ValueError`` says so before any
