@@ -83,9 +83,10 @@ TC_FLOPS = {"bfloat16": 989e12, "float32": N_SM * FMA_PER_CLK * 2 * CLOCK_HZ}
 GPUS = ("H100 SXM", "H200")  # the same compute rates (they differ in memory bandwidth only)
 PRODUCTS_PER_PAIR = 20
 EXPS_PER_PAIR = 12
-#: the modulated kernels' products with W₃ a pair, in units of d² FMAs: the forward's (A and B:
-#: 2), the row pass's recomputation, δW₃ and dW₃ (6), the column pass's recomputation and δW₃ (4)
-MODULATED_FMAS_PER_PAIR = 12
+#: the modulated kernels' d × d products a pair, in units of d² FMAs (A and B: 2 a product): the
+#: forward's W₃(e_r ⊙ e_c) (2), the row pass's recomputation and δ_kᵀe_c (4), the column pass's
+#: recomputation and δW₃ (4)
+MODULATED_FMAS_PER_PAIR = 10
 
 GRID = dict(M=(4096, 16384), P=(4,), d=(64, 128), dtype=("bfloat16", "float32"), sim=("dot", "cosine"))
 QUICK = dict(M=(4096,), P=(4,), d=(64,), dtype=("bfloat16",), sim=("dot",))

@@ -18,10 +18,11 @@ The host turns dh into the gradients of W₁, W₂, b and of the factors e throu
 (per-entity products), so only W₃'s gradient is a reduction over pairs: each program of the
 row-parallel kernel writes its partial dW₃ ``[D, D]`` into its own slot of a
 ``[programs, D, D]`` buffer, summed by the host in a fixed order (deterministic, no atomics).
-As in the forward, the products with W₃ run as ``tl.dot`` on the flattened pair tile, CHUNK
-columns c' a step (:func:`factor_grads_rows`): t = δ W₃[:, chunk] ``[BLOCK_M·BLOCK_N, CHUNK]``
-gives those columns of de_r (Σ_j t e_c[j, chunk]) and of de_c (Σ_k t e_r[k, chunk]), and
-Σ_{k, j} δ e_r[k, chunk] e_c[j, chunk] those of dW₃.
+As in the forward, the products run as ``tl.dot``, CHUNK columns c' a step: in the column
+kernel t = δ W₃[:, chunk] ``[BLOCK_M·BLOCK_N, CHUNK]`` on the flattened pair tile gives those
+columns of de_c (Σ_k t e_r[k, chunk], :func:`factor_grads_cols`); in the row kernel one product
+X_k = δ_kᵀ e_c[:, chunk] per row k gives those of de_r (Σ_c W₃[c, chunk] X_k[c, chunk]) and of
+dW₃ (Σ_k e_r[k, chunk] X_k) (:func:`factor_grads_rows`).
 C and E are plain dot products of the c operands (as ``negative_stats_bwd.py``).
 
 The two options of the forward (``modulated_fwd.py``; hdccf_triton/LOSS.md, "Sampling-bias
@@ -111,21 +112,23 @@ def factor_grads_rows(
     b_der,  # [BLOCK_M, BLOCK_D / CHUNK, CHUNK] running de_r, by chunk (reshaped to [BLOCK_M, BLOCK_D] at the end)
     b_dw3,  # [BLOCK_D, BLOCK_D / CHUNK, CHUNK] running dW₃, by chunk of its columns
 ):
-    """de_r += Σ_j (δW₃) ⊙ e_c and dW₃ += Σ_{k,j} δ (e_r ⊙ e_c)ᵀ, ``CHUNK`` columns c' a step.
+    """de_r += Σ_j (δW₃) ⊙ e_c and dW₃ += Σ_{k,j} δ (e_r ⊙ e_c)ᵀ, ``CHUNK`` columns c' a step,
+    both from one product X_k = δ_kᵀ e_c (δ_k ``[BN, D]``: row k's pairs):
 
-        (δW₃)[:, chunk] = δ ``[BM·BN, D]`` @ W₃[:, chunk]                  (tl.dot, K = D)
-        de_r[:, chunk] += Σ_j (δW₃)[k, j, chunk] e_c[j, chunk]
-        dW₃[:, chunk] += Σ_k e_r[k, chunk] ⊙ (δ_kᵀ @ e_c[:, chunk])       (batched tl.dot over k, K = BN)
+        X[k, :, chunk] = δ_kᵀ @ e_c[:, chunk]            (tl.dot batched over k, K = BN)
+        de_r[k, chunk] += Σ_c W₃[c, chunk] ⊙ X[k, c, chunk]
+        dW₃[:, chunk] += Σ_k e_r[k, chunk] ⊙ X[k, :, chunk]
 
-    The second product batches over the rows k so that its K is BLOCK_N, not BLOCK_M·BLOCK_N
-    (a K = 256 operand does not fit in registers). The running tiles are kept by chunk,
+    (de_r[k, c'] = Σ_j Σ_c δ[k, j, c] W₃[c, c'] e_c[j, c'] = Σ_c W₃[c, c'] X[k, c, c']: the
+    column pass's product δW₃ is not needed here.) The product batches over the rows k so that
+    its K is BLOCK_N, not BLOCK_M·BLOCK_N (a K = 256 operand does not fit in registers). The
+    running tiles are kept by chunk,
     ``[.., BLOCK_D / CHUNK, CHUNK]``, so that a chunk's columns are added with one select over the
     tile (registers cannot be indexed at run time).
     """
     BM: tl.constexpr = b_dpre.shape[0]
     BN: tl.constexpr = b_dpre.shape[1]
     BD: tl.constexpr = b_dpre.shape[2]
-    b_d2 = tl.reshape(b_dpre, (BM * BN, BD))  # [BM·BN, BD] δ
     b_dt = tl.permute(b_dpre, (0, 2, 1))  # [BM, BD, BN] δ_kᵀ
     o_k = tl.arange(0, CHUNK)  # [CHUNK]
     o_ch = tl.arange(0, BD // CHUNK)  # [BD / CHUNK]
@@ -136,11 +139,10 @@ def factor_grads_rows(
                       mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
         b_ec = load_slot(C, slot_c, o_c, n_cols, k0 + o_k, D, m_c[:, None] & m_k[None, :])  # [BN, CHUNK]
         b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
-        b_t = tl.reshape(tl.dot(b_d2, b_w, input_precision="ieee"), (BM, BN, CHUNK))  # (δW₃)[.., chunk]
-        b_col = tl.reduce(b_t * b_ec[None, :, :], 1, _add)  # [BM, CHUNK]
-        b_der = tl.where(m_sel, b_der + b_col[:, None, :], b_der)
         b_x = tl.dot(b_dt, tl.broadcast_to(b_ec[None, :, :], (BM, BN, CHUNK)),
                      input_precision="ieee")  # [BM, BD, CHUNK] δ_kᵀ e_c[:, chunk]
+        b_col = tl.reduce(b_x * b_w[None, :, :], 1, _add)  # [BM, CHUNK] de_r[:, chunk]
+        b_der = tl.where(m_sel, b_der + b_col[:, None, :], b_der)
         b_g = tl.reduce(b_x * b_er[:, None, :], 0, _add)  # [BD, CHUNK] dW₃[:, chunk]
         b_dw3 = tl.where(m_sel, b_dw3 + b_g[:, None, :], b_dw3)
     return b_der, b_dw3

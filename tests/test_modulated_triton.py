@@ -136,7 +136,7 @@ _MEDIUM = {
     # d = 12 and 20: the products with W₃ step over d in chunks of CHUNK = 8 (a partial last one)
     "dim-12-partial-chunk": (13, 2, 12, False, True, 1, {}, {}),
     "dim-20-partial-chunk-cosine": (11, 3, 20, True, True, 2, {}, {}),
-    # the GPU's smaller pair tiles from BLOCK_D = 128 on (triton_modulated._GPU_PAIR_TILES)
+    # smaller pair tiles: the GPU's 16 × 8 from BLOCK_D = 128 on (triton_modulated._GPU_PAIR_TILES), 8 × 8
     "tiles-16x8": (21, 2, 12, True, True, 1, {}, {"block_m": 16, "block_n": 8}),
     "tiles-8x8-splits": (19, 3, 8, False, True, 2, {}, {"block_m": 8, "block_n": 8, "col_splits": 3,
                                                          "row_splits": 2}),
@@ -288,7 +288,7 @@ def test_under_torch_compile():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dim,tiles", [(32, (16, 16)), (64, (16, 16)), (100, (16, 8)), (256, (8, 8))])
+@pytest.mark.parametrize("dim,tiles", [(32, (16, 16)), (64, (16, 16)), (100, (16, 8)), (256, (16, 8))])
 def test_gpu_pair_tiles_shrink_with_dim(dim, tiles):
     # the backward's layout changes of the flattened pair tiles go through shared memory
     config = triton_modulated.launch_config(4096, 16384, dim, torch.device("cpu"), LaunchOverrides(sm_count=132))

@@ -230,13 +230,12 @@ def launch_config(
     """Launch heuristics (not tuned on a GPU yet).
 
     * 16 × 16 tiles: the pair tiles are [16, 16, BLOCK_D], flattened to [256, BLOCK_D] for the
-      products with W₃ (``tl.dot`` in chunks of 8 factor entries), and ``tl.dot`` needs 16 in
-      every dimension of C and E ([16, 16] weight tiles by [16, BLOCK_D] operands). 8 warps
-      from BLOCK_D = 64 on, to spread the pair tiles over more registers (``python
+      products with W₃ (``tl.dot`` in chunks of 8 factor entries; fp32 ``tl.dot`` needs K ≥ 8).
+      8 warps from BLOCK_D = 64 on, to spread the pair tiles over more registers (``python
       bench/sass_report.py``, sm_90, d = 64, fp32: 255 registers each; spill instructions per
-      tile 59 forward, 747 and 279 backward; the backward's layout changes take 152 and 84 KiB
-      of shared memory, one program per SM; static estimate, not yet timed on a GPU).
-    * From BLOCK_D = 128 on, smaller pair tiles on a GPU (``_GPU_PAIR_TILES``), and no GPU
+      tile 59 forward, 992 and 279 backward; the backward's layout changes take 88 and 84 KiB of
+      shared memory; static estimate, not yet timed on a GPU).
+    * From BLOCK_D = 128 on, 16 × 8 pair tiles on a GPU (``_GPU_PAIR_TILES``), and no GPU
       launch beyond BLOCK_D = 256 (``MAX_GPU_BLOCK_D``): a ``ValueError`` says so before any
       kernel is compiled (``select_backend`` sends ``"auto"`` to the reference there).
     * GPU: the columns (forward, row backward) or rows (column backward) are split so that
@@ -264,11 +263,12 @@ def launch_config(
 
 
 #: the GPU's pair tiles (block_m, block_n) by BLOCK_D where they are not 16 × 16: the backward's
-#: layout changes of the [block_m·block_n, BLOCK_D] pair tiles go through shared memory (sm_90,
-#: fp32: 152 KiB at 16 × 16 × 64, 156 KiB at 16 × 8 × 128, 168 KiB at 8 × 8 × 256, against
-#: 227 KiB a program; ``bench/sass_report.py``). block_n ≥ 8: the batched product of
-#: ``factor_grads_rows`` has K = block_n, and fp32 ``tl.dot`` needs K ≥ 8.
-_GPU_PAIR_TILES = {128: (16, 8), 256: (8, 8)}
+#: layout changes of the [block_m, block_n, BLOCK_D] pair tiles go through shared memory (sm_90,
+#: fp32, the larger of the two backward kernels: 88 KiB at 16 × 16 × 64, 92 KiB at 16 × 8 × 128
+#: (168 KiB at 16 × 16, with more spills), 184 KiB at 16 × 8 × 256, against 227 KiB a program;
+#: ``bench/sass_report.py``). block_n ≥ 8: the batched product of ``factor_grads_rows`` has
+#: K = block_n, and fp32 ``tl.dot`` needs K ≥ 8.
+_GPU_PAIR_TILES = {128: (16, 8), 256: (16, 8)}
 #: the largest BLOCK_D the GPU launch configuration supports (the CPU interpreter takes any)
 MAX_GPU_BLOCK_D = 256
 
