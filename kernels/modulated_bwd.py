@@ -106,6 +106,18 @@ def modulated_pair_grads(
 
 
 @triton.jit
+def chunk_operands(k0, o_k, o_ch, W3, o_d, m_d, D, R, slot_r, o_r, m_r, n_rows):
+    """What both ``factor_grads_*`` read for the chunk of factor entries [k0, k0 + CHUNK): its
+    mask m_k ``[CHUNK]`` (entries below D), its select over the running tiles' chunks
+    ``[1, BD / CHUNK, 1]``, W₃[:, chunk] ``[BD, CHUNK]`` and e_r[:, chunk] ``[BM, CHUNK]``."""
+    m_k = (k0 + o_k) < D
+    m_sel = (o_ch == k0 // CHUNK)[None, :, None]
+    b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :], mask=m_d[:, None] & m_k[None, :], other=0.0)
+    b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])
+    return m_k, m_sel, b_w, b_er
+
+
+@triton.jit
 def factor_grads_rows(
     b_dpre,  # [BLOCK_M, BLOCK_N, BLOCK_D] δ
     R, slot_r, o_r, m_r, n_rows, C, slot_c, o_c, m_c, n_cols, W3, o_d, m_d, D,
@@ -133,12 +145,8 @@ def factor_grads_rows(
     o_k = tl.arange(0, CHUNK)  # [CHUNK]
     o_ch = tl.arange(0, BD // CHUNK)  # [BD / CHUNK]
     for k0 in range(0, D, CHUNK):
-        m_k = (k0 + o_k) < D
-        m_sel = (o_ch == k0 // CHUNK)[None, :, None]  # [1, BD / CHUNK, 1] this chunk
-        b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :],
-                      mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
+        m_k, m_sel, b_w, b_er = chunk_operands(k0, o_k, o_ch, W3, o_d, m_d, D, R, slot_r, o_r, m_r, n_rows)
         b_ec = load_slot(C, slot_c, o_c, n_cols, k0 + o_k, D, m_c[:, None] & m_k[None, :])  # [BN, CHUNK]
-        b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
         b_x = tl.dot(b_dt, tl.broadcast_to(b_ec[None, :, :], (BM, BN, CHUNK)),
                      input_precision="ieee")  # [BM, BD, CHUNK] δ_kᵀ e_c[:, chunk]
         b_col = tl.reduce(b_x * b_w[None, :, :], 1, _add)  # [BM, CHUNK] de_r[:, chunk]
@@ -162,11 +170,7 @@ def factor_grads_cols(
     o_k = tl.arange(0, CHUNK)  # [CHUNK]
     o_ch = tl.arange(0, BD // CHUNK)  # [BD / CHUNK]
     for k0 in range(0, D, CHUNK):
-        m_k = (k0 + o_k) < D
-        m_sel = (o_ch == k0 // CHUNK)[None, :, None]  # [1, BD / CHUNK, 1] this chunk
-        b_w = tl.load(W3 + o_d[:, None] * D + (k0 + o_k)[None, :],
-                      mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, CHUNK] W₃[:, chunk]
-        b_er = load_slot(R, slot_r, o_r, n_rows, k0 + o_k, D, m_r[:, None] & m_k[None, :])  # [BM, CHUNK]
+        _, m_sel, b_w, b_er = chunk_operands(k0, o_k, o_ch, W3, o_d, m_d, D, R, slot_r, o_r, m_r, n_rows)
         b_t = tl.reshape(tl.dot(b_d2, b_w, input_precision="ieee"), (BM, BN, CHUNK))  # (δW₃)[.., chunk]
         b_col = tl.reduce(b_t * b_er[:, None, :], 0, _add)  # [BN, CHUNK]
         b_dec = tl.where(m_sel, b_dec + b_col[:, None, :], b_dec)
