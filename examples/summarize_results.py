@@ -259,11 +259,16 @@ HEADLINE = (
                                              weight_decay=0.0, logq=True)),
     ("HDCCF + logQ (w/o debias), τ = 0.7", dict(loss="hdccf", similarity="dot", temperature=0.7,
                                                lambda_user=1.0, lambda_item=1.0, no_debias=True, logq=True)),
+    ("HDCCF + logQ + mixed, B′ = 1024, τ = 0.7", dict(loss="hdccf", similarity="dot", temperature=0.7,
+                                                     omega_user=0.0, omega_item=0.0, lambda_user=1.0,
+                                                     lambda_item=1.0, no_debias=False, logq=True,
+                                                     mixed_negatives=1024)),
 )
 
 
 #: headline rows left out of a table whose results have none of their runs (Gowalla's: not run there yet)
-OPTIONAL_ROWS = {"in-batch softmax + logQ, τ = 1.5", "HDCCF + logQ (w/o debias), τ = 0.7"}
+OPTIONAL_ROWS = {"in-batch softmax + logQ, τ = 1.5", "HDCCF + logQ (w/o debias), τ = 0.7",
+                 "HDCCF + logQ + mixed, B′ = 1024, τ = 0.7"}
 
 
 def headline_rows(paths: list[Path]) -> list[tuple[str, list[dict]]]:
